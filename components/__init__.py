@@ -1,0 +1,1 @@
+"""Thin KFP components, one per stage (see DESIGN.md)."""

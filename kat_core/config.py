@@ -1,0 +1,142 @@
+"""Typed configs (pydantic) and the shipped profiles (`kat_core/profiles/*.yaml`).
+
+A profile is a YAML file of overrides over the defaults below; `--set key=value` (dotted keys, YAML
+values) overrides further. Unknown keys are errors that name the key, so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kat_core.errors import KatError
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TasksConfig(_Strict):
+    benchmarks_dir: str | None = Field(None, description="folder of the public benchmark files")
+
+
+class OpenAIAgentConfig(_Strict):
+    """An OpenAI-compatible endpoint for the `openai` agent backend; unset values come from the
+    environment (OPENAI_BASE_URL, OPENAI_API_KEY, KAT_AGENT_MODEL)."""
+
+    base_url: str | None = None
+    model: str | None = None
+    api_key: str | None = Field(None, description="prefer OPENAI_API_KEY in the environment")
+    timeout_s: float = 60.0
+    temperature: float = 0.0
+
+
+class SynthConfig(_Strict):
+    families: dict[str, int] = Field(
+        default_factory=lambda: {"arith": 400}, description="items per task family (train split)"
+    )
+    levels: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5], description="arith difficulty levels")
+    tag_threshold: float = Field(0.35, ge=0, le=1, description="complexity below this is tagged think-off")
+    mirror_share: float = Field(
+        0.5, ge=0, le=1, description="share of items also rendered in the other regime"
+    )
+    agent_backend: Literal["programmatic", "openai"] = "programmatic"
+    draft_error_rate: float = Field(
+        0.15, ge=0, le=1, description="programmatic backend: share of drafts with an injected error"
+    )
+    max_attempts: int = Field(2, ge=1, description="solver attempts per think-on item before it is rejected")
+    shard_size: int = Field(5000, ge=1)
+    openai: OpenAIAgentConfig = Field(default_factory=OpenAIAgentConfig)
+
+
+class ValidateConfig(_Strict):
+    mode_share_min: float = Field(0.2, ge=0, le=1, description="minimum share of each mode")
+    mode_share_max: float = Field(0.8, ge=0, le=1, description="maximum share of each mode")
+    min_tokens: int = Field(4, ge=0, description="shortest completion, in approximate tokens")
+    max_tokens: int = Field(1024, ge=1, description="longest prompt+completion, in approximate tokens")
+    overlap_suites: list[str] = Field(
+        default_factory=lambda: ["arith", "gsm8k", "math500", "aime24", "humaneval", "mbpp"],
+        description="evaluation sets whose prompts must not appear in training data",
+    )
+    ngram: int = Field(13, ge=3, description="n for n-gram overlap with evaluation prompts")
+
+
+class KatConfig(_Strict):
+    profile: str = "smoke"
+    seed: int = 0
+    tasks: TasksConfig = Field(default_factory=TasksConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise KatError(f"config key {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    import yaml
+
+    if "=" not in text:
+        raise KatError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        name = field.alias or name
+        keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _all_keys(ann, prefix + name + ".")
+    return keys
+
+
+def _explain(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(key, _all_keys(KatConfig), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{source}: unknown config key {key!r}{hint}"
+    return f"{source}: config key {key!r}: {first['msg']}"
+
+
+def load_config(profile: str = "smoke", overrides: list[str] | None = None) -> KatConfig:
+    """The profile's config with `key=value` overrides applied; errors name the key."""
+    import yaml
+
+    path = Path(profile) if profile.endswith((".yaml", ".yml")) else PROFILES_DIR / f"{profile}.yaml"
+    if not path.is_file():
+        raise KatError(f"unknown profile {profile!r}; known: {', '.join(available_profiles())}")
+    data = yaml.safe_load(path.read_text()) or {}
+    data.setdefault("profile", path.stem)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    try:
+        return KatConfig.model_validate(data)
+    except ValidationError as e:
+        raise KatError(_explain(e, f"profile {path.stem}" + (" with --set" if overrides else ""))) from None

@@ -1,0 +1,1 @@
+"""Datasets: dual-regime synthesis, I/O and validation."""

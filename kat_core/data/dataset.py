@@ -1,0 +1,99 @@
+"""Dataset directories: JSONL shards + `manifest.json` (+ `rejects.jsonl` kept aside).
+
+A record (one line of a shard):
+    id          unique record id
+    source_id   the task item it came from (the same item may appear once per mode)
+    family      task family (arith, gsm8k, …)
+    prompt      the request
+    answer      the gold answer
+    difficulty  1..5
+    mode        "on" | "off"   — the regime this completion is written in
+    regime      "tagged" (the item's own regime) | "mirror" (also rendered in the other regime)
+    complexity  the tagger's score in [0, 1]
+    completion  the response in the grammar (kat_core.format)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from kat_core.errors import KatError
+
+SHARD_GLOB = "train-*.jsonl"
+REJECTS = "rejects.jsonl"
+RECORD_FIELDS = {
+    "id": str, "source_id": str, "family": str, "prompt": str, "answer": str, "difficulty": int,
+    "mode": str, "regime": str, "complexity": float, "completion": str,
+}
+
+
+def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Records of a JSONL file; a malformed line raises a KatError naming file and line."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise KatError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise KatError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            yield record
+
+
+def shard_paths(dataset_dir: Path) -> list[Path]:
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise KatError(f"dataset directory not found: {dataset_dir}")
+    shards = sorted(dataset_dir.glob(SHARD_GLOB))
+    if not shards:
+        raise KatError(f"{dataset_dir}: no {SHARD_GLOB} shards (is this a dataset made by `kat data synth`?)")
+    return shards
+
+
+def read_records(dataset_dir: Path) -> list[dict[str, Any]]:
+    return [r for shard in shard_paths(dataset_dir) for r in iter_jsonl(shard)]
+
+
+def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def write_shards(directory: Path, records: list[dict[str, Any]], shard_size: int) -> list[str]:
+    names = []
+    for i in range(0, max(len(records), 1), shard_size):
+        name = f"train-{i // shard_size:05d}.jsonl"
+        write_jsonl(Path(directory) / name, records[i : i + shard_size])
+        names.append(name)
+    return names
+
+
+@contextmanager
+def atomic_output_dir(out: Path) -> Iterator[Path]:
+    """Yield a temp directory beside `out`; on success it replaces `out`, on failure it is removed,
+    so a reader never sees a half-written output."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)

@@ -1,0 +1,1 @@
+"""The AutoThink pipeline DAG and its run back ends (see DESIGN.md)."""
