@@ -1,2 +1,151 @@
+"""The `kat` command. Heavy libraries are imported inside the commands, so `kat --help` is instant."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
 import typer
-app = typer.Typer()
+
+from kat_core.errors import KatError, ValidationFailed
+
+app = typer.Typer(
+    help="KAT platform: train AutoThink models (think only when it helps) as tracked, promotable pipelines.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+data_app = typer.Typer(help="Synthesize, validate and inspect dual-regime datasets.", no_args_is_help=True)
+tasks_app = typer.Typer(help="Task families: synthetic arithmetic, math and code benchmarks.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(tasks_app, name="tasks")
+
+ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="smoke | demo | cluster, or a YAML file")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="override a config key, e.g. --set synth.mirror_share=0.3 (repeatable)"),
+]
+
+
+def _say(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+@app.command()
+def version() -> None:
+    """Print the platform version and code revision."""
+    from kat_core.manifest import code_version
+
+    typer.echo(code_version())
+
+
+@app.command()
+def run(
+    profile: ProfileOpt = "demo",
+    out: Annotated[Path, typer.Option(help="where the run's outputs go")] = Path(".kat/runs/latest"),
+    overrides: SetOpt = None,
+) -> None:
+    """Run the AutoThink pipeline end to end on a profile.
+
+    The training stages are still being built: for now this runs the stages that exist (synthesize,
+    validate) and says where their outputs went."""
+    from kat_core.config import load_config
+    from kat_core.data.synth import synthesize
+    from kat_core.data.validate import validate_dataset
+
+    config = load_config(profile, overrides)
+    data_dir, report_dir = out / "data", out / "validation"
+    _say(f"pipeline (profile {config.profile}): synthesize -> validate  [training stages not built yet]")
+    manifest = synthesize(config, data_dir)
+    _say(f"synthesize: {manifest['records']} records from {manifest['items']} items -> {data_dir}")
+    summary = validate_dataset(data_dir, report_dir, config.validate_, config.tasks)
+    _say(f"validate: passed {summary['passed']}/{summary['total']} expectations -> {report_dir}")
+    typer.echo(json.dumps({"dataset": str(data_dir), "validation": str(report_dir)}))
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option("--out", "-o", help="dataset directory to write")],
+    profile: ProfileOpt = "smoke",
+    overrides: SetOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Synthesize a dual-regime dataset (think-off via tagging, think-on via solver/thinker/critic)."""
+    from kat_core.config import load_config
+    from kat_core.data.synth import synthesize
+
+    config = load_config(profile, overrides)
+    m = synthesize(config, out, progress=not quiet)
+    critic = m["critic"]
+    _say(
+        f"wrote {m['records']} records ({m['counts']['mode']}) from {m['items']} items to {out} "
+        f"in {m['seconds']:.2f}s ({m['items_per_s']} items/s); rejects {m['rejects'] or 0}, "
+        f"critic catch rate {critic['catch_rate']}"
+    )
+
+
+@data_app.command("validate")
+def data_validate(
+    dataset: Annotated[Path, typer.Argument(help="dataset directory (from `kat data synth`)")],
+    report: Annotated[Path | None, typer.Option(help="report directory (default: DATASET.validation)")] = None,
+    profile: ProfileOpt = "smoke",
+    overrides: SetOpt = None,
+) -> None:
+    """Validate a dataset with Great Expectations; exit 1 naming the failed expectations."""
+    from kat_core.config import load_config
+    from kat_core.data.validate import validate_dataset
+
+    config = load_config(profile, overrides)
+    summary = validate_dataset(dataset, report, config.validate_, config.tasks)
+    _say(
+        f"validation passed: {summary['passed']}/{summary['total']} expectations; "
+        f"report {summary['report_json']}, data docs {summary.get('data_docs')}"
+    )
+
+
+@data_app.command("stats")
+def data_stats(dataset: Annotated[Path, typer.Argument(help="dataset directory")]) -> None:
+    """Counts per level and mode, regimes, rejects and lengths of a dataset."""
+    from kat_core.data.stats import dataset_stats, render_stats
+
+    render_stats(dataset_stats(dataset))
+
+
+@tasks_app.command("list")
+def tasks_list() -> None:
+    """The task families and their splits."""
+    from kat_core.tasks import get_task, known_tasks
+
+    for name in known_tasks():
+        typer.echo(f"{name:10s} splits: {', '.join(get_task(name).splits)}")
+
+
+@tasks_app.command("show")
+def tasks_show(
+    name: str,
+    split: str = "test",
+    n: Annotated[int, typer.Option("-n", help="how many items")] = 3,
+    seed: int = 0,
+) -> None:
+    """Print a few items of a task family as JSON lines."""
+    from kat_core.tasks import get_task
+
+    for item in get_task(name).examples(split, n=n, seed=seed):
+        typer.echo(json.dumps(item.to_dict(), ensure_ascii=False))
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit code 1."""
+    try:
+        app()
+    except ValidationFailed as e:
+        _say(f"error: {e}")
+        sys.exit(1)
+    except KatError as e:
+        _say(f"error: {e}")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        _say("interrupted")
+        sys.exit(130)

@@ -41,7 +41,7 @@ class SynthConfig(_Strict):
         default_factory=lambda: {"arith": 400}, description="items per task family (train split)"
     )
     levels: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5], description="arith difficulty levels")
-    tag_threshold: float = Field(0.35, ge=0, le=1, description="complexity below this is tagged think-off")
+    tag_threshold: float = Field(0.3, ge=0, le=1, description="complexity below this is tagged think-off")
     mirror_share: float = Field(
         0.5, ge=0, le=1, description="share of items also rendered in the other regime"
     )

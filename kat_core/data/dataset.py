@@ -94,6 +94,7 @@ def atomic_output_dir(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; outputs are meant to be shared
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -1,0 +1,32 @@
+"""Intent-aware judge text: a short analysis of the request that explains the mode it leads to.
+
+The judge is written from intent features (family, number of steps, operand sizes), not from the
+difficulty label, so a model learns *why* a request needs thinking. Keep it short: it is paid for in
+tokens on every request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_OP_WORDS = {"+": "sum", "-": "difference", "*": "product"}
+
+
+def describe(features: dict[str, Any]) -> str:
+    """A few words on what the request is, e.g. "2-digit product plus sum, 7 steps"."""
+    if features.get("family") == "arith":
+        ops = features.get("op_kinds") or []
+        what = " plus ".join(_OP_WORDS.get(o, o) for o in ops) or "arithmetic"
+        return f"{features.get('max_digits', 1)}-digit {what}, {features.get('steps', 0)} steps"
+    parts = [str(features.get("family", "task"))]
+    if features.get("difficulty"):
+        parts.append(f"level {features['difficulty']}")
+    if features.get("steps"):
+        parts.append(f"{features['steps']} steps")
+    return ", ".join(parts)
+
+
+def judge_text(features: dict[str, Any], mode: str) -> str:
+    """The judge for `mode` ("on" or "off") on a request with these intent features."""
+    reason = "needs step-by-step work" if mode == "on" else "simple, answer directly"
+    return f"{describe(features)}: {reason}."

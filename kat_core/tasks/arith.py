@@ -1,0 +1,271 @@
+"""Synthetic arithmetic with graded difficulty, each item with a digit-level step-by-step trace.
+
+Levels (each step of a trace is one small operation a tiny model can learn):
+  1  one operation on one-digit numbers            7*8
+  2  two-digit plus or minus two-digit              47+38
+  3  two-digit times one-digit (either order)      47*6, 6*47
+  4  two-digit times one-digit, plus two-digit      47*6+38
+  5  two-digit times two-digit, plus three-digit    37*24+156
+
+Trace notation, per digit column (least significant first): `7+8=15 w5 c1` reads "write 5, carry 1";
+the last step of each operation states its result (`=85`). Train and test are disjoint by construction:
+an expression belongs to the test split iff a hash of its text falls in the test bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from typing import Any
+
+from kat_core.tasks.base import Item, Task, register
+
+LEVELS = (1, 2, 3, 4, 5)
+TEST_SHARE = 0.2  # share of the expression space that belongs to the test split
+_DEFAULT_TEST_PER_LEVEL = 100
+
+
+# --- traces ------------------------------------------------------------------------------------------
+
+def add_steps(a: int, b: int) -> tuple[int, list[str]]:
+    """Column addition, least significant digit first."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    steps, carry = [], 0
+    for i in range(max(len(da), len(db))):
+        x = int(da[i]) if i < len(da) else 0
+        y = int(db[i]) if i < len(db) else 0
+        s = x + y + carry
+        expr = f"{x}+{y}" + (f"+{carry}" if carry else "")
+        carry = s // 10
+        last = i == max(len(da), len(db)) - 1
+        steps.append(f"{expr}={s} w{s}" if last else f"{expr}={s} w{s % 10}" + (f" c{carry}" if carry else ""))
+    steps.append(f"{a}+{b}={a + b}")
+    return a + b, steps
+
+
+def sub_steps(a: int, b: int) -> tuple[int, list[str]]:
+    """Column subtraction (a >= b): `14-8=6 w6 b1` borrows ten for this column; the next column
+    pays it back (`7-1-3=3 w3`)."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    steps, borrow_in = [], 0
+    for i, ch in enumerate(da):
+        x, y = int(ch), int(db[i]) if i < len(db) else 0
+        borrow_out = 1 if x - borrow_in < y else 0
+        top = x + 10 * borrow_out
+        diff = top - borrow_in - y
+        expr = f"{top}" + (f"-{borrow_in}" if borrow_in else "") + f"-{y}"
+        steps.append(f"{expr}={diff} w{diff}" + (" b1" if borrow_out else ""))
+        borrow_in = borrow_out
+    steps.append(f"{a}-{b}={a - b}")
+    return a - b, steps
+
+
+def mul1_steps(a: int, d: int) -> tuple[int, list[str]]:
+    """Multi-digit times one digit, least significant digit first."""
+    da = str(a)[::-1]
+    steps, carry = [], 0
+    for i, ch in enumerate(da):
+        p = int(ch) * d + carry
+        expr = f"{ch}*{d}" + (f"+{carry}" if carry else "")
+        carry = p // 10
+        last = i == len(da) - 1
+        steps.append(f"{expr}={p} w{p}" if last else f"{expr}={p} w{p % 10}" + (f" c{carry}" if carry else ""))
+    steps.append(f"{a}*{d}={a * d}")
+    return a * d, steps
+
+
+def mul_steps(a: int, b: int) -> tuple[int, list[str]]:
+    """Multi-digit product: one partial product per digit of b, shifted, then summed."""
+    if b < 10:
+        return mul1_steps(a, b)
+    steps, partials = [], []
+    for i, ch in enumerate(str(b)[::-1]):
+        p, s = mul1_steps(a, int(ch))
+        steps += s
+        shifted = p * 10**i
+        if i:
+            steps.append(f"{p}*{10**i}={shifted}")
+        partials.append(shifted)
+    total = partials[0]
+    for p in partials[1:]:
+        total, s = add_steps(total, p)
+        steps += s
+    steps.append(f"{a}*{b}={a * b}")
+    return a * b, steps
+
+
+# --- items -------------------------------------------------------------------------------------------
+
+def _level_expression(level: int, rng: random.Random) -> tuple[str, list[int]]:
+    """A random expression of a level and its operands."""
+    if level == 1:
+        a, b, op = rng.randint(0, 9), rng.randint(0, 9), rng.choice("+-*")
+        if op == "-" and a < b:
+            a, b = b, a
+        return f"{a}{op}{b}", [a, b]
+    if level == 2:
+        a, b, op = rng.randint(10, 99), rng.randint(10, 99), rng.choice("+-")
+        if op == "-" and a < b:
+            a, b = b, a
+        return f"{a}{op}{b}", [a, b]
+    if level == 3:
+        a, d = rng.randint(10, 99), rng.randint(2, 9)
+        return (f"{a}*{d}" if rng.random() < 0.5 else f"{d}*{a}"), [a, d]
+    if level == 4:
+        a, d, c = rng.randint(10, 99), rng.randint(2, 9), rng.randint(10, 99)
+        return f"{a}*{d}+{c}", [a, d, c]
+    if level == 5:
+        a, b, c = rng.randint(10, 99), rng.randint(10, 99), rng.randint(100, 999)
+        return f"{a}*{b}+{c}", [a, b, c]
+    raise ValueError(f"arith level must be one of {LEVELS}, not {level}")
+
+
+def solve(expression: str) -> tuple[int, list[str]]:
+    """Value and digit-level trace of `a op b` or `a*b+c` (the shapes the levels produce)."""
+    m = re.fullmatch(r"(\d+)([+\-*])(\d+)(?:\+(\d+))?", expression)
+    if not m:
+        raise ValueError(f"not an arith expression: {expression!r}")
+    a, op, b, c = int(m[1]), m[2], int(m[3]), m[4]
+    if op == "*" and a < 10 <= b:  # 6*47: multiply the long number by the digit, as on paper
+        a, b = b, a
+    value, steps = {"+": add_steps, "-": sub_steps, "*": mul_steps}[op](a, b)
+    if c is not None:
+        value, more = add_steps(value, int(c))
+        steps += more
+    return value, steps
+
+
+def split_of(expression: str) -> str:
+    bucket = int(hashlib.sha256(expression.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "test" if bucket < TEST_SHARE else "train"
+
+
+def prompt_of(expression: str) -> str:
+    return f"Compute {expression}."
+
+
+def make_item(expression: str, level: int) -> Item:
+    value, steps = solve(expression)
+    operands = [int(x) for x in re.findall(r"\d+", expression)]
+    return Item(
+        id=f"arith-L{level}-{expression}",
+        family="arith",
+        prompt=prompt_of(expression),
+        answer=str(value),
+        difficulty=level,
+        steps=steps,
+        meta={"expression": expression, "operands": operands, "ops": re.findall(r"[+\-*]", expression)},
+    )
+
+
+_STEP_RE = re.compile(r"^(?P<expr>[\d+\-*]+)=(?P<value>-?\d+)(?: w(?P<w>\d+))?(?: (?P<cb>[cb])(?P<k>\d+))?$")
+
+
+def check_step(step: str) -> bool:
+    """Whether one trace step is arithmetically right (the critic's per-step check).
+
+    `x=v` must hold; `w` must be the written digit (the whole value on a column's last step) and
+    `c`/`b` the carry or borrow that goes with it."""
+    m = _STEP_RE.match(step.strip())
+    if not m:
+        return False
+    expr, value = m["expr"], int(m["value"])
+    if not re.fullmatch(r"\d+(?:[+\-*]\d+)*", expr) or _safe_eval(expr) != value:
+        return False
+    if m["w"] is None:
+        return m["cb"] is None
+    written = int(m["w"])
+    if m["cb"] == "c":
+        return written == value % 10 and int(m["k"]) == value // 10 and value >= 10
+    if m["cb"] == "b":  # borrow: the column's top digit was raised by ten
+        return written == value and int(m["k"]) == 1
+    return written == value or (written == value % 10 and value < 10)
+
+
+def _safe_eval(expr: str) -> int:
+    """Evaluate digits with + - * (left to right with * first), without eval()."""
+    total = 0
+    for sign, term in re.findall(r"([+\-]?)(\d+(?:\*\d+)*)", expr):
+        product = 1
+        for factor in term.split("*"):
+            product *= int(factor)
+        total += -product if sign == "-" else product
+    return total
+
+
+_INT_RE = re.compile(r"-?\d[\d,]*")
+
+
+def extract_int(text: str) -> int | None:
+    """The last integer in an answer text ("85", "= 85.", "The answer is 1,044")."""
+    found = _INT_RE.findall(text or "")
+    if not found:
+        return None
+    try:
+        return int(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+@register("arith")
+class ArithTask(Task):
+    name = "arith"
+    splits = ("train", "test")
+
+    def __init__(self, levels: list[int] | None = None, **_: Any):
+        self.levels = tuple(levels or LEVELS)
+
+    def examples(self, split: str = "test", n: int | None = None, seed: int = 0) -> list[Item]:
+        """Unique items of a split, spread evenly over the levels. A level whose expression space runs
+        out (level 1 has about 250 expressions) yields what it has and the others fill in."""
+        self._check_split(split)
+        n = n if n is not None else _DEFAULT_TEST_PER_LEVEL * len(self.levels)
+        # the seed and split pick the stream; the expression's hash alone decides its split
+        rng = random.Random(f"arith:{split}:{seed}")
+        quotas = _even_quotas(n, self.levels)
+        items: dict[int, list[Item]] = {lvl: [] for lvl in self.levels}
+        seen: set[str] = set()
+        for level in sorted(self.levels):
+            misses = 0
+            while len(items[level]) < quotas[level] and misses < 2000:
+                expr, _ = _level_expression(level, rng)
+                if expr in seen or split_of(expr) != split:
+                    misses += 1
+                    continue
+                seen.add(expr)
+                items[level].append(make_item(expr, level))
+            shortfall = quotas[level] - len(items[level])
+            higher = [lvl for lvl in sorted(self.levels) if lvl > level]
+            for i in range(shortfall):  # hand what a small level cannot give to the larger ones
+                if higher:
+                    quotas[higher[i % len(higher)]] += 1
+        out = [it for lvl in sorted(self.levels) for it in items[lvl]]
+        random.Random(f"arith-order:{split}:{seed}").shuffle(out)
+        return out
+
+    def verify(self, item: Item, answer_text: str) -> bool:
+        got = extract_int(answer_text)
+        return got is not None and got == int(item.answer)
+
+    def check_step(self, step: str) -> bool:
+        return check_step(step)
+
+    def intent_features(self, item: Item) -> dict[str, Any]:
+        operands = item.meta.get("operands", [])
+        ops = item.meta.get("ops", [])
+        return {
+            "family": "arith",
+            "difficulty": item.difficulty,
+            "steps": len(item.steps),
+            "ops": len(ops),
+            "has_product": "*" in ops,
+            "op_kinds": list(dict.fromkeys(ops)),
+            "max_digits": max((len(str(x)) for x in operands), default=0),
+            "operands": operands,
+        }
+
+
+def _even_quotas(n: int, levels: tuple[int, ...]) -> dict[int, int]:
+    base, extra = divmod(n, len(levels))
+    return {lvl: base + (1 if i < extra else 0) for i, lvl in enumerate(sorted(levels))}
