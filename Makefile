@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/kat demo --profile $(PROFILE) --out $(OUT)
+	$(BIN)/kat run --profile $(PROFILE) --out $(OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -149,3 +149,7 @@ def main() -> None:
     except KeyboardInterrupt:
         _say("interrupted")
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

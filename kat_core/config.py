@@ -66,12 +66,60 @@ class ValidateConfig(_Strict):
     ngram: int = Field(13, ge=3, description="n for n-gram overlap with evaluation prompts")
 
 
+class ModelConfig(_Strict):
+    """The causal LM: a hub id or local path (`base`), or a fresh small Llama-style model from the sizes."""
+
+    base: str | None = Field(None, description="HF model dir or hub id; None builds a fresh model")
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 384
+    max_seq_len: int = 320
+    vocab_size: int = Field(512, description="BPE vocabulary size when training a tokenizer")
+    mtp_depth: int = Field(1, ge=0, description="number of sequential MTP modules (0 disables)")
+
+
+class TrainConfig(_Strict):
+    """The training engine (shared by pretrain, coldstart and srpo)."""
+
+    backend: Literal["torch", "deepspeed"] = "torch"
+    zero_stage: int = Field(0, ge=0, le=3)
+    bf16: Literal["auto", True, False] = Field("auto", description="auto: bf16 where the hardware has it")
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    steps: int = 200
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 10
+
+
+class PretrainConfig(_Strict):
+    """Loss = alpha*CE + (1-alpha)*T^2*KL(teacher_T || student_T) + mtp_lambda*mean_k CE_k."""
+
+    alpha: float = Field(0.5, ge=0, le=1, description="CE weight when a teacher is given (1 without one)")
+    kd_temperature: float = Field(2.0, gt=0)
+    mtp_lambda: float = Field(0.3, ge=0)
+    mode_token_weight: float = Field(3.0, ge=1, description="extra CE weight on the mode token")
+    teacher_top_k: int = Field(32, ge=1, description="top-k logits kept by `kat train cache-teacher`")
+    train_teacher: bool = Field(False, description="the pipeline first trains a larger teacher")
+    teacher_model: ModelConfig | None = None
+    teacher_train: TrainConfig | None = None
+
+
 class KatConfig(_Strict):
     profile: str = "smoke"
     seed: int = 0
     tasks: TasksConfig = Field(default_factory=TasksConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -129,7 +129,9 @@ def synthesize(config: KatConfig, out_dir: str | Path, *, progress: bool = True)
             else:
                 result = think_on(task, item)
                 if result is None:
-                    dropped += regime == "tagged"
+                    if regime == "tagged":  # the item is dropped, its mirror with it
+                        dropped += 1
+                        break
                     continue
                 think, answer = result
                 completion = render(judge_text(features, "on"), "on", answer, think=think)

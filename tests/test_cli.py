@@ -1,0 +1,104 @@
+"""The `kat` command as a user runs it: a real subprocess, exit codes and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+KAT = [sys.executable, "-m", "kat_core.cli"]
+
+
+def kat(*args, cwd=None):
+    return subprocess.run([*KAT, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_help_is_fast():
+    kat("--help")  # warm the file cache
+    started = time.perf_counter()
+    r = kat("--help")
+    assert r.returncode == 0 and "data" in r.stdout
+    assert time.perf_counter() - started < 1.0
+
+
+def test_no_heavy_imports_at_start():
+    code = "import sys, kat_core.cli; print(sorted(m for m in ('torch','transformers','great_expectations'," \
+           "'mlflow','deepspeed','kfp') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+def _one_line_error(r, *fragments):
+    assert r.returncode == 1, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_synth_validate_stats_end_to_end(tmp_path):
+    data = tmp_path / "d"
+    r = kat("data", "synth", "--profile", "smoke", "--out", data, "-q")
+    assert r.returncode == 0, r.stderr
+    r = kat("data", "validate", data)
+    assert r.returncode == 0, r.stderr
+    assert "validation passed" in r.stderr
+    r = kat("data", "stats", data)
+    assert r.returncode == 0 and "think-off" in r.stdout and "level" in r.stdout
+
+
+def test_config_typo_names_the_key(tmp_path):
+    r = kat("data", "synth", "--out", tmp_path / "d", "--set", "synth.mirror_shar=0.2")
+    _one_line_error(r, "synth.mirror_shar", "synth.mirror_share")
+    assert not (tmp_path / "d").exists()
+
+
+def test_unknown_family_lists_the_known_ones(tmp_path):
+    r = kat("data", "synth", "--out", tmp_path / "d", "--set", "synth.families={algebra: 3}")
+    _one_line_error(r, "algebra", "arith", "gsm8k")
+
+
+def test_missing_benchmark_says_where_it_looked(tmp_path, monkeypatch):
+    r = subprocess.run(
+        [*KAT, "tasks", "show", "gsm8k"], capture_output=True, text=True,
+        env={**os.environ, "KAT_BENCHMARKS_DIR": str(tmp_path)},
+    )
+    _one_line_error(r, str(tmp_path / "gsm8k_test.jsonl"), "KAT_BENCHMARKS_DIR")
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    data = tmp_path / "d"
+    assert kat("data", "synth", "--out", data, "-q", "--set", "synth.families={arith: 20}").returncode == 0
+    shard = data / "train-00000.jsonl"
+    lines = shard.read_text().splitlines()
+    lines[2] = '{"id": "broken", '
+    shard.write_text("\n".join(lines) + "\n")
+    _one_line_error(kat("data", "stats", data), f"{shard}:3")
+
+
+def test_tasks_show_prints_items():
+    r = kat("tasks", "show", "arith", "--split", "test", "-n", "2")
+    items = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(items) == 2 and {"id", "prompt", "answer", "difficulty"} <= set(items[0])
+
+
+@pytest.mark.parametrize("args", [["data", "validate", "/nonexistent/dir"], ["data", "stats", "/nonexistent"]])
+def test_missing_dataset_dir(args):
+    _one_line_error(kat(*args), "/nonexistent")
+
+
+def test_not_a_dataset(tmp_path):
+    _one_line_error(kat("data", "validate", tmp_path), "no train-*.jsonl")
+
+
+def test_version():
+    r = kat("version")
+    assert r.returncode == 0 and r.stdout.strip()
+
+
+def test_readme_commands_exist():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "make run" in readme and "make test" in readme
