@@ -68,6 +68,11 @@ class Parsed:
         return Response(judge=self.judge or "", mode=self.mode, think=self.think, answer=self.answer or "")
 
 
+def prompt_text(prompt: str) -> str:
+    """How a request is laid out before the response, in training and at inference alike."""
+    return prompt.strip() + "\n"
+
+
 def render(judge: str, mode: Mode, answer: str, think: str | None = None, *, close: bool = True) -> str:
     """Render a response; `close=False` leaves off the final `</answer>` (a generation prefix)."""
     Response(judge=judge, mode=mode, answer=answer, think=think)  # validates

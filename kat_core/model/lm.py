@@ -1,0 +1,107 @@
+"""Causal LMs: a fresh small Llama-style model from a profile's sizes, or any HF `AutoModelForCausalLM`.
+
+Either way the model comes back with a tokenizer that carries the grammar tags as single tokens, and
+embeddings at least as large as the tokenizer.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from kat_core.config import ModelConfig
+from kat_core.errors import KatError
+from kat_core.tokenizer import check_grammar_tokens, extend_tokenizer
+
+# "org/name" or "name": what a hub id looks like (a cluster option; the embedded default is offline).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def build_model(cfg: ModelConfig, tokenizer, seed: int = 0):
+    """A fresh Llama-style `LlamaForCausalLM` sized by `cfg`, vocab = len(tokenizer), tied embeddings.
+
+    A tokenizer without the grammar tags gets them first. The init is seeded without disturbing the
+    caller's global RNG, so the same config and seed give the same weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if cfg.hidden_size % cfg.num_heads:
+        raise KatError(f"model.hidden_size {cfg.hidden_size} is not divisible by model.num_heads {cfg.num_heads}")
+    _ensure_tags(tokenizer)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_seq_len,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=True,  # a tiny model spends most of its parameters on the vocab otherwise
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model
+
+
+def load_model(path_or_id: str | Path, tokenizer=None, dtype=None):
+    """Load any causal LM (a local HF dir; a hub id on a cluster) -> (model, tokenizer).
+
+    The tokenizer comes from the same place unless given. When it lacks the grammar tags they are added
+    and the embeddings grown to fit (never shrunk: many models pad their vocab past the tokenizer)."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _resolve(path_or_id)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:  # foreign dir, bad weights
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not Path(source).is_dir():
+            raise KatError(f"model not found: {path_or_id} (no such local dir; hub: {first})") from e
+        raise KatError(f"cannot load model from {path_or_id}: {first}") from e
+    prepare_tokenizer(model, tokenizer)
+    return model, tokenizer
+
+
+def prepare_tokenizer(model, tokenizer) -> int:
+    """Give `tokenizer` the grammar tags (and a pad token) and `model` rows for every token; returns how
+    many tokens were added."""
+    added = _ensure_tags(tokenizer)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if model.generation_config is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return added
+
+
+def _ensure_tags(tokenizer) -> int:
+    try:
+        check_grammar_tokens(tokenizer)
+        return 0
+    except KatError:
+        return extend_tokenizer(tokenizer)
+
+
+def _resolve(path_or_id: str | Path) -> str:
+    """A local model dir as a string, or a hub id; anything else is a readable KatError."""
+    path = Path(path_or_id)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise KatError(f"not a model dir: {path} (no config.json)")
+        return str(path)
+    text = str(path_or_id)
+    if path.exists():
+        raise KatError(f"model not found: {text} (not a directory)")
+    looks_local = path.is_absolute() or text.startswith(".") or (path.parent != Path(".") and path.parent.is_dir())
+    if isinstance(path_or_id, str) and _HUB_ID.match(text) and not looks_local:
+        return text  # a hub id: from_pretrained fetches it (or fails with a readable error)
+    raise KatError(f"model not found: {text}")

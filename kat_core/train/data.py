@@ -1,0 +1,81 @@
+"""Turn dataset records into packed training rows.
+
+Each example is `prompt_text(prompt) + completion + EOS`. Loss weights: 0 on the prompt (we do not
+teach the model to write requests), 1 on the completion, `mode_token_weight` on the mode token so the
+model learns to choose `<think_on>`/`<think_off>` early. Examples are packed first-fit into rows of
+`seq_len` tokens without being split; position ids restart at each example, which transformers turns
+into a block-diagonal causal mask (examples in one row do not see each other).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from kat_core.format import THINK_OFF, THINK_ON, prompt_text
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    weights: list[float]  # weight of predicting ids[i] (so weights[0] is unused)
+
+
+def encode_example(record: dict[str, Any], tokenizer, mode_token_weight: float = 1.0) -> Example:
+    prompt_ids = tokenizer(prompt_text(record["prompt"]), add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
+    ids = prompt_ids + completion_ids + [tokenizer.eos_token_id]
+    mode_ids = {tokenizer.convert_tokens_to_ids(THINK_ON), tokenizer.convert_tokens_to_ids(THINK_OFF)}
+    weights = [0.0] * len(prompt_ids) + [
+        mode_token_weight if t in mode_ids else 1.0 for t in completion_ids
+    ] + [1.0]
+    return Example(ids, weights)
+
+
+@dataclass
+class PackedRows:
+    input_ids: list[list[int]]
+    position_ids: list[list[int]]
+    weights: list[list[float]]
+    segment_ids: list[list[int]]  # which example of the row each token belongs to (-1: padding)
+    examples_per_row: list[int]
+    dropped: int  # examples longer than a row
+
+
+def pack(examples: list[Example], seq_len: int, pad_id: int, seed: int = 0) -> PackedRows:
+    """First-fit packing in a seeded shuffled order; the tail of each row is padding with weight 0."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    rows: list[list[Example]] = []
+    room: list[int] = []
+    dropped = 0
+    for i in order:
+        ex = examples[i]
+        if len(ex.ids) > seq_len:
+            dropped += 1
+            continue
+        for r, free in enumerate(room):
+            if free >= len(ex.ids):
+                rows[r].append(ex)
+                room[r] -= len(ex.ids)
+                break
+        else:
+            rows.append([ex])
+            room.append(seq_len - len(ex.ids))
+    out = PackedRows([], [], [], [], [], dropped)
+    for row in rows:
+        ids, pos, w, seg = [], [], [], []
+        for k, ex in enumerate(row):
+            ids += ex.ids
+            pos += list(range(len(ex.ids)))
+            seg += [k] * len(ex.ids)
+            w += [0.0] + ex.weights[1:]  # the first token of an example is not predicted from the previous one
+        pad = seq_len - len(ids)
+        # padding continues the positions so it forms no new "sequence start" inside the row
+        out.input_ids.append(ids + [pad_id] * pad)
+        out.position_ids.append(pos + list(range(pos[-1] + 1, pos[-1] + 1 + pad)))
+        out.segment_ids.append(seg + [-1] * pad)
+        out.weights.append(w + [0.0] * pad)
+        out.examples_per_row.append(len(row))
+    return out
