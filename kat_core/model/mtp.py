@@ -173,9 +173,12 @@ class LMWithMTP(nn.Module):
         self.lm = lm
         self.mtp = mtp if mtp is not None else MTPHeads(lm.config, 0)
 
-    def forward(self, input_ids, attention_mask=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(main logits (B, T, V), [MTP logits per depth])."""
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=len(self.mtp) > 0)
+    def forward(self, input_ids, attention_mask=None, position_ids=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(main logits (B, T, V), [MTP logits per depth]). Packed rows: pass `position_ids` that restart
+        at each example and no attention mask; transformers then masks block-diagonally."""
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False, output_hidden_states=len(self.mtp) > 0)
         if len(self.mtp) == 0:
             return out.logits, []
-        return out.logits, mtp_forward(self.lm, self.mtp, input_ids, out.hidden_states[-1], attention_mask)
+        return out.logits, mtp_forward(self.lm, self.mtp, input_ids, out.hidden_states[-1], attention_mask,
+                                       position_ids)

@@ -1,0 +1,281 @@
+"""The `pretrain` stage: causal LM + MTP modules, optionally distilled from a teacher.
+
+    loss = α·CE + (1−α)·T²·KL(teacher_T ‖ student_T) + λ·mean_k CE_mtp_k        (α = 1 without a teacher)
+
+CE carries an extra weight on the mode token (`mode_token_weight`) so the model learns to choose
+`<think_on>`/`<think_off>` early. A teacher is a checkpoint with the same tokenizer, or a cache of its
+top-k logits over the same packed rows (`kat train cache-teacher`). Read `pretrain` top to bottom.
+
+Output: `out_dir` is a standard HF checkpoint (plus MTP weights, `metrics.jsonl` and a manifest). The
+engine's resumable state lives in a sibling work dir `.<name>.work/` until the final checkpoint is in
+place, so a killed run resumes when started again with the same arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from kat_core.config import KatConfig, ModelConfig, TrainConfig
+from kat_core.errors import KatError
+
+log = logging.getLogger(__name__)
+
+TEACHER_CACHE = "teacher_topk.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def check_dataset(data_dir: Path) -> list[dict[str, Any]]:
+    """The dataset's records; refuses a dataset whose validation report says it failed."""
+    import json
+
+    from kat_core.data.dataset import read_records
+    from kat_core.data.validate import REPORT, default_report_dir
+
+    report = default_report_dir(data_dir) / REPORT
+    if report.is_file():
+        summary = json.loads(report.read_text())
+        if not summary.get("success", False):
+            failed = [c["name"] for c in summary.get("checks", []) if not c.get("success", True)]
+            raise KatError(f"dataset {data_dir} failed validation ({', '.join(failed) or 'see report'}); "
+                           f"report: {report}")
+    else:
+        log.warning("dataset %s has no validation report; run `kat data validate` first", data_dir)
+    return read_records(data_dir)
+
+
+def packed_rows(records: list[dict[str, Any]], tokenizer, seq_len: int, mode_token_weight: float, seed: int):
+    """Records -> packed tensors: input_ids, position_ids, weights (B, T)."""
+    import torch
+
+    from kat_core.train.data import encode_example, pack
+
+    examples = [encode_example(r, tokenizer, mode_token_weight) for r in records]
+    rows = pack(examples, seq_len, tokenizer.pad_token_id, seed=seed)
+    if rows.dropped:
+        log.warning("%d examples longer than %d tokens were left out", rows.dropped, seq_len)
+    if not rows.input_ids:
+        raise KatError(f"no example fits in model.max_seq_len={seq_len} tokens")
+    return {
+        "input_ids": torch.tensor(rows.input_ids, dtype=torch.long),
+        "position_ids": torch.tensor(rows.position_ids, dtype=torch.long),
+        "weights": torch.tensor(rows.weights, dtype=torch.float32),
+    }
+
+
+def corpus(records: list[dict[str, Any]]) -> list[str]:
+    from kat_core.format import prompt_text
+
+    return [prompt_text(r["prompt"]) + r["completion"] for r in records]
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+
+def kd_loss(student_logits, teacher, weights, temperature: float):
+    """T²·KL(teacher_T ‖ student_T) per predicted token, weighted like CE.
+
+    `teacher` is either full logits (B, T, V) or a top-k cache (values, indices) (B, T, k); with the cache
+    the teacher distribution is its softmax over the k kept logits (the tail mass is dropped)."""
+    import torch
+    import torch.nn.functional as F
+
+    log_q = F.log_softmax(student_logits[:, :-1].float() / temperature, dim=-1)
+    if isinstance(teacher, tuple):
+        values, indices = teacher
+        log_p = F.log_softmax(values[:, :-1].float() / temperature, dim=-1)
+        log_q = torch.gather(log_q, -1, indices[:, :-1].long())
+    else:
+        log_p = F.log_softmax(teacher[:, :-1].float() / temperature, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (B, T-1)
+    w = weights[:, 1:]
+    return temperature**2 * (kl * w).sum() / w.sum().clamp_min(1e-8)
+
+
+def make_loss_fn(cfg: KatConfig, teacher_model=None):
+    """loss_fn(model, batch) -> (loss, parts) for the engine; `model` is an LMWithMTP (maybe wrapped)."""
+    import torch
+    import torch.nn.functional as F
+
+    from kat_core.model.mtp import mtp_loss
+
+    p = cfg.pretrain
+    has_teacher_model = teacher_model is not None
+
+    def loss_fn(model, batch):
+        ids, pos, w = batch["input_ids"], batch["position_ids"], batch["weights"]
+        logits, mtp_logits = model(ids, position_ids=pos)
+        ce_tok = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                                 reduction="none").view_as(w[:, 1:])
+        ce = (ce_tok * w[:, 1:]).sum() / w[:, 1:].sum().clamp_min(1e-8)
+        parts = {"ce": ce.detach()}
+        loss = ce
+        teacher = None
+        if has_teacher_model:
+            with torch.no_grad():
+                teacher = teacher_model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        elif "teacher_values" in batch:
+            teacher = (batch["teacher_values"], batch["teacher_indices"])
+        if teacher is not None:
+            kd = kd_loss(logits, teacher, (w > 0).float(), p.kd_temperature)
+            loss = p.alpha * ce + (1 - p.alpha) * kd
+            parts["kd"] = kd.detach()
+        if mtp_logits:
+            mtp, per_depth = mtp_loss(mtp_logits, ids, loss_mask=(w > 0).float())
+            loss = loss + p.mtp_lambda * mtp
+            parts["mtp"] = mtp.detach()
+            for k, v in enumerate(per_depth, start=1):
+                parts[f"mtp_{k}"] = v.detach()
+        return loss, parts
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+
+def _load_teacher(teacher_dir: Path):
+    """(model or None, top-k cache tensors or None, tokenizer) from a checkpoint or a teacher cache dir."""
+    from safetensors.torch import load_file
+
+    from kat_core.model.checkpoint import check_checkpoint, load_checkpoint
+    from kat_core.tokenizer import load_tokenizer
+
+    if (teacher_dir / TEACHER_CACHE).is_file():
+        return None, load_file(str(teacher_dir / TEACHER_CACHE)), load_tokenizer(teacher_dir)
+    check_checkpoint(teacher_dir)
+    model, tokenizer, _ = load_checkpoint(teacher_dir)
+    model.eval().requires_grad_(False)
+    return model, None, tokenizer
+
+
+def same_tokenizer(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab()
+
+
+def build_student(model_cfg: ModelConfig, records, teacher_tokenizer, seed: int):
+    """(model, tokenizer): load `model.base` or build a fresh model. A fresh model takes the teacher's
+    tokenizer when there is a teacher, else a BPE trained on the dataset."""
+    from kat_core.model.lm import build_model, load_model
+    from kat_core.tokenizer import train_tokenizer
+
+    if model_cfg.base:
+        model, tokenizer = load_model(model_cfg.base)
+        if teacher_tokenizer is not None and not same_tokenizer(tokenizer, teacher_tokenizer):
+            raise KatError(f"the teacher's tokenizer differs from the student's ({model_cfg.base}); "
+                           "distillation needs one shared tokenizer")
+        return model, tokenizer
+    tokenizer = teacher_tokenizer or train_tokenizer(corpus(records), vocab_size=model_cfg.vocab_size)
+    return build_model(model_cfg, tokenizer, seed=seed), tokenizer
+
+
+def pretrain(
+    config: KatConfig,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    teacher: str | Path | None = None,
+    *,
+    model_cfg: ModelConfig | None = None,
+    train_cfg: TrainConfig | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Pretrain (and distil, with `teacher`) into `out_dir`; returns the final metrics.
+
+    `model_cfg`/`train_cfg` override the profile's (the pipeline uses them to train the larger teacher)."""
+    import torch
+
+    from kat_core.model.checkpoint import save_checkpoint
+    from kat_core.model.mtp import LMWithMTP, build_mtp
+    from kat_core.train.engine import epoch_sampler, train
+
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    model_cfg, train_cfg = model_cfg or config.model, train_cfg or config.train
+    records = check_dataset(data_dir)
+    torch.set_num_threads(max(1, torch.get_num_threads()))  # respect OMP_NUM_THREADS / the launcher
+
+    teacher_model, teacher_cache, tokenizer = None, None, None
+    if teacher is not None:
+        teacher_model, teacher_cache, tokenizer = _load_teacher(Path(teacher))
+    model, tokenizer = build_student(model_cfg, records, tokenizer, config.seed)
+
+    rows = packed_rows(records, tokenizer, model_cfg.max_seq_len, config.pretrain.mode_token_weight, config.seed)
+    if teacher_cache is not None:
+        if not torch.equal(teacher_cache["input_ids"], rows["input_ids"]):
+            raise KatError(f"teacher cache {teacher} was made for other data or packing; rebuild it with "
+                           "`kat train cache-teacher` for this dataset and profile")
+        rows["teacher_values"] = teacher_cache["values"]
+        rows["teacher_indices"] = teacher_cache["indices"]
+    n_rows = rows["input_ids"].shape[0]
+    batch_size = min(train_cfg.micro_batch_size, n_rows)
+    sample = epoch_sampler(n_rows, batch_size, seed=config.seed)
+
+    def batches(i: int) -> dict[str, Any]:
+        idx = torch.from_numpy(sample(i))
+        batch = {k: v[idx] for k, v in rows.items()}
+        batch["num_tokens"] = int((batch["weights"] > 0).sum())
+        return batch
+
+    wrapped = LMWithMTP(model, build_mtp(model, model_cfg.mtp_depth, seed=config.seed))
+    work = out_dir.parent / f".{out_dir.name}.work"
+    log.info("pretraining %.2fM parameters on %d packed rows of %d tokens -> %s",
+             sum(p.numel() for p in wrapped.parameters()) / 1e6, n_rows, model_cfg.max_seq_len, out_dir)
+    result = train(wrapped, make_loss_fn(config, teacher_model), batches, train_cfg, work,
+                   progress=progress, seed=config.seed)
+    if result.rank != 0:
+        return result.metrics
+    trained = result.model
+
+    def write_more(tmp: Path) -> None:
+        shutil.copy(result.metrics_path, tmp / "metrics.jsonl")
+
+    save_checkpoint(
+        out_dir, trained.lm, tokenizer, trained.mtp,
+        extra={"stage": "pretrain", "teacher": str(teacher) if teacher else None, "final": result.metrics,
+               "parameters": sum(p.numel() for p in trained.lm.parameters())},
+        write_more=write_more,
+        manifest={"stage": "pretrain", "config": config, "inputs": {"data": data_dir} | (
+            {"teacher": Path(teacher)} if teacher else {})},
+    )
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("checkpoint written to %s", out_dir)
+    return result.metrics
+
+
+def cache_teacher(config: KatConfig, teacher_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
+                  *, batch_size: int = 16, progress: bool = True) -> Path:
+    """Run the teacher once over the packed rows and keep its top-k logits, so distillation need not hold
+    the teacher in memory or pay its forward pass every step. The student must pack the same way (same
+    dataset, profile and seed); `pretrain` checks that the rows match."""
+    import torch
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from kat_core.data.dataset import atomic_output_dir
+    from kat_core.manifest import write_manifest
+
+    teacher_dir, data_dir = Path(teacher_dir), Path(data_dir)
+    model, cache, tokenizer = _load_teacher(teacher_dir)
+    if model is None:
+        raise KatError(f"{teacher_dir} is already a teacher cache; give the teacher checkpoint")
+    rows = packed_rows(check_dataset(data_dir), tokenizer, config.model.max_seq_len,
+                       config.pretrain.mode_token_weight, config.seed)
+    k = config.pretrain.teacher_top_k
+    values, indices = [], []
+    with torch.no_grad():
+        for i in tqdm(range(0, rows["input_ids"].shape[0], batch_size), desc="teacher top-k", disable=not progress):
+            logits = model(input_ids=rows["input_ids"][i:i + batch_size],
+                           position_ids=rows["position_ids"][i:i + batch_size], use_cache=False).logits
+            top = logits.float().topk(k, dim=-1)
+            values.append(top.values.half())
+            indices.append(top.indices.int())
+    with atomic_output_dir(Path(out_dir)) as tmp:
+        save_file({"input_ids": rows["input_ids"], "values": torch.cat(values), "indices": torch.cat(indices)},
+                  str(tmp / TEACHER_CACHE))
+        tokenizer.save_pretrained(tmp)
+        write_manifest(tmp, stage="cache-teacher", config=config,
+                       inputs={"teacher": teacher_dir, "data": data_dir}, extra={"top_k": k})
+    return Path(out_dir)
