@@ -1,11 +1,15 @@
 """Synthetic arithmetic with graded difficulty, each item with a digit-level step-by-step trace.
 
 Levels (each step of a trace is one small operation a tiny model can learn):
-  1  one operation on one-digit numbers            7*8
-  2  two-digit plus or minus two-digit              47+38
-  3  two-digit times one-digit (either order)      47*6, 6*47
-  4  two-digit times one-digit, plus two-digit      47*6+38
-  5  two-digit times two-digit, plus three-digit    37*24+156
+  1  one operation on one-digit numbers             7*8, 9-4
+  2  two operations on one-digit numbers            7*8+5
+  3  two-digit plus or minus two-digit              47+38, 52-47
+  4  two-digit times one-digit (either order)       47*6, 6*47
+  5  two-digit times one-digit, plus two-digit      47*6+38
+
+The levels are calibrated for what a ~1M-parameter model can learn on 2 CPU cores in minutes: level 1
+is a memorisable fact a direct answer gets right; from level 3 up a direct answer must carry digits
+silently, which small models fail at, while the trace makes every carry an explicit step.
 
 Trace notation, per digit column (least significant first): `7+8=15 w5 c1` reads "write 5, carry 1";
 the last step of each operation states its result (`=85`). Train and test are disjoint by construction:
@@ -30,6 +34,8 @@ _DEFAULT_TEST_PER_LEVEL = 100
 
 def add_steps(a: int, b: int) -> tuple[int, list[str]]:
     """Column addition, least significant digit first."""
+    if a < 10 and b < 10:  # a known fact: one step
+        return a + b, [f"{a}+{b}={a + b}"]
     da, db = str(a)[::-1], str(b)[::-1]
     steps, carry = [], 0
     for i in range(max(len(da), len(db))):
@@ -47,6 +53,8 @@ def add_steps(a: int, b: int) -> tuple[int, list[str]]:
 def sub_steps(a: int, b: int) -> tuple[int, list[str]]:
     """Column subtraction (a >= b): `14-8=6 w6 b1` borrows ten for this column; the next column
     pays it back (`7-1-3=3 w3`)."""
+    if a < 10:
+        return a - b, [f"{a}-{b}={a - b}"]
     da, db = str(a)[::-1], str(b)[::-1]
     steps, borrow_in = [], 0
     for i, ch in enumerate(da):
@@ -63,6 +71,8 @@ def sub_steps(a: int, b: int) -> tuple[int, list[str]]:
 
 def mul1_steps(a: int, d: int) -> tuple[int, list[str]]:
     """Multi-digit times one digit, least significant digit first."""
+    if a < 10:
+        return a * d, [f"{a}*{d}={a * d}"]
     da = str(a)[::-1]
     steps, carry = [], 0
     for i, ch in enumerate(da):
@@ -105,19 +115,19 @@ def _level_expression(level: int, rng: random.Random) -> tuple[str, list[int]]:
             a, b = b, a
         return f"{a}{op}{b}", [a, b]
     if level == 2:
+        a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 9)
+        return f"{a}*{b}+{c}", [a, b, c]
+    if level == 3:
         a, b, op = rng.randint(10, 99), rng.randint(10, 99), rng.choice("+-")
         if op == "-" and a < b:
             a, b = b, a
         return f"{a}{op}{b}", [a, b]
-    if level == 3:
+    if level == 4:
         a, d = rng.randint(10, 99), rng.randint(2, 9)
         return (f"{a}*{d}" if rng.random() < 0.5 else f"{d}*{a}"), [a, d]
-    if level == 4:
+    if level == 5:
         a, d, c = rng.randint(10, 99), rng.randint(2, 9), rng.randint(10, 99)
         return f"{a}*{d}+{c}", [a, d, c]
-    if level == 5:
-        a, b, c = rng.randint(10, 99), rng.randint(10, 99), rng.randint(100, 999)
-        return f"{a}*{b}+{c}", [a, b, c]
     raise ValueError(f"arith level must be one of {LEVELS}, not {level}")
 
 
