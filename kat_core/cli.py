@@ -19,8 +19,10 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Synthesize, validate and inspect dual-regime datasets.", no_args_is_help=True)
 tasks_app = typer.Typer(help="Task families: synthetic arithmetic, math and code benchmarks.", no_args_is_help=True)
+train_app = typer.Typer(help="Training stages: pretrain (MTP + distillation), teacher caches.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(tasks_app, name="tasks")
+app.add_typer(train_app, name="train")
 
 ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="smoke | demo | cluster, or a YAML file")]
 SetOpt = Annotated[
@@ -31,6 +33,17 @@ SetOpt = Annotated[
 
 def _say(message: str) -> None:
     typer.echo(message, err=True)
+
+
+def _setup_logging() -> None:
+    """Our INFO lines (where outputs went, progress without a bar) on stderr; libraries stay at WARNING."""
+    import logging
+    import os
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kat_core").setLevel(logging.INFO)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded default never reaches a hub
 
 
 @app.command()
@@ -111,6 +124,47 @@ def data_stats(dataset: Annotated[Path, typer.Argument(help="dataset directory")
     from kat_core.data.stats import dataset_stats, render_stats
 
     render_stats(dataset_stats(dataset))
+
+
+@train_app.command("pretrain")
+def train_pretrain(
+    data: Annotated[Path, typer.Option("--data", "-d", help="validated dataset directory")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="checkpoint directory to write")],
+    teacher: Annotated[Path | None, typer.Option(help="teacher checkpoint or teacher top-k cache")] = None,
+    profile: ProfileOpt = "smoke",
+    overrides: SetOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Pretrain a causal LM with MTP modules (and distil from --teacher) into an HF checkpoint.
+
+    Started again with the same arguments after a crash, it resumes from its last checkpoint."""
+    from kat_core.config import load_config
+    from kat_core.train.pretrain import pretrain
+
+    _setup_logging()
+    config = load_config(profile, overrides)
+    metrics = pretrain(config, data, out, teacher, progress=not quiet)
+    parts = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in ("loss", "ce", "kd", "mtp"))
+    _say(f"pretrained to step {metrics.get('step')} ({parts}); checkpoint {out}")
+
+
+@train_app.command("cache-teacher")
+def train_cache_teacher(
+    teacher: Annotated[Path, typer.Option(help="teacher checkpoint directory")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="the dataset the student will train on")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="cache directory to write")],
+    profile: ProfileOpt = "smoke",
+    overrides: SetOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Cache the teacher's top-k logits over the student's packed rows (use it as --teacher)."""
+    from kat_core.config import load_config
+    from kat_core.train.pretrain import cache_teacher
+
+    _setup_logging()
+    config = load_config(profile, overrides)
+    path = cache_teacher(config, teacher, data, out, progress=not quiet)
+    _say(f"teacher top-{config.pretrain.teacher_top_k} cache written to {path}")
 
 
 @tasks_app.command("list")
