@@ -79,19 +79,24 @@ def corpus(records: list[dict[str, Any]]) -> list[str]:
 def kd_loss(student_logits, teacher, weights, temperature: float):
     """T²·KL(teacher_T ‖ student_T) per predicted token, weighted like CE.
 
-    `teacher` is either full logits (B, T, V) or a top-k cache (values, indices) (B, T, k); with the cache
-    the teacher distribution is its softmax over the k kept logits (the tail mass is dropped)."""
+    `teacher` is either full logits (B, T, V) or a top-k cache (values, indices, lse) with the teacher's
+    logsumexp at this temperature. With the cache, KL is taken over k+1 buckets: the k kept tokens and
+    "everything else" — exact teacher probabilities for the kept ones, the rest lumped — so it is zero
+    when the student equals the teacher and never needs the full teacher distribution."""
     import torch
     import torch.nn.functional as F
 
     log_q = F.log_softmax(student_logits[:, :-1].float() / temperature, dim=-1)
     if isinstance(teacher, tuple):
-        values, indices = teacher
-        log_p = F.log_softmax(values[:, :-1].float() / temperature, dim=-1)
+        values, indices, lse = teacher
+        log_p = values[:, :-1].float() / temperature - lse[:, :-1, None]
         log_q = torch.gather(log_q, -1, indices[:, :-1].long())
+        p_tail = (1 - log_p.exp().sum(-1)).clamp_min(1e-6)
+        q_tail = (1 - log_q.exp().sum(-1)).clamp_min(1e-6)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1) + p_tail * (p_tail.log() - q_tail.log())
     else:
         log_p = F.log_softmax(teacher[:, :-1].float() / temperature, dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (B, T-1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (B, T-1)
     w = weights[:, 1:]
     return temperature**2 * (kl * w).sum() / w.sum().clamp_min(1e-8)
 
@@ -119,7 +124,7 @@ def make_loss_fn(cfg: KatConfig, teacher_model=None):
             with torch.no_grad():
                 teacher = teacher_model(input_ids=ids, position_ids=pos, use_cache=False).logits
         elif "teacher_values" in batch:
-            teacher = (batch["teacher_values"], batch["teacher_indices"])
+            teacher = (batch["teacher_values"], batch["teacher_indices"], batch["teacher_lse"])
         if teacher is not None:
             kd = kd_loss(logits, teacher, (w > 0).float(), p.kd_temperature)
             loss = p.alpha * ce + (1 - p.alpha) * kd
@@ -207,8 +212,12 @@ def pretrain(
         if not torch.equal(teacher_cache["input_ids"], rows["input_ids"]):
             raise KatError(f"teacher cache {teacher} was made for other data or packing; rebuild it with "
                            "`kat train cache-teacher` for this dataset and profile")
+        if float(teacher_cache["temperature"]) != config.pretrain.kd_temperature:
+            raise KatError(f"teacher cache {teacher} was made at kd_temperature {float(teacher_cache['temperature'])}, "
+                           f"not {config.pretrain.kd_temperature}; rebuild it")
         rows["teacher_values"] = teacher_cache["values"]
         rows["teacher_indices"] = teacher_cache["indices"]
+        rows["teacher_lse"] = teacher_cache["lse"]
     n_rows = rows["input_ids"].shape[0]
     batch_size = min(train_cfg.micro_batch_size, n_rows)
     sample = epoch_sampler(n_rows, batch_size, seed=config.seed)
@@ -263,19 +272,21 @@ def cache_teacher(config: KatConfig, teacher_dir: str | Path, data_dir: str | Pa
         raise KatError(f"{teacher_dir} is already a teacher cache; give the teacher checkpoint")
     rows = packed_rows(check_dataset(data_dir), tokenizer, config.model.max_seq_len,
                        config.pretrain.mode_token_weight, config.seed)
-    k = config.pretrain.teacher_top_k
-    values, indices = [], []
+    k, temperature = config.pretrain.teacher_top_k, config.pretrain.kd_temperature
+    values, indices, lse = [], [], []
     with torch.no_grad():
         for i in tqdm(range(0, rows["input_ids"].shape[0], batch_size), desc="teacher top-k", disable=not progress):
             logits = model(input_ids=rows["input_ids"][i:i + batch_size],
                            position_ids=rows["position_ids"][i:i + batch_size], use_cache=False).logits
             top = logits.float().topk(k, dim=-1)
-            values.append(top.values.half())
+            values.append(top.values)
             indices.append(top.indices.int())
+            lse.append(torch.logsumexp(logits.float() / temperature, dim=-1))
     with atomic_output_dir(Path(out_dir)) as tmp:
-        save_file({"input_ids": rows["input_ids"], "values": torch.cat(values), "indices": torch.cat(indices)},
-                  str(tmp / TEACHER_CACHE))
+        save_file({"input_ids": rows["input_ids"], "values": torch.cat(values), "indices": torch.cat(indices),
+                   "lse": torch.cat(lse), "temperature": torch.tensor(temperature)}, str(tmp / TEACHER_CACHE))
         tokenizer.save_pretrained(tmp)
         write_manifest(tmp, stage="cache-teacher", config=config,
-                       inputs={"teacher": teacher_dir, "data": data_dir}, extra={"top_k": k})
+                       inputs={"teacher": teacher_dir, "data": data_dir},
+                       extra={"top_k": k, "temperature": temperature})
     return Path(out_dir)
