@@ -148,6 +148,27 @@ def train_pretrain(
     _say(f"pretrained to step {metrics.get('step')} ({parts}); checkpoint {out}")
 
 
+@train_app.command("coldstart")
+def train_coldstart(
+    model: Annotated[Path, typer.Option("--model", "-m", help="pretrained checkpoint")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="checkpoint directory to write")],
+    profile: ProfileOpt = "smoke",
+    overrides: SetOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Majority-vote cold start: label each prompt's mode from the model's own forced samples, then SFT.
+
+    Writes the checkpoint with labels.jsonl (accuracy per mode, label, reason) and coldstart.json."""
+    from kat_core.config import load_config
+    from kat_core.train.coldstart import coldstart
+
+    _setup_logging()
+    config = load_config(profile, overrides)
+    result = coldstart(config, model, out, progress=not quiet)
+    levels = ", ".join(f"L{lvl} off {v['label_off']}/on {v['label_on']}" for lvl, v in result["per_level"].items())
+    _say(f"cold start labelled {result['prompts']} prompts ({levels}); {result['in_sft']} in SFT; checkpoint {out}")
+
+
 @train_app.command("cache-teacher")
 def train_cache_teacher(
     teacher: Annotated[Path, typer.Option(help="teacher checkpoint directory")],

@@ -111,6 +111,19 @@ class PretrainConfig(_Strict):
     teacher_train: TrainConfig | None = None
 
 
+class ColdStartConfig(_Strict):
+    """Majority-vote cold start: label each prompt's mode from the model's own forced samples, then SFT."""
+
+    prompts: int = Field(300, ge=1, description="training prompts to label")
+    k: int = Field(4, ge=1, description="samples per prompt in each forced mode")
+    delta: float = Field(0.1, ge=0, le=1, description="think-off wins if majority-correct and within delta of on")
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(160, ge=8)
+    batch_size: int = Field(64, ge=1)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=60, lr=3e-4, warmup_steps=5))
+
+
 class KatConfig(_Strict):
     profile: str = "smoke"
     seed: int = 0
@@ -120,6 +133,7 @@ class KatConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    coldstart: ColdStartConfig = Field(default_factory=ColdStartConfig)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

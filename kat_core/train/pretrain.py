@@ -29,7 +29,7 @@ TEACHER_CACHE = "teacher_topk.safetensors"
 # ---------------------------------------------------------------------------------------------- data
 
 
-def check_dataset(data_dir: Path) -> list[dict[str, Any]]:
+def check_dataset(data_dir: Path, require_report: bool = True) -> list[dict[str, Any]]:
     """The dataset's records; refuses a dataset whose validation report says it failed."""
     import json
 
@@ -43,7 +43,7 @@ def check_dataset(data_dir: Path) -> list[dict[str, Any]]:
             failed = [c["name"] for c in summary.get("checks", []) if not c.get("success", True)]
             raise KatError(f"dataset {data_dir} failed validation ({', '.join(failed) or 'see report'}); "
                            f"report: {report}")
-    else:
+    elif require_report:
         log.warning("dataset %s has no validation report; run `kat data validate` first", data_dir)
     return read_records(data_dir)
 
@@ -163,19 +163,24 @@ def same_tokenizer(a, b) -> bool:
 
 
 def build_student(model_cfg: ModelConfig, records, teacher_tokenizer, seed: int):
-    """(model, tokenizer): load `model.base` or build a fresh model. A fresh model takes the teacher's
+    """(model, tokenizer, mtp heads or None): continue from `model.base` (a KAT checkpoint keeps its MTP
+    heads; any other HF model gets fresh ones) or build a fresh model. A fresh model takes the teacher's
     tokenizer when there is a teacher, else a BPE trained on the dataset."""
+    from kat_core.model.checkpoint import is_checkpoint, load_checkpoint
     from kat_core.model.lm import build_model, load_model
     from kat_core.tokenizer import train_tokenizer
 
     if model_cfg.base:
-        model, tokenizer = load_model(model_cfg.base)
+        if is_checkpoint(model_cfg.base):
+            model, tokenizer, heads = load_checkpoint(model_cfg.base)
+        else:
+            (model, tokenizer), heads = load_model(model_cfg.base), None
         if teacher_tokenizer is not None and not same_tokenizer(tokenizer, teacher_tokenizer):
             raise KatError(f"the teacher's tokenizer differs from the student's ({model_cfg.base}); "
                            "distillation needs one shared tokenizer")
-        return model, tokenizer
+        return model, tokenizer, heads
     tokenizer = teacher_tokenizer or train_tokenizer(corpus(records), vocab_size=model_cfg.vocab_size)
-    return build_model(model_cfg, tokenizer, seed=seed), tokenizer
+    return build_model(model_cfg, tokenizer, seed=seed), tokenizer, None
 
 
 def pretrain(
@@ -187,10 +192,14 @@ def pretrain(
     model_cfg: ModelConfig | None = None,
     train_cfg: TrainConfig | None = None,
     progress: bool = True,
+    stage: str = "pretrain",
+    extra_files: dict[str, Path] | None = None,
+    extra_meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Pretrain (and distil, with `teacher`) into `out_dir`; returns the final metrics.
 
-    `model_cfg`/`train_cfg` override the profile's (the pipeline uses them to train the larger teacher)."""
+    `model_cfg`/`train_cfg` override the profile's (the pipeline uses them to train the larger teacher; the
+    cold start uses them to fine-tune a checkpoint). `extra_files` are copied into the checkpoint."""
     import torch
 
     from kat_core.model.checkpoint import save_checkpoint
@@ -199,13 +208,13 @@ def pretrain(
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     model_cfg, train_cfg = model_cfg or config.model, train_cfg or config.train
-    records = check_dataset(data_dir)
+    records = check_dataset(data_dir, require_report=stage == "pretrain")
     torch.set_num_threads(max(1, torch.get_num_threads()))  # respect OMP_NUM_THREADS / the launcher
 
     teacher_model, teacher_cache, tokenizer = None, None, None
     if teacher is not None:
         teacher_model, teacher_cache, tokenizer = _load_teacher(Path(teacher))
-    model, tokenizer = build_student(model_cfg, records, tokenizer, config.seed)
+    model, tokenizer, heads = build_student(model_cfg, records, tokenizer, config.seed)
 
     rows = packed_rows(records, tokenizer, model_cfg.max_seq_len, config.pretrain.mode_token_weight, config.seed)
     if teacher_cache is not None:
@@ -228,7 +237,9 @@ def pretrain(
         batch["num_tokens"] = int((batch["weights"] > 0).sum())
         return batch
 
-    wrapped = LMWithMTP(model, build_mtp(model, model_cfg.mtp_depth, seed=config.seed))
+    if heads is None or len(heads) != model_cfg.mtp_depth:
+        heads = build_mtp(model, model_cfg.mtp_depth, seed=config.seed)
+    wrapped = LMWithMTP(model, heads)
     work = out_dir.parent / f".{out_dir.name}.work"
     log.info("pretraining %.2fM parameters on %d packed rows of %d tokens -> %s",
              sum(p.numel() for p in wrapped.parameters()) / 1e6, n_rows, model_cfg.max_seq_len, out_dir)
@@ -240,18 +251,29 @@ def pretrain(
 
     def write_more(tmp: Path) -> None:
         shutil.copy(result.metrics_path, tmp / "metrics.jsonl")
+        for name, path in (extra_files or {}).items():
+            shutil.copy(path, tmp / name)
 
     save_checkpoint(
         out_dir, trained.lm, tokenizer, trained.mtp,
-        extra={"stage": "pretrain", "teacher": str(teacher) if teacher else None, "final": result.metrics,
-               "parameters": sum(p.numel() for p in trained.lm.parameters())},
+        extra={"stage": stage, "teacher": str(teacher) if teacher else None, "final": result.metrics,
+               "parameters": sum(p.numel() for p in trained.lm.parameters()), **(extra_meta or {})},
         write_more=write_more,
-        manifest={"stage": "pretrain", "config": config, "inputs": {"data": data_dir} | (
-            {"teacher": Path(teacher)} if teacher else {})},
+        manifest={"stage": stage, "config": config, "inputs": _inputs(data_dir, teacher, model_cfg.base)},
     )
     shutil.rmtree(work, ignore_errors=True)
     log.info("checkpoint written to %s", out_dir)
     return result.metrics
+
+
+def _inputs(data_dir: Path, teacher, base: str | None) -> dict[str, Path]:
+    """What this checkpoint was made from, for its manifest (digested there)."""
+    inputs = {"data": data_dir}
+    if teacher:
+        inputs["teacher"] = Path(teacher)
+    if base and Path(base).is_dir():
+        inputs["base"] = Path(base)
+    return inputs
 
 
 def cache_teacher(config: KatConfig, teacher_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
