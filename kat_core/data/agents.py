@@ -71,15 +71,14 @@ class ProgrammaticAgents(Agents):
         self.error_rate = error_rate
 
     def draft(self, task: Task, item: Item, rng: random.Random) -> Draft:
-        steps, answer = list(item.steps), item.answer
+        steps, answer = list(item.steps), task.answer_text(item)
         if not steps or rng.random() >= self.error_rate:
             return Draft(steps, answer)
         if rng.random() < 0.5:  # a wrong intermediate value, the kind of slip a solver makes
             i = rng.randrange(len(steps))
             steps[i] = _corrupt_number(steps[i], rng)
             return Draft(steps, answer, injected="step")
-        return Draft(steps, str(int(answer) + rng.choice([-10, -2, -1, 1, 2, 10])) if _is_int(answer)
-                     else answer + "0", injected="answer")
+        return Draft(steps, _corrupt_last_number(answer, rng), injected="answer")
 
     def think(self, task: Task, item: Item, draft: Draft) -> str:
         return "\n".join(draft.steps)
@@ -89,8 +88,14 @@ class ProgrammaticAgents(Agents):
         return True if held is None else held
 
 
-def _is_int(text: str) -> bool:
-    return bool(re.fullmatch(r"-?\d+", text.strip()))
+def _corrupt_last_number(answer: str, rng: random.Random) -> str:
+    """A wrong final answer: the last number moved by a small amount (`47*6+38=320` -> `...=321`)."""
+    numbers = list(re.finditer(r"\d+", answer))
+    if not numbers:
+        return answer + "0"
+    m = numbers[-1]
+    wrong = int(m[0]) + rng.choice([-10, -2, -1, 1, 2, 10])
+    return answer[: m.start()] + str(abs(wrong) if wrong != int(m[0]) else wrong + 1) + answer[m.end():]
 
 
 def _corrupt_number(step: str, rng: random.Random) -> str:

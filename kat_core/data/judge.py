@@ -17,7 +17,8 @@ def describe(features: dict[str, Any]) -> str:
     if features.get("family") == "arith":
         ops = features.get("op_kinds") or []
         what = " plus ".join(_OP_WORDS.get(o, o) for o in ops) or "arithmetic"
-        return f"{features.get('max_digits', 1)}-digit {what}, {features.get('steps', 0)} steps"
+        steps = features.get("steps", 0)
+        return f"{features.get('max_digits', 1)}-digit {what}, {steps} step{'s' if steps != 1 else ''}"
     parts = [str(features.get("family", "task"))]
     if features.get("difficulty"):
         parts.append(f"level {features['difficulty']}")
@@ -28,5 +29,5 @@ def describe(features: dict[str, Any]) -> str:
 
 def judge_text(features: dict[str, Any], mode: str) -> str:
     """The judge for `mode` ("on" or "off") on a request with these intent features."""
-    reason = "needs step-by-step work" if mode == "on" else "simple, answer directly"
-    return f"{describe(features)}: {reason}."
+    # short on purpose: the judge is paid for in tokens on every request, in both modes
+    return f"{describe(features)}: {'think' if mode == 'on' else 'direct'}"

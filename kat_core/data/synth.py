@@ -125,7 +125,7 @@ def synthesize(config: KatConfig, out_dir: str | Path, *, progress: bool = True)
             modes.append(("on" if tagged == "off" else "off", "mirror"))
         for mode, regime in modes:
             if mode == "off":
-                completion = render(judge_text(features, "off"), "off", item.answer)
+                completion = render(judge_text(features, "off"), "off", task.answer_text(item))
             else:
                 result = think_on(task, item)
                 if result is None:

@@ -261,6 +261,11 @@ class ArithTask(Task):
     def check_step(self, step: str) -> bool:
         return check_step(step)
 
+    def answer_text(self, item: Item) -> str:
+        """`47*6+38=320`: stating the expression makes a direct answer the same shape as a trace step, so
+        the facts a model learns inside traces carry over to answering directly."""
+        return f"{item.meta['expression']}={item.answer}"
+
     def intent_features(self, item: Item) -> dict[str, Any]:
         operands = item.meta.get("operands", [])
         ops = item.meta.get("ops", [])

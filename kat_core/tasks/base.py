@@ -38,6 +38,10 @@ class Task(ABC):
     def verify(self, item: Item, answer_text: str) -> bool:
         """Whether `answer_text` (the content of <answer>) is a correct answer to `item`."""
 
+    def answer_text(self, item: Item) -> str:
+        """How a response states the gold answer inside <answer> (the verifier must accept it)."""
+        return item.answer
+
     def intent_features(self, item: Item) -> dict[str, Any]:
         """Features of the request a judge can reason from (family, steps, operand sizes)."""
         return {"family": self.name, "difficulty": item.difficulty, "steps": len(item.steps)}
