@@ -64,9 +64,9 @@ def sample_both_modes(model, tokenizer, pairs: list[tuple[Task, Item]], cfg: Col
             for s in group:
                 parsed = parse(s.text)
                 if parsed.well_formed and parsed.mode == mode and task.verify(item, parsed.answer or ""):
-                    verified.append((sum(s.segment_counts.values()), parsed))
+                    verified.append((s.segment_counts["total"], parsed))
             row[f"acc_{mode}"] = len(verified) / len(group)
-            row[f"tokens_{mode}"] = sum(sum(s.segment_counts.values()) for s in group) / len(group)
+            row[f"tokens_{mode}"] = sum(s.segment_counts["total"] for s in group) / len(group)
             best = min(verified, key=lambda v: v[0])[1] if verified else None
             row[f"best_{mode}"] = None if best is None else {"think": best.think, "answer": best.answer}
         results.append(row)
