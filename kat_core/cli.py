@@ -57,25 +57,26 @@ def version() -> None:
 @app.command()
 def run(
     profile: ProfileOpt = "demo",
-    out: Annotated[Path, typer.Option(help="where the run's outputs go")] = Path(".kat/runs/latest"),
+    out: Annotated[Path | None, typer.Option(
+        help="where links to the run's outputs and its run.json go (default: $KAT_HOME/latest)")] = None,
     overrides: SetOpt = None,
 ) -> None:
-    """Run the AutoThink pipeline end to end on a profile.
+    """Run the AutoThink pipeline end to end on a profile, on the local back end (kfp.local).
 
-    The training stages are still being built: for now this runs the stages that exist (synthesize,
-    validate) and says where their outputs went."""
-    from kat_core.config import load_config
-    from kat_core.data.synth import synthesize
-    from kat_core.data.validate import validate_dataset
+    Progress per stage; finished stages of an identical earlier run are served from the cache; a training
+    stage killed mid-way resumes from its last checkpoint. Ends with where everything went."""
+    from pipelines.backends import LocalBackend
 
-    config = load_config(profile, overrides)
-    data_dir, report_dir = out / "data", out / "validation"
-    _say(f"pipeline (profile {config.profile}): synthesize -> validate  [training stages not built yet]")
-    manifest = synthesize(config, data_dir)
-    _say(f"synthesize: {manifest['records']} records from {manifest['items']} items -> {data_dir}")
-    summary = validate_dataset(data_dir, report_dir, config.validate_, config.tasks)
-    _say(f"validate: passed {summary['passed']}/{summary['total']} expectations -> {report_dir}")
-    typer.echo(json.dumps({"dataset": str(data_dir), "validation": str(report_dir)}))
+    backend = LocalBackend(on_event=_stage_progress)
+    out = out or backend.home / "latest"
+    run_id = backend.submit(profile, overrides or [], out=out)
+    info = backend.status(run_id)
+    _say(_run_summary(info))
+    _say(f"outputs linked under {out}/ (run.json, one link per stage); log {info.log}")
+    if info.status != "succeeded":
+        raise KatError(f"run {run_id} failed at {info.error}; log: {info.log}")
+    typer.echo(json.dumps({"run_id": run_id, "status": info.status, "out": str(out),
+                           "outputs": {s.name: s.outputs for s in info.stages}}))
 
 
 @data_app.command("synth")
@@ -209,6 +210,493 @@ def tasks_show(
 
     for item in get_task(name).examples(split, n=n, seed=seed):
         typer.echo(json.dumps(item.to_dict(), ensure_ascii=False))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pipelines, runs and schedules (the run back ends in pipelines/, imported inside the commands)
+
+pipeline_app = typer.Typer(help="Compile the AutoThink pipeline to KFP IR YAML, submit it.", no_args_is_help=True)
+runs_app = typer.Typer(help="Pipeline runs on a back end: list, show, cancel.", no_args_is_help=True)
+schedule_app = typer.Typer(help="Cron schedules for retraining.", no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(runs_app, name="runs")
+app.add_typer(schedule_app, name="schedule")
+
+BackendOpt = Annotated[str, typer.Option(
+    "--backend", "-b", envvar="KAT_BACKEND", help="local (kfp.local, state under KAT_HOME) | kubeflow (kfp.Client)")]
+HostOpt = Annotated[str | None, typer.Option(
+    help="Kubeflow Pipelines endpoint (default KFP_HOST); auth from KFP_TOKEN or KFP_COOKIE")]
+
+
+def _backend(name: str, host: str | None = None, **kwargs):
+    from pipelines.backends import get_backend
+
+    if name == "kubeflow":
+        kwargs["host"] = host
+    elif host:
+        raise KatError("--host is for the kubeflow back end")
+    return get_backend(name, **kwargs)
+
+
+def _stage_progress(kind: str, stage) -> None:
+    if kind == "start":
+        _say(f"  {stage.name:<18} running ...")
+    elif stage.status == "failed":
+        _say(f"  {stage.name:<18} FAILED after {stage.seconds:.1f}s: {stage.error}")
+    else:
+        where = ", ".join(stage.outputs.values())
+        _say(f"  {stage.name:<18} {stage.status} in {stage.seconds:.1f}s -> {where}")
+
+
+def _run_summary(info) -> str:
+    lines = [f"run {info.run_id} ({info.backend}, profile {info.profile}"
+             f"{', ' + ' '.join(info.overrides) if info.overrides else ''}): {info.status}",
+             f"  started {info.created_at}, finished {info.finished_at or '-'}"]
+    if info.error:
+        lines.append(f"  error: {info.error}")
+    for s in info.stages:
+        seconds = f"{s.seconds:.1f}s" if s.seconds is not None else "-"
+        outputs = ", ".join(f"{k}={v}" for k, v in s.outputs.items())
+        lines.append(f"  {s.name:<18} {s.status:<10} {seconds:>8}  {outputs}")
+    if info.stages:
+        lines.append(f"  {'total':<18} {'':<10} {sum(s.seconds or 0 for s in info.stages):>7.1f}s")
+    if info.log:
+        lines.append(f"  log {info.log}")
+    return "\n".join(lines)
+
+
+@pipeline_app.command("compile")
+def pipeline_compile(
+    out: Annotated[Path, typer.Option("--out", "-o", help="the KFP IR YAML to write")] = Path("autothink.yaml"),
+    profile: Annotated[str | None, typer.Option(
+        "--profile", "-p", help="default profile parameter and DAG shape (default: cluster with --cluster, else demo)")
+    ] = None,
+    overrides: SetOpt = None,
+    cluster: Annotated[bool, typer.Option(
+        "--cluster", help="add GPU requests, node selector, tolerations, secrets and the checkpoints PVC")] = False,
+) -> None:
+    """Compile the AutoThink pipeline to KFP IR YAML (upload it to Kubeflow Pipelines, or submit it)."""
+    from pipelines.compile import compile_pipeline
+
+    profile = profile or ("cluster" if cluster else "demo")
+    path = compile_pipeline(out, profile, overrides or [], cluster=cluster)
+    _say(f"compiled the AutoThink pipeline (profile {profile}{', cluster settings' if cluster else ''}) to {path}")
+
+
+@pipeline_app.command("submit")
+def pipeline_submit(
+    profile: ProfileOpt = "demo",
+    overrides: SetOpt = None,
+    backend: BackendOpt = "local",
+    host: HostOpt = None,
+    name: Annotated[str | None, typer.Option(help="run name")] = None,
+    cluster: Annotated[bool | None, typer.Option(
+        "--cluster/--no-cluster", help="kubeflow: kfp-kubernetes settings (default: when the profile is cluster)")
+    ] = None,
+) -> None:
+    """Start a pipeline run; prints its run id (the local back end runs it to its end first)."""
+    kwargs = {"cluster": cluster} if backend == "kubeflow" else {"on_event": _stage_progress}
+    runner = _backend(backend, host, **kwargs)
+    run_id = runner.submit(profile, overrides or [], name=name)
+    info = runner.status(run_id)
+    _say(f"run {run_id} on {backend}: {info.status}")
+    typer.echo(run_id)
+    if info.status == "failed":
+        raise KatError(f"run {run_id} failed at {info.error}")
+
+
+@runs_app.command("list")
+def runs_list(
+    backend: BackendOpt = "local",
+    host: HostOpt = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="how many, newest first")] = 20,
+) -> None:
+    """The newest pipeline runs: id, status, profile, start time and stages."""
+    runs = _backend(backend, host).list_runs(limit)
+    if not runs:
+        _say(f"no runs on the {backend} back end")
+    for r in runs:
+        stages = " ".join(f"{s.name}:{s.status}" for s in r.stages)
+        typer.echo(f"{r.run_id}  {r.status:<10} {r.profile or '-':<8} {r.created_at or '-'}  {stages}")
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: Annotated[str, typer.Argument(help="a run id from `kat runs list`")],
+    backend: BackendOpt = "local",
+    host: HostOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the run record as JSON")] = False,
+) -> None:
+    """One run: its status, stages (time, outputs) and error."""
+    info = _backend(backend, host).status(run_id)
+    typer.echo(json.dumps(info.to_dict(), indent=2) if as_json else _run_summary(info))
+
+
+@runs_app.command("cancel")
+def runs_cancel(
+    run_id: Annotated[str, typer.Argument(help="a run id from `kat runs list`")],
+    backend: BackendOpt = "local",
+    host: HostOpt = None,
+) -> None:
+    """Stop a running run (kubeflow: terminate it)."""
+    _backend(backend, host).cancel(run_id)
+    _say(f"run {run_id} cancelled")
+
+
+@schedule_app.command("create")
+def schedule_create(
+    cron: Annotated[str, typer.Option(help='5-field cron, e.g. "0 3 * * *" (03:00 every day)')],
+    profile: ProfileOpt = "demo",
+    overrides: SetOpt = None,
+    backend: BackendOpt = "local",
+    host: HostOpt = None,
+    name: Annotated[str | None, typer.Option(help="schedule name")] = None,
+) -> None:
+    """Schedule retraining: a KFP recurring run on kubeflow; recorded under KAT_HOME on local."""
+    schedule_id = _backend(backend, host).schedule(cron, profile, overrides or [], name=name)
+    _say(f"schedule {schedule_id} on {backend}: profile {profile} at {cron!r}")
+    typer.echo(schedule_id)
+
+
+@schedule_app.command("list")
+def schedule_list(backend: BackendOpt = "local", host: HostOpt = None) -> None:
+    """The schedules: id, cron, profile, enabled."""
+    schedules = _backend(backend, host).list_schedules()
+    if not schedules:
+        _say(f"no schedules on the {backend} back end")
+    for s in schedules:
+        extra = " ".join(s.overrides)
+        typer.echo(f"{s.schedule_id}  {s.cron:<15} {s.profile or '-':<8} {'enabled' if s.enabled else 'disabled'}"
+                   f"  {s.name or ''} {extra}".rstrip())
+
+
+@schedule_app.command("delete")
+def schedule_delete(
+    schedule_id: Annotated[str, typer.Argument(help="a schedule id from `kat schedule list`")],
+    backend: BackendOpt = "local",
+    host: HostOpt = None,
+) -> None:
+    """Delete a schedule."""
+    _backend(backend, host).delete_schedule(schedule_id)
+    _say(f"schedule {schedule_id} deleted")
+
+
+# ---- kat models: the MLflow model registry (kat_core/platform/registry.py) --------------------------------
+# Kept as one block: the sub-app, its options and commands. The tracking URI comes from --tracking-uri,
+# MLFLOW_TRACKING_URI, else sqlite:///$KAT_HOME/mlflow.db.
+
+models_app = typer.Typer(
+    help="The model registry: versions with their lineage, the candidate/champion aliases, promotion history.",
+    no_args_is_help=True,
+)
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback()
+def _models_setup() -> None:
+    import os
+
+    # MLflow retries an unreachable server 7 times with exponential backoff (minutes); at a prompt a
+    # person wants the error now. An explicit MLFLOW_HTTP_REQUEST_MAX_RETRIES still wins.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+
+TrackingUriOpt = Annotated[
+    str | None,
+    typer.Option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                 "sqlite:///$KAT_HOME/mlflow.db)"),
+]
+ReasonOpt = Annotated[str, typer.Option("--reason", "-r", help="why (recorded in the alias history)")]
+WhoOpt = Annotated[str | None, typer.Option("--who", help="who decides (default: $KAT_USER, else user@host)")]
+
+
+@models_app.command("list")
+def models_list(tracking_uri: TrackingUriOpt = None) -> None:
+    """Registered models with their version count and aliases."""
+    from kat_core.platform.registry import list_models
+
+    models = list_models(tracking_uri=tracking_uri)
+    if not models:
+        _say("no registered models")
+        return
+    typer.echo(f"{'name':20s} {'versions':>8s} {'latest':>6s}  aliases")
+    for m in models:
+        aliases = ", ".join(f"{a}=v{v}" for a, v in m["aliases"].items()) or "-"
+        typer.echo(f"{m['name']:20s} {m['versions']:>8d} {'v' + str(m['latest']):>6s}  {aliases}")
+
+
+@models_app.command("show")
+def models_show(
+    name: Annotated[str, typer.Argument(help="registered model name, e.g. kat")],
+    version: Annotated[str, typer.Argument(help="version number, or an alias (champion, candidate)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the whole record as JSON")] = False,
+    tracking_uri: TrackingUriOpt = None,
+) -> None:
+    """A version's lineage: data digests, config hash, code version, pipeline run, evaluation."""
+    from kat_core.platform.registry import show_version
+
+    info = show_version(name, version, tracking_uri=tracking_uri)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    ev = info["evaluation"] or {}
+    lines = [
+        f"{info['name']} v{info['version']}  aliases: {', '.join(info['aliases']) or '-'}  created {info['created']}",
+        f"  pipeline run (MLflow): {info['pipeline_run_id'] or '-'}",
+        f"  KFP run:               {info['kfp_run_id'] or '-'}",
+        f"  profile:               {info['profile'] or '-'}",
+        f"  config hash:           {info['config_hash'] or '-'}",
+        f"  code version:          {info['code_version'] or '-'}",
+        f"  checkpoint digest:     {info['checkpoint_digest'] or '-'}",
+        f"  model source:          {info['source']}",
+    ]
+    if ev:
+        lines.append(f"  evaluation ({ev.get('mode')}): accuracy {ev.get('accuracy'):.4f}, "
+                     f"mean tokens {ev.get('mean_tokens'):.1f}, n {ev.get('n')}, items {ev.get('items_digest')}")
+    for title, digests in (("data", info["data"]), ("inputs", info["inputs"])):
+        for key, digest in digests.items():
+            lines.append(f"  {title} {key}: {digest}")
+    typer.echo("\n".join(lines))
+
+
+@models_app.command("promote")
+def models_promote(
+    name: Annotated[str, typer.Argument(help="registered model name")],
+    version: Annotated[int, typer.Argument(help="version to make champion")],
+    reason: ReasonOpt,
+    force: Annotated[bool, typer.Option("--force", help="promote even when the gate says no")] = False,
+    who: WhoOpt = None,
+    tracking_uri: TrackingUriOpt = None,
+) -> None:
+    """Make VERSION the champion. The promotion gate must pass against the current champion (margins from
+    KAT_GATE_ACC_MARGIN / KAT_GATE_TOK_MARGIN) unless --force."""
+    from kat_core.platform.registry import Margins, promote
+
+    event = promote(name, version, reason, who, gate_margins=None if force else Margins.from_env(),
+                    tracking_uri=tracking_uri)
+    if event is None:
+        _say(f"{name} v{version} is already the champion")
+    else:
+        before = f"v{event.previous}" if event.previous is not None else "none"
+        _say(f"{name}: champion {before} -> v{event.version} ({event.reason}; by {event.who})")
+
+
+@models_app.command("rollback")
+def models_rollback(
+    name: Annotated[str, typer.Argument(help="registered model name")],
+    reason: ReasonOpt,
+    who: WhoOpt = None,
+    tracking_uri: TrackingUriOpt = None,
+) -> None:
+    """Point champion back at the previous champion."""
+    from kat_core.platform.registry import rollback
+
+    event = rollback(name, reason, who, tracking_uri=tracking_uri)
+    _say(f"{name}: champion v{event.previous} -> v{event.version} (rollback: {event.reason}; by {event.who})")
+
+
+@models_app.command("history")
+def models_history(
+    name: Annotated[str, typer.Argument(help="registered model name")],
+    tracking_uri: TrackingUriOpt = None,
+) -> None:
+    """Every alias move of NAME, oldest first: when, alias, from -> to, action, who, why."""
+    from kat_core.platform.registry import history
+
+    events = history(name, tracking_uri=tracking_uri)
+    if not events:
+        _say(f"{name}: no alias moves recorded")
+    for e in events:
+        before = f"v{e.previous}" if e.previous is not None else "-"
+        typer.echo(f"{e.at}  {e.alias:9s} {before:>4s} -> v{e.version:<4d} {e.action:8s} {e.who}: {e.reason}")
+
+
+# ---- kat eval / serve-model / generate: evaluation reports and the inference server ------------------------
+# Kept as one block (kat_core/eval, kat_core/serve). `kat eval MODEL ...` is short for `kat eval run MODEL ...`.
+
+
+class _EvalGroup(typer.core.TyperGroup):
+    """Routes `kat eval MODEL ...` to `kat eval run MODEL ...`; subcommands (compare) and options pass through."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+eval_app = typer.Typer(
+    cls=_EvalGroup, no_args_is_help=True,
+    help="Evaluate a model (accuracy, tokens, think-on rate; auto vs forced modes): `kat eval MODEL`; "
+         "compare two: `kat eval compare A B`.",
+)
+app.add_typer(eval_app, name="eval")
+
+SuitesOpt = Annotated[str, typer.Option(
+    "--suites", help="comma-separated: arith, gsm8k, math500, aime24, humaneval, mbpp")]
+ModesOpt = Annotated[str, typer.Option("--modes", help="comma-separated evaluation modes: auto, on, off")]
+LimitOpt = Annotated[int | None, typer.Option("--limit", "-n", help="items per suite (seeded sample); default all")]
+SamplesOpt = Annotated[int, typer.Option("--samples", help="sampled responses per item and mode for pass@1 (0: none)")]
+TemperatureOpt = Annotated[float, typer.Option(help="sampling temperature of the pass@1 samples")]
+MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="token budget per response")]
+ThreadsOpt = Annotated[int, typer.Option(
+    "--threads", help="torch CPU threads (small models decode fastest on one; 0 keeps torch's default)")]
+
+
+def _torch_threads(threads: int) -> None:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the weight-loading bar is noise for a command line
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, benchmarks_dir) -> dict:
+    return {"limit": limit, "n_samples": samples, "temperature": temperature, "max_new_tokens": max_new_tokens,
+            "seed": seed, "oracle_delta": oracle_delta, "benchmarks_dir": benchmarks_dir}
+
+
+@eval_app.command("run")
+def eval_run(
+    model: Annotated[Path, typer.Argument(help="checkpoint (or any HF causal LM) directory")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="report dir (default .kat/eval/<model name>)")] = None,
+    suites: SuitesOpt = "arith",
+    modes: ModesOpt = "auto,on,off",
+    limit: LimitOpt = None,
+    samples: SamplesOpt = 4,
+    temperature: TemperatureOpt = 0.7,
+    max_new_tokens: MaxNewOpt = 160,
+    seed: int = 0,
+    oracle_delta: Annotated[float, typer.Option(help="accuracy think-off may give up and still be the oracle")] = 0.0,
+    benchmarks_dir: Annotated[str | None, typer.Option(help="folder of the public benchmark files")] = None,
+    threads: ThreadsOpt = 1,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """Evaluate MODEL on suites in auto and forced modes: writes report.json, report.md and PNG plots."""
+    from kat_core.eval.evaluate import evaluate
+
+    _setup_logging()
+    _torch_threads(threads)
+    out = out or Path(".kat/eval") / model.resolve().name
+    report = evaluate(model, _csv(suites), _csv(modes), out_dir=out, progress=not quiet,
+                      **_eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, benchmarks_dir))
+    typer.echo(f"{'mode':6s} {'n':>5s} {'accuracy':>8s} {'pass@1':>7s} {'tokens':>7s} {'think-on':>8s}")
+    for mode, b in report["overall"].items():
+        p1 = b["accuracy"]["pass@1"]
+        typer.echo(f"{mode:6s} {b['n']:>5d} {b['accuracy']['greedy'] or 0:>8.3f} "
+                   f"{'-' if p1 is None else format(p1, '.3f'):>7s} {b['mean_tokens']['total'] or 0:>7.1f} "
+                   f"{b['think_on_rate'] or 0:>8.3f}")
+    sel = report["mode_selection"]
+    if sel:
+        typer.echo(f"mode selection: agreement with the oracle {sel['agreement']:.3f}, regret "
+                   f"{sel['regret']['accuracy']:+.3f} accuracy, {sel['regret']['tokens']:+.1f} tokens")
+    skipped = {s: v["skipped_too_long"] for s, v in report["suites"].items() if v["skipped_too_long"]}
+    if skipped:
+        _say(f"skipped (do not fit the model's context): {skipped}")
+    _say(f"report {out}/report.json, {out}/report.md, plots {out}/frontier.png, {out}/think_on_by_level.png")
+
+
+@eval_app.command("compare")
+def eval_compare(
+    a: Annotated[Path, typer.Argument(help="A, the baseline: an evaluation dir, a report.json, or a model dir")],
+    b: Annotated[Path, typer.Argument(help="B, the challenger: the same kinds")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="where compare.md/.json/.png (and new evaluations) go")
+                   ] = Path(".kat/eval/compare"),
+    suites: SuitesOpt = "arith",
+    modes: ModesOpt = "auto,on,off",
+    limit: LimitOpt = None,
+    samples: SamplesOpt = 4,
+    temperature: TemperatureOpt = 0.7,
+    max_new_tokens: MaxNewOpt = 160,
+    seed: int = 0,
+    oracle_delta: Annotated[float, typer.Option(help="accuracy think-off may give up and still be the oracle")] = 0.0,
+    benchmarks_dir: Annotated[str | None, typer.Option(help="folder of the public benchmark files")] = None,
+    threads: ThreadsOpt = 1,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """Put A and B side by side on the same items (model dirs are evaluated first, with the options given)."""
+    from kat_core.eval.evaluate import compare
+    from kat_core.eval.report import render_comparison
+
+    _setup_logging()
+    _torch_threads(threads)
+    result = compare(a, b, out_dir=out, suites=_csv(suites), modes=_csv(modes), progress=not quiet,
+                     **_eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, benchmarks_dir))
+    typer.echo(render_comparison(result).split("\n![")[0].rstrip())
+    _say(f"comparison {out}/compare.md, {out}/compare.json, plot {out}/compare.png")
+
+
+@app.command("serve-model")
+def serve_model(
+    model: Annotated[Path, typer.Argument(help="checkpoint (or any HF causal LM) directory")],
+    port: Annotated[int, typer.Option("--port", "-P", help="TCP port")] = 8000,
+    host: Annotated[str, typer.Option(help="interface to listen on (0.0.0.0 for all)")] = "127.0.0.1",
+    name: Annotated[str | None, typer.Option(help="model id clients ask for (default: the dir name)")] = None,
+    max_batch: Annotated[int, typer.Option(help="most rows (requests x n) one batch runs")] = 64,
+    max_wait_ms: Annotated[float, typer.Option(help="how long a batch waits for more requests when idle")] = 5.0,
+    max_tokens: Annotated[int, typer.Option(help="completion budget when a request sets none")] = 256,
+    threads: ThreadsOpt = 1,
+    seed: int = 0,
+) -> None:
+    """Serve MODEL with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models), thinking
+    control per request (`thinking: auto|on|off`) and dynamic batching."""
+    from kat_core.serve import serve
+
+    _setup_logging()
+    _torch_threads(threads)
+    serve(model, host=host, port=port, name=name or model.resolve().name, max_rows=max_batch, max_wait_ms=max_wait_ms,
+          default_max_tokens=max_tokens, seed=seed)
+
+
+@app.command("generate")
+def generate_cmd(
+    model: Annotated[Path, typer.Argument(help="checkpoint (or any HF causal LM) directory")],
+    prompt: Annotated[str, typer.Argument(help='the request, e.g. "Compute 47*6+38."')],
+    mode: Annotated[str, typer.Option("--mode", "-m", help="auto (the model chooses) | on | off (forced)")] = "auto",
+    max_new_tokens: MaxNewOpt = 256,
+    temperature: Annotated[float, typer.Option(help="0 is greedy")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling mass")] = 1.0,
+    seed: int = 0,
+    threads: ThreadsOpt = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="print the parsed response as JSON")] = False,
+) -> None:
+    """Answer one request and print its parsed judge, mode, reasoning and answer."""
+    from kat_core.format import parse
+    from kat_core.model.lm import load_model
+    from kat_core.rollout import generate
+    from kat_core.serve.protocol import forced_for_request
+
+    if mode not in ("auto", "on", "off"):
+        raise KatError(f"--mode must be auto, on or off, not {mode!r}")
+    _setup_logging()
+    _torch_threads(threads)
+    lm, tokenizer = load_model(model)
+    forced = forced_for_request(prompt, mode)
+    (sample,) = generate(lm, tokenizer, [prompt], forced=[forced], max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_p=top_p, seed=seed)
+    parsed = parse(sample.text)
+    counts = sample.segment_counts
+    record = {"judge": parsed.judge, "mode": parsed.mode, "forced": mode != "auto", "reasoning": parsed.think,
+              "answer": parsed.answer, "well_formed": parsed.well_formed, "error": parsed.error,
+              "finish_reason": sample.finish_reason, "tokens": counts, "text": sample.text}
+    if as_json:
+        typer.echo(json.dumps(record, ensure_ascii=False))
+        return
+    indent = "\n" + " " * 11
+    lines = [
+        f"judge:     {parsed.judge if parsed.judge is not None else '-'}",
+        f"mode:      {parsed.mode or '-'} ({'forced' if mode != 'auto' else 'chosen by the model'})",
+        f"reasoning: {indent.join((parsed.think or '-').splitlines()) or '-'}",
+        f"answer:    {parsed.answer if parsed.answer is not None else '-'}",
+        f"tokens:    {counts.get('total', 0)} (judge {counts.get('judge', 0)}, think {counts.get('think', 0)}, "
+        f"answer {counts.get('answer', 0)}); finish: {sample.finish_reason}",
+    ]
+    if not parsed.well_formed:
+        lines += [f"malformed: {parsed.error}", f"raw:       {sample.text!r}"]
+    typer.echo("\n".join(lines))
 
 
 def main() -> None:

@@ -1,0 +1,502 @@
+"""The model registry (MLflow) with aliases `candidate` and `champion`, a promotion gate, rollback and history.
+
+    register_model(ckpt, report, parent_run_id)  -> version; logged as a pyfunc over the checkpoint directory,
+                                                    tagged with its lineage, alias `candidate`
+    gate(candidate, champion, margins)           -> (passed, reason)
+    promote_if_better(name, version)             -> (promoted, reason): the gate against the current champion
+    promote(name, version, reason) / rollback(name, reason) / history(name)
+
+Why a pyfunc and not the transformers flavour: in MLflow 3.17 `mlflow.transformers.log_model` rejects a
+local checkpoint path (it only takes a pipeline or a dict of objects), and with objects it pins torchvision
+and looks for a model card on the hub; it would also drop the MTP heads and our manifest. The pyfunc keeps
+the checkpoint directory verbatim as an artifact, verifies its digests on load, and needs no network.
+
+Alias history: each move is one registered-model tag `kat.alias_event.<time_ns>-<rand>` holding a JSON event
+(alias, version, previous, action, reason, who, at). It lives in the registry itself, so it travels with a
+remote tracking server, shows in the MLflow UI, and needs no second store; one tag per event keeps every
+write small and append-only (a single JSON log tag would be rewritten on every move and grow without end).
+
+Concurrency: alias moves take an exclusive lock on `$KAT_HOME/locks/registry-<name>.lock` (flock), read the
+current alias, move it and append the event inside the lock, so two promotions serialise and each event's
+`previous` is the version the other one set. The lock covers processes sharing KAT_HOME (one machine or a
+shared volume); MLflow has no compare-and-set on aliases to do better across machines.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import socket
+import time
+import uuid
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kat_core.errors import KatError
+from kat_core.manifest import dir_digest, read_manifest, verify_manifest
+from kat_core.platform import file_lock
+from kat_core.platform.tracking import (
+    TAG_KFP_RUN,
+    TAG_KIND,
+    TAG_STAGE,
+    experiment_id,
+    get_client,
+    mlflow_errors,
+    pipeline_lineage,
+    resolve_tracking_uri,
+)
+
+NAME = "kat"
+CANDIDATE, CHAMPION = "candidate", "champion"
+EVENT_PREFIX = "kat.alias_event."
+TAG_SUMMARY = "kat.eval.summary"
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+DEFAULT_MAX_NEW_TOKENS = 128  # the pyfunc's default too
+
+
+# ---- evaluation summary and the gate ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    """What the gate reads from an evaluation report: one mode's overall accuracy and mean tokens, and a
+    digest of the items they were measured on (two summaries only compare when the items match)."""
+
+    accuracy: float
+    mean_tokens: float
+    n: int = 0
+    items_digest: str | None = None
+    mode: str = "auto"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> EvalSummary:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class Margins:
+    """acc_margin: accuracies closer than this (absolute) count as equal; tok_margin: "fewer tokens" means at
+    least this fraction fewer (relative, so the same margin fits smoke and cluster lengths)."""
+
+    acc_margin: float = 0.01
+    tok_margin: float = 0.05
+
+    @classmethod
+    def from_env(cls) -> Margins:
+        """KAT_GATE_ACC_MARGIN / KAT_GATE_TOK_MARGIN until the config has a registry section."""
+        default = cls()
+        return cls(
+            acc_margin=float(os.environ.get("KAT_GATE_ACC_MARGIN", default.acc_margin)),
+            tok_margin=float(os.environ.get("KAT_GATE_TOK_MARGIN", default.tok_margin)),
+        )
+
+
+def summary_from_report(report: dict[str, Any] | EvalSummary, mode: str = "auto") -> EvalSummary:
+    """The gate's view of an evaluation report: `mode`'s overall accuracy and mean tokens.
+
+    Accepted layouts (adapt here, in one place): the evaluation's report.json ("kat-eval-report/1":
+    overall.<mode>.accuracy.greedy, overall.<mode>.mean_tokens.total, overall.<mode>.n, items); a flat
+    {"accuracy", "mean_tokens", "items"}; the mode's block under "modes" or the mode's own key; or only
+    per-suite blocks {"suites": {suite: {"modes": {mode: {...}}}}}, averaged weighted by each suite's n.
+    A metric given as a dict takes its "greedy" (accuracy) or "total" (tokens) entry."""
+    if isinstance(report, EvalSummary):
+        return report
+    items = report.get("items")
+    digest = items_digest(items) if items else report.get("items_digest")
+    for block in (report.get("overall", {}).get(mode) if isinstance(report.get("overall"), dict) else None,
+                  (report.get("modes") or {}).get(mode), report.get(mode), report.get("overall"), report):
+        if isinstance(block, dict) and "accuracy" in block:
+            n = int(block.get("n") or report.get("n") or (len(items) if items else 0))
+            return EvalSummary(_metric(block["accuracy"], "greedy"), _metric(_tokens(block), "total"), n,
+                               digest, mode)
+    suites = report.get("suites")
+    if isinstance(suites, dict):
+        blocks = [s.get("modes", s) for s in suites.values() if isinstance(s, dict)]
+        rows = [b[mode] for b in blocks if isinstance(b.get(mode), dict)]
+        if rows:
+            weights = [max(int(r.get("n") or 1), 1) for r in rows]
+            total = sum(weights)
+            acc = sum(w * _metric(r["accuracy"], "greedy") for w, r in zip(weights, rows, strict=True)) / total
+            tok = sum(w * _metric(_tokens(r), "total") for w, r in zip(weights, rows, strict=True)) / total
+            return EvalSummary(acc, tok, total, digest, mode)
+    raise KatError(f"evaluation report has no accuracy/mean_tokens for mode {mode!r} "
+                   f"(top-level keys: {', '.join(sorted(report)) or 'none'})")
+
+
+def _tokens(block: dict[str, Any]) -> Any:
+    for key in ("mean_tokens", "tokens", "mean_total_tokens"):
+        if key in block:
+            return block[key]
+    raise KatError(f"evaluation block has accuracy but no mean_tokens (keys: {', '.join(sorted(block))})")
+
+
+def _metric(value: Any, prefer: str) -> float:
+    """A number, or the `prefer` entry of a dict of variants (accuracy {"greedy", "pass@1"}, tokens {"total",
+    "think", "answer"})."""
+    if isinstance(value, dict):
+        value = value.get(prefer, value.get("mean"))
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise KatError(f"evaluation report: expected a number, got {value!r}") from None
+
+
+def items_digest(items: list[Any]) -> str:
+    """Order-free digest of the evaluated items: their ids (or the items themselves when they have none)."""
+    keys = sorted(
+        json.dumps(i.get("id", i.get("item_id", i)) if isinstance(i, dict) else i, sort_keys=True, default=str)
+        for i in items
+    )
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+
+def gate(
+    candidate: dict[str, Any] | EvalSummary,
+    champion: dict[str, Any] | EvalSummary | None,
+    margins: Margins | None = None,
+) -> tuple[bool, str]:
+    """Pass when there is no champion; when the candidate has higher accuracy (by more than acc_margin) at no
+    more mean tokens; or equal accuracy (within acc_margin) with at least tok_margin fewer tokens."""
+    m = margins or Margins()
+    cand = summary_from_report(candidate)
+    if champion is None:
+        return True, "first model: there is no champion yet"
+    champ = summary_from_report(champion)
+    if cand.items_digest and champ.items_digest and cand.items_digest != champ.items_digest:
+        return False, (f"not comparable: evaluated on different items ({cand.items_digest} vs "
+                       f"{champ.items_digest}); evaluate both on the same suite")
+    d_acc = cand.accuracy - champ.accuracy
+    acc = f"accuracy {cand.accuracy:.4f} vs {champ.accuracy:.4f} ({d_acc:+.4f})"
+    tok_change = (cand.mean_tokens - champ.mean_tokens) / champ.mean_tokens if champ.mean_tokens else 0.0
+    tok = f"mean tokens {cand.mean_tokens:.1f} vs {champ.mean_tokens:.1f} ({tok_change:+.1%})"
+    if d_acc > m.acc_margin:
+        if cand.mean_tokens <= champ.mean_tokens:
+            return True, f"higher {acc} at no more tokens: {tok}"
+        return False, f"higher {acc} but more tokens: {tok}"
+    if abs(d_acc) <= m.acc_margin:
+        if cand.mean_tokens <= champ.mean_tokens * (1 - m.tok_margin):
+            return True, f"equal {acc} (within {m.acc_margin}) with fewer tokens: {tok}"
+        return False, f"equal {acc} (within {m.acc_margin}) but not {m.tok_margin:.0%} fewer tokens: {tok}"
+    return False, f"lower {acc} (beyond the {m.acc_margin} margin); {tok}"
+
+
+# ---- registration ---------------------------------------------------------------------------------------
+
+
+def register_model(
+    checkpoint_dir: str | Path,
+    report: dict[str, Any] | EvalSummary,
+    parent_run_id: str | None = None,
+    name: str = NAME,
+    *,
+    who: str | None = None,
+    tracking_uri: str | None = None,
+) -> int:
+    """Log `checkpoint_dir` as a model (a child run "register" of the pipeline's parent run), register it
+    under `name` with its lineage and evaluation summary as version tags, point `candidate` at it, and
+    return the version number. Nothing is registered for a checkpoint that fails its manifest."""
+    import mlflow
+
+    from kat_core.model.checkpoint import check_checkpoint
+
+    ckpt = Path(checkpoint_dir)
+    check_checkpoint(ckpt)
+    problems = verify_manifest(ckpt)
+    if problems:
+        raise KatError(f"refusing to register {ckpt}: {problems[0]}")
+    summary = summary_from_report(report)
+    uri = resolve_tracking_uri(tracking_uri)
+    with mlflow_errors(uri):
+        client = get_client(uri)
+        lineage = pipeline_lineage(parent_run_id, tracking_uri=uri) if parent_run_id else {}
+        manifest = read_manifest(ckpt) or {}
+        tags = _version_tags(ckpt, manifest, lineage, summary)
+        if parent_run_id:
+            exp = client.get_run(parent_run_id).info.experiment_id
+        else:
+            exp = experiment_id(client)
+        with mlflow.start_run(experiment_id=exp, run_name="register", parent_run_id=parent_run_id,
+                              tags={TAG_KIND: "stage", TAG_STAGE: "register",
+                                    **({TAG_KFP_RUN: lineage["kfp_run_id"]} if lineage.get("kfp_run_id") else {})},
+                              nested=mlflow.active_run() is not None):
+            with warnings.catch_warnings():  # "no input example": on purpose, see _signature
+                warnings.filterwarnings("ignore", message=".*input example was not provided")
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(PYFUNC_CODE),
+                    artifacts={"checkpoint": str(ckpt)},
+                    signature=_signature(),
+                    # explicit, so MLflow does not load the model in a subprocess to infer them
+                    pip_requirements=["kat-platform", "torch", "transformers", "safetensors", "tokenizers"],
+                    metadata={"kat_checkpoint_digest": tags["kat.checkpoint_digest"]},
+                )
+            if isinstance(report, dict):
+                mlflow.log_dict(report, "report.json")
+            mlflow.log_dict(lineage, "lineage.json")
+            mlflow.log_metrics({"eval.accuracy": summary.accuracy, "eval.mean_tokens": summary.mean_tokens})
+        version = int(mlflow.register_model(info.model_uri, name, tags=tags).version)
+        with _alias_lock(name):
+            _move_alias(client, name, CANDIDATE, version, "register", "registered", who)
+    return version
+
+
+def _signature():
+    """Prompts (strings) in, completions out, `max_new_tokens` as a param (MLflow drops params a signature lacks).
+    Given explicitly: an input example would make MLflow load the model and generate while logging."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),  # unnamed: a plain list of prompts passes validation
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", DEFAULT_MAX_NEW_TOKENS)]),
+    )
+
+
+def _version_tags(ckpt: Path, manifest: dict[str, Any], lineage: dict[str, Any], summary: EvalSummary
+                  ) -> dict[str, str]:
+    """Lineage on the version: pipeline run, KFP run, config hash, code version, every data digest."""
+    tags = {
+        "kat.pipeline_run_id": lineage.get("pipeline_run_id"),
+        "kat.kfp_run_id": lineage.get("kfp_run_id"),
+        "kat.profile": lineage.get("profile"),
+        "kat.config_hash": lineage.get("config_hash") or manifest.get("config_hash"),
+        "kat.code_version": lineage.get("code_version") or manifest.get("code_version"),
+        "kat.checkpoint_stage": manifest.get("stage"),
+        "kat.checkpoint_digest": dir_digest(ckpt),
+        TAG_SUMMARY: summary.to_json(),
+        "kat.eval.accuracy": f"{summary.accuracy:.6g}",
+        "kat.eval.mean_tokens": f"{summary.mean_tokens:.6g}",
+    }
+    for input_name, digest in (manifest.get("inputs") or {}).items():
+        tags[f"kat.input.{input_name}"] = digest
+    for data_name, digest in (lineage.get("data") or {}).items():
+        tags[f"kat.data.{data_name}"] = digest
+    return {k: str(v) for k, v in tags.items() if v is not None}
+
+
+# ---- aliases: promote, rollback, history ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AliasEvent:
+    alias: str
+    version: int
+    previous: int | None
+    action: str  # register | promote | rollback
+    reason: str
+    who: str
+    at: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def promote(name: str, version: int, reason: str, who: str | None = None, *, alias: str = CHAMPION,
+            gate_margins: Margins | None = None, tracking_uri: str | None = None) -> AliasEvent | None:
+    """Point `alias` (default champion) at `version` and record who and why; None when it already points
+    there. With `gate_margins` the gate must pass against the current champion first (a KatError says why
+    not); without, this is the unconditional move a person decides on."""
+    uri = resolve_tracking_uri(tracking_uri)
+    with mlflow_errors(uri), _alias_lock(name):
+        client = get_client(uri)
+        if gate_margins is not None and alias == CHAMPION:
+            passed, why = _check_gate(client, name, int(version), gate_margins)
+            if not passed:
+                raise KatError(f"the promotion gate keeps {name} v{version} out: {why}")
+            reason = f"{reason}; gate: {why}"
+        return _move_alias(client, name, alias, int(version), "promote", reason, who)
+
+
+def promote_if_better(name: str, version: int, margins: Margins | None = None, who: str | None = None,
+                      *, tracking_uri: str | None = None) -> tuple[bool, str]:
+    """The pipeline's step: run the gate for `version` against the current champion and promote it when it
+    passes. Check and move happen under one lock, so the champion cannot change in between."""
+    uri = resolve_tracking_uri(tracking_uri)
+    with mlflow_errors(uri), _alias_lock(name):
+        client = get_client(uri)
+        if _alias_target(client, name, CHAMPION) == int(version):
+            return False, f"version {version} is already the champion"
+        passed, reason = _check_gate(client, name, int(version), margins or Margins())
+        if passed:
+            _move_alias(client, name, CHAMPION, int(version), "promote", f"gate: {reason}", who)
+        return passed, reason
+
+
+def _check_gate(client, name: str, version: int, margins: Margins) -> tuple[bool, str]:
+    current = _alias_target(client, name, CHAMPION)
+    champion = _summary_of(client, name, current) if current is not None and current != version else None
+    return gate(_summary_of(client, name, version), champion, margins)
+
+
+def rollback(name: str, reason: str, who: str | None = None, *, tracking_uri: str | None = None) -> AliasEvent:
+    """Point champion back at the champion before the current one (repeatable: each rollback steps one
+    further back through the promotions that were not themselves rolled back)."""
+    uri = resolve_tracking_uri(tracking_uri)
+    with mlflow_errors(uri), _alias_lock(name):
+        client = get_client(uri)
+        chain = champion_chain(_history(client, name))
+        current = _alias_target(client, name, CHAMPION)
+        if not chain or chain[-1] != current:
+            raise KatError(f"{name}: champion is v{current} but its history ends at "
+                           f"v{chain[-1] if chain else None} (moved outside kat?); promote a version explicitly")
+        if len(chain) < 2:
+            raise KatError(f"{name}: no previous champion to roll back to (champion v{current} was the first)")
+        event = _move_alias(client, name, CHAMPION, chain[-2], "rollback", reason, who)
+        if event is None:  # cannot happen with a history written by kat: neighbours in the chain differ
+            raise KatError(f"{name}: history says the previous champion is the current one (v{current})")
+        return event
+
+
+def history(name: str, *, tracking_uri: str | None = None) -> list[AliasEvent]:
+    """Every alias move of `name`, oldest first."""
+    uri = resolve_tracking_uri(tracking_uri)
+    with mlflow_errors(uri):
+        return _history(get_client(uri), name)
+
+
+def champion_chain(events: list[AliasEvent]) -> list[int]:
+    """The champions in order, with rolled-back ones removed: a promotion pushes, a rollback pops."""
+    chain: list[int] = []
+    for e in events:
+        if e.alias != CHAMPION:
+            continue
+        if e.action == "rollback":
+            if chain:
+                chain.pop()
+            if not chain or chain[-1] != e.version:  # history that does not start at the first champion
+                chain.append(e.version)
+        else:
+            chain.append(e.version)
+    return chain
+
+
+def _move_alias(client, name: str, alias: str, version: int, action: str, reason: str, who: str | None
+                ) -> AliasEvent | None:
+    """Move `alias` and append its event; call with the alias lock held."""
+    client.get_model_version(name, str(version))  # an unknown version fails here, before anything moves
+    previous = _alias_target(client, name, alias)
+    if previous == version:
+        return None
+    client.set_registered_model_alias(name, alias, str(version))
+    event = AliasEvent(alias, version, previous, action, reason, who or default_who(),
+                       time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    client.set_registered_model_tag(name, f"{EVENT_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:6]}",
+                                    event.to_json())
+    return event
+
+
+def _history(client, name: str) -> list[AliasEvent]:
+    tags = client.get_registered_model(name).tags
+    return [AliasEvent(**json.loads(tags[k])) for k in sorted(tags) if k.startswith(EVENT_PREFIX)]
+
+
+def _alias_target(client, name: str, alias: str) -> int | None:
+    target = client.get_registered_model(name).aliases.get(alias)
+    return int(target) if target is not None else None
+
+
+def _summary_of(client, name: str, version: int) -> EvalSummary:
+    text = client.get_model_version(name, str(version)).tags.get(TAG_SUMMARY)
+    if not text:
+        raise KatError(f"{name} v{version} has no evaluation summary ({TAG_SUMMARY}); it was not registered by kat")
+    return EvalSummary.from_json(text)
+
+
+def _alias_lock(name: str):
+    """Serialises alias moves of one registered model (see the module docstring)."""
+    return file_lock(f"registry-{name}")
+
+
+def default_who() -> str:
+    """KAT_USER, else the login name and host (containers often have no passwd entry for their uid)."""
+    if os.environ.get("KAT_USER"):
+        return os.environ["KAT_USER"]
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+# ---- reading the registry --------------------------------------------------------------------------------
+
+
+def model_uri(name: str = NAME, ref: str | int = CHAMPION) -> str:
+    """`models:/kat@champion` for an alias, `models:/kat/3` for a version."""
+    return f"models:/{name}/{ref}" if str(ref).isdigit() else f"models:/{name}@{ref}"
+
+
+def list_models(*, tracking_uri: str | None = None) -> list[dict[str, Any]]:
+    uri = resolve_tracking_uri(tracking_uri)
+    with mlflow_errors(uri):
+        client = get_client(uri)
+        out = []
+        for rm in client.search_registered_models(max_results=1000):
+            versions = client.search_model_versions(f"name = '{rm.name}'", max_results=10000)
+            out.append({
+                "name": rm.name,
+                "versions": len(versions),
+                "latest": max((int(v.version) for v in versions), default=None),
+                "aliases": {alias: int(v) for alias, v in sorted(rm.aliases.items())},
+            })
+        return sorted(out, key=lambda m: m["name"])
+
+
+def show_version(name: str, version: int | str, *, tracking_uri: str | None = None) -> dict[str, Any]:
+    """One version with its lineage: data digests, config hash, code version, pipeline and KFP run, the
+    evaluation summary, aliases and where the model files are. `version` may be an alias name."""
+    uri = resolve_tracking_uri(tracking_uri)
+    with mlflow_errors(uri):
+        client = get_client(uri)
+        mv = (client.get_model_version(name, str(version)) if str(version).isdigit()
+              else client.get_model_version_by_alias(name, str(version)))
+    tags = dict(mv.tags)
+    return {
+        "name": name,
+        "version": int(mv.version),
+        "aliases": sorted(mv.aliases),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mv.creation_timestamp / 1000)),
+        "source": mv.source,
+        "register_run_id": mv.run_id,
+        "pipeline_run_id": tags.get("kat.pipeline_run_id"),
+        "kfp_run_id": tags.get("kat.kfp_run_id"),
+        "profile": tags.get("kat.profile"),
+        "config_hash": tags.get("kat.config_hash"),
+        "code_version": tags.get("kat.code_version"),
+        "checkpoint_digest": tags.get("kat.checkpoint_digest"),
+        "data": {k.removeprefix("kat.data."): v for k, v in sorted(tags.items()) if k.startswith("kat.data.")},
+        "inputs": {k.removeprefix("kat.input."): v for k, v in sorted(tags.items()) if k.startswith("kat.input.")},
+        "evaluation": json.loads(tags[TAG_SUMMARY]) if TAG_SUMMARY in tags else None,
+    }
+
+
+def download_checkpoint(name: str = NAME, ref: str | int = CHAMPION, dst: str | Path | None = None,
+                        *, tracking_uri: str | None = None) -> Path:
+    """The registered checkpoint directory of `name@ref` copied to `dst` (default: a new temp dir) and
+    verified against its manifest, for code that wants `load_checkpoint` rather than the pyfunc."""
+    import tempfile
+
+    import mlflow
+    from mlflow.models import Model
+
+    uri = resolve_tracking_uri(tracking_uri)
+    with mlflow_errors(uri):
+        get_client(uri)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri(name, ref),
+                                                         dst_path=str(dst or tempfile.mkdtemp(prefix="kat-model-"))))
+    # pyfunc artifacts keep the source directory's own name: the MLmodel file says where it went
+    artifacts = Model.load(str(local / "MLmodel")).flavors["python_function"]["artifacts"]
+    path = local / artifacts["checkpoint"]["path"]
+    problems = verify_manifest(path)
+    if problems:
+        raise KatError(f"downloaded checkpoint {model_uri(name, ref)} does not match its manifest: {problems[0]}")
+    return path
+

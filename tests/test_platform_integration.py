@@ -1,0 +1,124 @@
+"""The platform pieces together, over the network, on loopback: moto's S3 server as the object store and
+`mlflow server` (SQLite backend, artifacts proxied to S3 through MLFLOW_S3_ENDPOINT_URL) as the tracking
+server. A pipeline run is tracked, a model is registered through the server, its files land in the bucket,
+and `models:/kat@champion` loads back from there."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+BUCKET = "kat-int"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield {"endpoint": f"http://{host}:{port}", "access_key": "kat-test", "secret_key": "kat-test-secret"}
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(s3, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3["endpoint"], "AWS_ACCESS_KEY_ID": s3["access_key"],
+           "AWS_SECRET_ACCESS_KEY": s3["secret_key"], "AWS_DEFAULT_REGION": "us-east-1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", f"s3://{BUCKET}/mlartifacts"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    try:
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # its own process group: the server and its workers
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # a graceful shutdown waits for idle keep-alive clients
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.mark.slow
+def test_pipeline_through_mlflow_server_and_s3(s3, mlflow_server, tiny_tokenizer, tmp_path, monkeypatch):
+    import mlflow
+
+    from kat_core.config import ModelConfig
+    from kat_core.manifest import dir_digest, write_manifest
+    from kat_core.model.checkpoint import save_checkpoint
+    from kat_core.model.lm import build_model
+    from kat_core.platform import registry, tracking
+    from kat_core.platform.storage import ObjectStore
+
+    monkeypatch.setenv("KAT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    # this process only talks to the tracking server: artifacts go through its proxy, so no S3 settings here
+    for var in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var, raising=False)
+
+    # the data and the checkpoint, stored in S3 as the pipeline's stages would leave them
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train-00000.jsonl").write_text('{"prompt": "2+2", "response": "4"}\n')
+    write_manifest(data, stage="synthesize")
+    model = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                                    max_seq_len=96), tiny_tokenizer, seed=0)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, tiny_tokenizer,
+                           manifest={"stage": "srpo", "inputs": {"dataset": data}})
+    store = ObjectStore(s3["endpoint"], s3["access_key"], s3["secret_key"], region="us-east-1")
+    store.upload_dir(data, f"s3://{BUCKET}/runs/kfp-int/data")
+    store.upload_dir(ckpt, f"s3://{BUCKET}/runs/kfp-int/ckpt")
+    ckpt_back = store.download_dir(f"s3://{BUCKET}/runs/kfp-int/ckpt", tmp_path / "ckpt-from-s3")
+
+    parent = tracking.start_pipeline_run("autothink", params={"profile": "smoke"}, kfp_run_id="kfp-int",
+                                         profile="smoke", config_hash="cfg-int")
+    tracking.log_stage(parent, "synthesize", data)
+    version = registry.register_model(ckpt_back, {"accuracy": 0.5, "mean_tokens": 20, "items": ["a"]}, parent)
+    assert registry.promote_if_better("kat", version)[0]
+    tracking.end_pipeline_run(parent, "succeeded")
+
+    # the model's files went through the server into the bucket
+    keys = {o.object_name for o in store._client().list_objects(BUCKET, prefix="mlartifacts/", recursive=True)}
+    assert any(k.endswith("/MLmodel") for k in keys) and any(k.endswith("/model.safetensors") for k in keys)
+    assert any(k.endswith("/manifest.json") for k in keys)  # the synthesize stage's manifest artifact
+
+    info = registry.show_version("kat", "champion")
+    assert info["version"] == version and info["kfp_run_id"] == "kfp-int" and info["config_hash"] == "cfg-int"
+    assert info["data"] == {"synthesize": dir_digest(data)}
+
+    loaded = mlflow.pyfunc.load_model("models:/kat@champion")
+    assert isinstance(loaded.predict(["2+2=?"], params={"max_new_tokens": 4})[0], str)
+    assert dir_digest(registry.download_checkpoint("kat", "champion", tmp_path / "dl")) == dir_digest(ckpt)
