@@ -636,7 +636,9 @@ def serve_model(
     host: Annotated[str, typer.Option(help="interface to listen on (0.0.0.0 for all)")] = "127.0.0.1",
     name: Annotated[str | None, typer.Option(help="model id clients ask for (default: the dir name)")] = None,
     max_batch: Annotated[int, typer.Option(help="most rows (requests x n) one batch runs")] = 64,
-    max_wait_ms: Annotated[float, typer.Option(help="how long a batch waits for more requests when idle")] = 5.0,
+    max_wait_ms: Annotated[float, typer.Option(help="idle gap that closes a batch once it is as big as the last")
+                           ] = 2.0,
+    max_delay_ms: Annotated[float, typer.Option(help="longest a request waits for its batch to fill")] = 200.0,
     max_tokens: Annotated[int, typer.Option(help="completion budget when a request sets none")] = 256,
     threads: ThreadsOpt = 1,
     seed: int = 0,
@@ -648,7 +650,7 @@ def serve_model(
     _setup_logging()
     _torch_threads(threads)
     serve(model, host=host, port=port, name=name or model.resolve().name, max_rows=max_batch, max_wait_ms=max_wait_ms,
-          default_max_tokens=max_tokens, seed=seed)
+          max_delay_ms=max_delay_ms, default_max_tokens=max_tokens, seed=seed)
 
 
 @app.command("generate")

@@ -1,0 +1,103 @@
+"""The AutoThink pipeline: synthesize -> validate -> [pretrain-teacher ->] pretrain.
+
+Every task takes the two pipeline parameters, `profile` and `overrides` (a list of `key=value`), and loads
+its config from them, so a run is reproducible from its parameters alone. The DAG's shape is decided when
+the pipeline is built: the teacher task exists only when the profile says `pretrain.train_teacher`.
+
+Adding a stage (coldstart, srpo, evaluate, register as they land) is a few lines in `build_pipeline`: call
+its component with `**params` and its inputs, and pass the task through `_training` if it trains.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kfp import dsl, kubernetes
+
+from components.pretrain import pretrain, pretrain_teacher
+from components.runtime import CHECKPOINT_DIR_ENV
+from components.synthesize import synthesize
+from components.validate import validate
+
+PIPELINE_NAME = "kat-autothink"
+CACHE_SALT_ENV = "KAT_CACHE_SALT"
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """What a GPU Kubernetes cluster needs on top of the plain pipeline (kfp-kubernetes settings).
+
+    The secrets and the config map are the platform's (the Helm chart creates them); their keys become
+    the environment variables of the same name."""
+
+    accelerator: str = "nvidia.com/gpu"
+    gpus: int = 1
+    cpu_request: str = "4"
+    memory_request: str = "16G"
+    node_selector: dict[str, str] = field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    tolerations: tuple[dict[str, Any], ...] = ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},)
+    s3_secret: str = "kat-s3"
+    s3_keys: tuple[str, ...] = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    mlflow_secret: str = "kat-mlflow"
+    mlflow_keys: tuple[str, ...] = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    config_map: str = "kat-platform"
+    config_map_keys: tuple[str, ...] = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "KAT_S3_ENDPOINT")
+    checkpoints_pvc: str = "kat-checkpoints"
+    checkpoints_path: str = "/kat/checkpoints"
+
+
+def build_pipeline(
+    profile: str = "demo",
+    overrides: list[str] | None = None,
+    *,
+    cluster: ClusterOptions | None = None,
+    retries: int = 2,
+    cache_salt: str | None = None,
+):
+    """The pipeline function for `profile` (its default parameters and its DAG shape).
+
+    `cluster` adds the kfp-kubernetes settings; `retries` is the retry count of training tasks (transient
+    failures: preemption, evictions); `cache_salt` goes into every task's environment, which is part of
+    the cache key, so the local runner never serves results made by other code or another config."""
+    from kat_core.config import load_config
+
+    config = load_config(profile, overrides)  # the shape is static: fail on a bad profile at build time
+    default_profile, default_overrides = profile, list(overrides or [])
+
+    def common(task: dsl.PipelineTask) -> dsl.PipelineTask:
+        task.set_caching_options(enable_caching=True)
+        if cache_salt:
+            task.set_env_variable(CACHE_SALT_ENV, cache_salt)
+        if cluster:
+            kubernetes.use_secret_as_env(task, cluster.s3_secret, {k: k for k in cluster.s3_keys})
+            kubernetes.use_secret_as_env(task, cluster.mlflow_secret, {k: k for k in cluster.mlflow_keys},
+                                         optional=True)  # a tracking server without auth has no secret
+            kubernetes.use_config_map_as_env(task, cluster.config_map, {k: k for k in cluster.config_map_keys})
+        return task
+
+    def training(task: dsl.PipelineTask) -> dsl.PipelineTask:
+        common(task)
+        if retries:
+            task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2.0,
+                           backoff_max_duration="1800s")
+        if cluster:
+            task.set_accelerator_type(cluster.accelerator).set_accelerator_limit(cluster.gpus)
+            task.set_cpu_request(cluster.cpu_request).set_memory_request(cluster.memory_request)
+            for key, value in cluster.node_selector.items():
+                kubernetes.add_node_selector(task, key, value)
+            for toleration in cluster.tolerations:
+                kubernetes.add_toleration(task, **toleration)
+            # the checkpoints PVC is where a retried or re-run training task resumes from
+            kubernetes.mount_pvc(task, cluster.checkpoints_pvc, cluster.checkpoints_path)
+            task.set_env_variable(CHECKPOINT_DIR_ENV, cluster.checkpoints_path)
+        return task
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="AutoThink training (KAT-V1 recipe): data, gate, MTP+KD pretrain")
+    def autothink(profile: str = default_profile, overrides: list = default_overrides):
+        params = {"profile": profile, "overrides": overrides}
+        data = common(synthesize(**params))
+        report = common(validate(**params, dataset=data.outputs["dataset"]))
+        gate = {"dataset": data.outputs["dataset"], "validation": report.outputs["report"]}
+        teacher = training(pretrain_teacher(**params, **gate)) if config.pretrain.train_teacher else None
+        training(pretrain(**params, **gate, **({"teacher": teacher.outputs["model"]} if teacher else {})))
+
+    return autothink

@@ -1,0 +1,34 @@
+"""Compile the AutoThink pipeline to KFP IR YAML (what `kat pipeline compile` writes and Kubeflow runs)."""
+
+import os
+import tempfile
+from pathlib import Path
+
+from pipelines.autothink import ClusterOptions, build_pipeline
+
+
+def compile_pipeline(
+    out: str | Path,
+    profile: str = "demo",
+    overrides: list[str] | None = None,
+    *,
+    cluster: bool | ClusterOptions = False,
+    retries: int = 2,
+) -> Path:
+    """Write the pipeline for `profile` as KFP IR YAML to `out` (atomically); `cluster=True` adds the
+    kfp-kubernetes settings (GPUs, node selector, tolerations, secrets, checkpoints PVC)."""
+    from kfp import compiler
+
+    options = ClusterOptions() if cluster is True else (cluster or None)
+    pipeline = build_pipeline(profile, overrides, cluster=options, retries=retries)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".yaml", dir=out.parent)
+    os.close(fd)
+    try:
+        compiler.Compiler().compile(pipeline_func=pipeline, package_path=tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
