@@ -28,7 +28,8 @@ def pretrain(
         config = stage_config(profile, overrides)
         inputs = {"data": dataset.path, **({"teacher": teacher.path} if teacher else {})}
         with resumable(model.path, "pretrain", config, inputs) as out:
-            metrics = run_stage(config, dataset.path, out, teacher.path if teacher else None, progress=False)
+            metrics = run_stage(config, dataset.path, out, teacher.path if teacher else None, progress=False,
+                                validation=validation.path)
     model.metadata.update({k: v for k, v in metrics.items() if k in ("step", "loss", "ce", "kd", "mtp")})
 
 
@@ -48,5 +49,5 @@ def pretrain_teacher(
         config = stage_config(profile, overrides)
         with resumable(model.path, "pretrain-teacher", config, {"data": dataset.path}) as out:
             metrics = run_stage(config, dataset.path, out, model_cfg=config.pretrain.teacher_model,
-                                train_cfg=config.pretrain.teacher_train, progress=False)
+                                train_cfg=config.pretrain.teacher_train, progress=False, validation=validation.path)
     model.metadata.update({k: v for k, v in metrics.items() if k in ("step", "loss", "ce", "mtp")})

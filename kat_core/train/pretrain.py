@@ -29,14 +29,15 @@ TEACHER_CACHE = "teacher_topk.safetensors"
 # ---------------------------------------------------------------------------------------------- data
 
 
-def check_dataset(data_dir: Path, require_report: bool = True) -> list[dict[str, Any]]:
-    """The dataset's records; refuses a dataset whose validation report says it failed."""
+def check_dataset(data_dir: Path, require_report: bool = True, report_dir: Path | None = None) -> list[dict[str, Any]]:
+    """The dataset's records; refuses a dataset whose validation report (in `report_dir`, default beside the
+    dataset) says it failed."""
     import json
 
     from kat_core.data.dataset import read_records
     from kat_core.data.validate import REPORT, default_report_dir
 
-    report = default_report_dir(data_dir) / REPORT
+    report = Path(report_dir or default_report_dir(data_dir)) / REPORT
     if report.is_file():
         summary = json.loads(report.read_text())
         if not summary.get("success", False):
@@ -195,6 +196,7 @@ def pretrain(
     stage: str = "pretrain",
     extra_files: dict[str, Path] | None = None,
     extra_meta: dict[str, Any] | None = None,
+    validation: str | Path | None = None,
 ) -> dict[str, Any]:
     """Pretrain (and distil, with `teacher`) into `out_dir`; returns the final metrics.
 
@@ -208,7 +210,8 @@ def pretrain(
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     model_cfg, train_cfg = model_cfg or config.model, train_cfg or config.train
-    records = check_dataset(data_dir, require_report=stage == "pretrain")
+    records = check_dataset(data_dir, require_report=stage == "pretrain",
+                            report_dir=Path(validation) if validation else None)
     torch.set_num_threads(max(1, torch.get_num_threads()))  # respect OMP_NUM_THREADS / the launcher
 
     teacher_model, teacher_cache, tokenizer = None, None, None
