@@ -1,4 +1,4 @@
-"""The AutoThink pipeline: synthesize -> validate -> [pretrain-teacher ->] pretrain.
+"""The AutoThink pipeline: synthesize -> validate -> [pretrain-teacher ->] pretrain -> coldstart.
 
 Every task takes the two pipeline parameters, `profile` and `overrides` (a list of `key=value`), and loads
 its config from them, so a run is reproducible from its parameters alone. The DAG's shape is decided when
@@ -13,6 +13,7 @@ from typing import Any
 
 from kfp import dsl, kubernetes
 
+from components.coldstart import coldstart
 from components.pretrain import pretrain, pretrain_teacher
 from components.runtime import CHECKPOINT_DIR_ENV
 from components.synthesize import synthesize
@@ -91,13 +92,14 @@ def build_pipeline(
             task.set_env_variable(CHECKPOINT_DIR_ENV, cluster.checkpoints_path)
         return task
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="AutoThink training (KAT-V1 recipe): data, gate, MTP+KD pretrain")
+    @dsl.pipeline(name=PIPELINE_NAME, description="AutoThink training (KAT-V1 recipe): data, gate, MTP+KD pretrain, cold start")
     def autothink(profile: str = default_profile, overrides: list = default_overrides):
         params = {"profile": profile, "overrides": overrides}
         data = common(synthesize(**params))
         report = common(validate(**params, dataset=data.outputs["dataset"]))
         gate = {"dataset": data.outputs["dataset"], "validation": report.outputs["report"]}
         teacher = training(pretrain_teacher(**params, **gate)) if config.pretrain.train_teacher else None
-        training(pretrain(**params, **gate, **({"teacher": teacher.outputs["model"]} if teacher else {})))
+        student = training(pretrain(**params, **gate, **({"teacher": teacher.outputs["model"]} if teacher else {})))
+        training(coldstart(**params, pretrained=student.outputs["model"]))
 
     return autothink

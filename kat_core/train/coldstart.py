@@ -4,8 +4,9 @@ For each training prompt, k samples forced think-off and k forced think-on (the 
 prompt's intent features). Label think-off when think-off is majority-correct and its accuracy is within
 δ of think-on's; otherwise think-on. The SFT example for a prompt is its best verified response in the
 labelled mode (correct, fewest tokens), under a judge written from intent features for that mode, so the
-model learns both the choice and why. Prompts without a verified response in their mode are left out
-of the SFT set (counted), but keep their label.
+model learns both the choice and why. A prompt with no verified sample in its labelled mode falls back to
+the task's reference response in that mode (verified by construction), counted as `from_reference`, so an
+undertrained model still gets a complete SFT set.
 
 Output: a checkpoint (as `pretrain` writes it) with `labels.jsonl` (per prompt: accuracy in each mode,
 label, reason) and `coldstart.json` (label distribution and accuracy per difficulty level).
@@ -79,11 +80,14 @@ def label_items(pairs: list[tuple[Task, Item]], sampled: list[dict[str, Any]], d
     for (task, item), row in zip(pairs, sampled, strict=True):
         label, reason = majority_vote(row["acc_off"], row["acc_on"], delta)
         best = row[f"best_{label}"]
+        source = "sample"
+        if best is None and item.steps:
+            best, source = {"think": "\n".join(item.steps), "answer": task.answer_text(item)}, "reference"
         labels.append({
             "id": item.id, "prompt": item.prompt, "difficulty": item.difficulty,
             "acc_off": row["acc_off"], "acc_on": row["acc_on"],
             "tokens_off": round(row["tokens_off"], 1), "tokens_on": round(row["tokens_on"], 1),
-            "label": label, "reason": reason, "in_sft": best is not None,
+            "label": label, "reason": reason, "in_sft": best is not None, "sft_source": source if best else None,
         })
         if best is None:
             continue
@@ -116,6 +120,7 @@ def summarize(labels: list[dict[str, Any]]) -> dict[str, Any]:
         "prompts": len(labels),
         "label_off_share": round(sum(r["label"] == "off" for r in labels) / max(len(labels), 1), 4),
         "in_sft": sum(r["in_sft"] for r in labels),
+        "from_reference": sum(r.get("sft_source") == "reference" for r in labels),
         "per_level": per_level,
     }
 
