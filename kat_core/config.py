@@ -124,6 +124,24 @@ class ColdStartConfig(_Strict):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=60, lr=3e-4, warmup_steps=5))
 
 
+class EvalConfig(_Strict):
+    """The `evaluate` stage: suites, modes and sample counts (see kat_core.eval.evaluate)."""
+
+    suites: list[str] = Field(default_factory=lambda: ["arith"])
+    limit: int | None = Field(200, ge=1, description="items per suite (None: the whole test split)")
+    n_samples: int = Field(2, ge=0, description="sampled responses per item and mode for pass@1 and the oracle")
+    temperature: float = Field(0.7, ge=0)
+    max_new_tokens: int = Field(160, ge=1)
+
+
+class RegistryConfig(_Strict):
+    """The `register` stage: the registered model's name and the promotion gate's margins."""
+
+    model_name: str = "kat"
+    acc_margin: float = Field(0.01, ge=0, description="accuracy differences within this count as equal")
+    tok_margin: float = Field(0.05, ge=0, description="relative token saving needed at equal accuracy")
+
+
 class KatConfig(_Strict):
     profile: str = "smoke"
     seed: int = 0
@@ -134,6 +152,8 @@ class KatConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     coldstart: ColdStartConfig = Field(default_factory=ColdStartConfig)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

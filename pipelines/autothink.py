@@ -1,4 +1,5 @@
-"""The AutoThink pipeline: synthesize -> validate -> [pretrain-teacher ->] pretrain -> coldstart.
+"""The AutoThink pipeline: synthesize -> validate -> [pretrain-teacher ->] pretrain -> coldstart -> evaluate
+-> register.
 
 Every task takes the two pipeline parameters, `profile` and `overrides` (a list of `key=value`), and loads
 its config from them, so a run is reproducible from its parameters alone. The DAG's shape is decided when
@@ -14,7 +15,9 @@ from typing import Any
 from kfp import dsl, kubernetes
 
 from components.coldstart import coldstart
+from components.evaluate import evaluate
 from components.pretrain import pretrain, pretrain_teacher
+from components.register import register
 from components.runtime import CHECKPOINT_DIR_ENV
 from components.synthesize import synthesize
 from components.validate import validate
@@ -92,7 +95,7 @@ def build_pipeline(
             task.set_env_variable(CHECKPOINT_DIR_ENV, cluster.checkpoints_path)
         return task
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="AutoThink training (KAT-V1 recipe): data, gate, MTP+KD pretrain, cold start")
+    @dsl.pipeline(name=PIPELINE_NAME, description="AutoThink (KAT-V1): data, gate, MTP+KD, cold start, eval, registry")
     def autothink(profile: str = default_profile, overrides: list = default_overrides):
         params = {"profile": profile, "overrides": overrides}
         data = common(synthesize(**params))
@@ -100,6 +103,9 @@ def build_pipeline(
         gate = {"dataset": data.outputs["dataset"], "validation": report.outputs["report"]}
         teacher = training(pretrain_teacher(**params, **gate)) if config.pretrain.train_teacher else None
         student = training(pretrain(**params, **gate, **({"teacher": teacher.outputs["model"]} if teacher else {})))
-        training(coldstart(**params, pretrained=student.outputs["model"]))
+        tuned = training(coldstart(**params, pretrained=student.outputs["model"]))
+        evaluation = common(evaluate(**params, model=tuned.outputs["model"]))
+        # registration only of an evaluated model: it takes the report as an input
+        common(register(**params, model=tuned.outputs["model"], report=evaluation.outputs["report"]))
 
     return autothink

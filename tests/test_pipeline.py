@@ -40,10 +40,13 @@ def test_compiled_dag_gates_training_on_validation(tmp_path):
     assert r.returncode == 0, r.stderr
     spec, platform = load_ir(tmp_path / "autothink.yaml")
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"synthesize", "validate", "pretrain", "coldstart"}  # smoke trains no teacher
+    assert set(tasks) == {"synthesize", "validate", "pretrain", "coldstart", "evaluate", "register"}  # smoke trains no teacher
     assert tasks["validate"]["dependentTasks"] == ["synthesize"]
     assert tasks["coldstart"]["inputs"]["artifacts"]["pretrained"]["taskOutputArtifact"] == {
         "producerTask": "pretrain", "outputArtifactKey": "model"}
+    # registration only of an evaluated model
+    assert tasks["register"]["inputs"]["artifacts"]["report"]["taskOutputArtifact"] == {
+        "producerTask": "evaluate", "outputArtifactKey": "report"}
     assert "validate" in tasks["pretrain"]["dependentTasks"]
     gate = tasks["pretrain"]["inputs"]["artifacts"]["validation"]["taskOutputArtifact"]
     assert gate == {"producerTask": "validate", "outputArtifactKey": "report"}
@@ -67,7 +70,7 @@ def test_teacher_is_trained_first_when_the_profile_asks(tmp_path):
 
     spec, _ = load_ir(compile_pipeline(tmp_path / "t.yaml", "smoke", ["pretrain.train_teacher=true"]))
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"synthesize", "validate", "pretrain-teacher", "pretrain", "coldstart"}
+    assert set(tasks) == {"synthesize", "validate", "pretrain-teacher", "pretrain", "coldstart", "evaluate", "register"}
     assert "validate" in tasks["pretrain-teacher"]["dependentTasks"]
     teacher = tasks["pretrain"]["inputs"]["artifacts"]["teacher"]["taskOutputArtifact"]
     assert teacher == {"producerTask": "pretrain-teacher", "outputArtifactKey": "model"}
@@ -165,7 +168,7 @@ def test_smoke_pipeline_produces_a_loadable_checkpoint(smoke_runs):
     assert first["status"] == "succeeded"
     assert [(s["name"], s["status"]) for s in first["stages"]] == [
         ("synthesize", "succeeded"), ("validate", "succeeded"), ("pretrain", "succeeded"),
-        ("coldstart", "succeeded")]
+        ("coldstart", "succeeded"), ("evaluate", "succeeded"), ("register", "succeeded")]
     model_dir = Path(first["stages"][2]["outputs"]["model"])
     assert model_dir.is_relative_to(home / "pipeline_root")
     assert (out / "pretrain").resolve() == Path(second["stages"][2]["outputs"]["model"])  # the latest run's
@@ -186,7 +189,7 @@ def test_smoke_pipeline_produces_a_loadable_checkpoint(smoke_runs):
 @pytest.mark.slow
 def test_identical_rerun_is_served_from_the_cache(smoke_runs):
     home, _, (first, second), (t_first, t_second) = smoke_runs
-    assert [s["status"] for s in second["stages"]] == ["cached"] * 4
+    assert [s["status"] for s in second["stages"]] == ["cached"] * 6
     # the same outputs, made by the first run; the pretrain stage did not run again
     assert [s["outputs"] for s in second["stages"]] == [s["outputs"] for s in first["stages"]]
     log = Path(second["log"]).read_text()
@@ -288,7 +291,7 @@ def test_submit_and_watch_runs_on_kubeflow(kfp_server):
     run = kfp_server.runs[run_id]
     assert run["display_name"] == "nightly"
     assert run["runtime_config"]["parameters"] == {"profile": "smoke", "overrides": ["train.steps=5"]}
-    assert set(run["pipeline_spec"]["root"]["dag"]["tasks"]) == {"synthesize", "validate", "pretrain", "coldstart"}
+    assert set(run["pipeline_spec"]["root"]["dag"]["tasks"]) == {"synthesize", "validate", "pretrain", "coldstart", "evaluate", "register"}
     (experiment,) = kfp_server.experiments.values()
     assert experiment["display_name"] == "kat" and run["experiment_id"] == experiment["experiment_id"]
     assert all(h.get("authorization") == "Bearer t0ken" for _, _, h in kfp_server.requests)

@@ -1,0 +1,22 @@
+"""Component: evaluation of the trained model (kat_core.eval.evaluate.evaluate)."""
+
+from kfp import dsl
+
+from components.runtime import BASE_IMAGE
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def evaluate(profile: str, overrides: list, model: dsl.Input[dsl.Model], report: dsl.Output[dsl.Artifact]):
+    """Accuracy, tokens and think-on rate per suite, mode (auto/on/off) and level into `report`
+    (report.json, report.md, plots)."""
+    from components.runtime import stage_config, user_errors
+    from kat_core.eval.evaluate import evaluate as run_stage
+
+    with user_errors():
+        config = stage_config(profile, overrides)
+        e = config.evaluate
+        result = run_stage(model.path, e.suites, out_dir=report.path, limit=e.limit, n_samples=e.n_samples,
+                           temperature=e.temperature, max_new_tokens=e.max_new_tokens, seed=config.seed,
+                           benchmarks_dir=config.tasks.benchmarks_dir, progress=False)
+    auto = result.get("overall", {}).get("auto", {})
+    report.metadata.update({"auto_accuracy": (auto.get("accuracy") or {}).get("greedy")})

@@ -1,0 +1,37 @@
+"""Component: register the evaluated model in MLflow and promote it through the gate
+(kat_core.platform.registry)."""
+
+from kfp import dsl
+
+from components.runtime import BASE_IMAGE
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def register(profile: str, overrides: list, model: dsl.Input[dsl.Model], report: dsl.Input[dsl.Artifact],
+             registered: dsl.Output[dsl.Artifact]):
+    """Log the model with its lineage under the pipeline's MLflow parent run, alias it `candidate`, and make
+    it `champion` only when the gate says it beats the current one (the first model always does)."""
+    import json
+    import os
+    from pathlib import Path
+
+    from components.runtime import stage_config, user_errors
+    from kat_core.manifest import config_hash
+    from kat_core.platform.registry import Margins, promote_if_better, register_model
+    from kat_core.platform.tracking import start_pipeline_run
+
+    with user_errors():
+        config = stage_config(profile, overrides)
+        # get-or-create: the run back end usually made the parent already; a lone task makes its own
+        parent = start_pipeline_run(f"autothink-{config.profile}", config.model_dump(mode="json"),
+                                    kfp_run_id=os.environ.get("KAT_RUN_ID"), profile=config.profile,
+                                    config_hash=config_hash(config))
+        evaluation = json.loads((Path(report.path) / "report.json").read_text())
+        name = config.registry.model_name
+        version = register_model(model.path, evaluation, parent, name)
+        promoted, reason = promote_if_better(name, version, Margins(config.registry.acc_margin,
+                                                                    config.registry.tok_margin))
+    result = {"name": name, "version": version, "champion": promoted, "gate": reason, "parent_run": parent}
+    Path(registered.path).write_text(json.dumps(result, indent=2) + "\n")
+    registered.metadata.update(result)
+    print(f"registered {name} version {version}; {'champion' if promoted else 'candidate'}: {reason}", flush=True)
