@@ -73,10 +73,38 @@ def run(
     info = backend.status(run_id)
     _say(_run_summary(info))
     _say(f"outputs linked under {out}/ (run.json, one link per stage); log {info.log}")
+    if info.status == "succeeded":
+        _say(_model_summary({s.name: s.outputs for s in info.stages}))
     if info.status != "succeeded":
         raise KatError(f"run {run_id} failed at {info.error}; log: {info.log}")
     typer.echo(json.dumps({"run_id": run_id, "status": info.status, "out": str(out),
                            "outputs": {s.name: s.outputs for s in info.stages}}))
+
+
+def _model_summary(outputs: dict[str, dict[str, str]]) -> str:
+    """The evaluation (auto vs forced think-on/off) and the registry outcome of a finished run."""
+    lines = []
+    report_dir = outputs.get("evaluate", {}).get("report")
+    if report_dir and (Path(report_dir) / "report.json").is_file():
+        overall = json.loads((Path(report_dir) / "report.json").read_text()).get("overall", {})
+        lines.append(f"evaluation ({report_dir}/report.md):")
+        lines.append(f"  {'mode':5s} {'accuracy':>9s} {'tokens':>7s} {'think-on':>9s}")
+        nan = float("nan")
+        for mode, block in overall.items():
+            acc = (block.get("accuracy") or {}).get("greedy")
+            tokens = (block.get("mean_tokens") or {}).get("total")
+            think_on = block.get("think_on_rate")
+            lines.append(f"  {mode:5s} {nan if acc is None else acc:9.3f} {nan if tokens is None else tokens:7.1f} "
+                         f"{nan if think_on is None else think_on:9.3f}")
+    registered = outputs.get("register", {}).get("registered")
+    if registered and Path(registered).is_file():
+        r = json.loads(Path(registered).read_text())
+        alias = "champion" if r.get("champion") else "candidate"
+        lines.append(f"registered model {r['name']} version {r['version']} as {alias} ({r['gate']})")
+    from kat_core.platform.tracking import resolve_tracking_uri
+
+    lines.append(f"MLflow: {resolve_tracking_uri()}  (mlflow ui --backend-store-uri {resolve_tracking_uri()})")
+    return "\n".join(lines)
 
 
 @data_app.command("synth")
