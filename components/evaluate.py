@@ -9,7 +9,7 @@ from components.runtime import BASE_IMAGE
 def evaluate(profile: str, overrides: list, model: dsl.Input[dsl.Model], report: dsl.Output[dsl.Artifact]):
     """Accuracy, tokens and think-on rate per suite, mode (auto/on/off) and level into `report`
     (report.json, report.md, plots)."""
-    from components.runtime import stage_config, user_errors
+    from components.runtime import stage_config, track, user_errors
     from kat_core.eval.evaluate import evaluate as run_stage
 
     with user_errors():
@@ -18,5 +18,6 @@ def evaluate(profile: str, overrides: list, model: dsl.Input[dsl.Model], report:
         result = run_stage(model.path, e.suites, out_dir=report.path, limit=e.limit, n_samples=e.n_samples,
                            temperature=e.temperature, max_new_tokens=e.max_new_tokens, seed=config.seed,
                            benchmarks_dir=config.tasks.benchmarks_dir, progress=False)
+        track("evaluate", config, report.path, inputs={"model": model.path})
     auto = result.get("overall", {}).get("auto", {})
     report.metadata.update({"auto_accuracy": (auto.get("accuracy") or {}).get("greedy")})

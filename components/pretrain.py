@@ -21,7 +21,7 @@ def pretrain(
     teacher: dsl.Input[dsl.Model] = None,
 ):
     """Pretrain the student into `model` (an HF checkpoint with MTP weights), distilled from `teacher`."""
-    from components.runtime import resumable, stage_config, user_errors
+    from components.runtime import resumable, stage_config, track, user_errors
     from kat_core.train.pretrain import pretrain as run_stage
 
     with user_errors():
@@ -30,6 +30,7 @@ def pretrain(
         with resumable(model.path, "pretrain", config, inputs) as out:
             metrics = run_stage(config, dataset.path, out, teacher.path if teacher else None, progress=False,
                                 validation=validation.path)
+        track("pretrain", config, model.path, inputs=inputs)
     model.metadata.update({k: v for k, v in metrics.items() if k in ("step", "loss", "ce", "kd", "mtp")})
 
 
@@ -42,7 +43,7 @@ def pretrain_teacher(
     model: dsl.Output[dsl.Model],
 ):
     """Pretrain the teacher (pretrain.teacher_model / teacher_train, else the student's sizes) into `model`."""
-    from components.runtime import resumable, stage_config, user_errors
+    from components.runtime import resumable, stage_config, track, user_errors
     from kat_core.train.pretrain import pretrain as run_stage
 
     with user_errors():
@@ -50,4 +51,5 @@ def pretrain_teacher(
         with resumable(model.path, "pretrain-teacher", config, {"data": dataset.path}) as out:
             metrics = run_stage(config, dataset.path, out, model_cfg=config.pretrain.teacher_model,
                                 train_cfg=config.pretrain.teacher_train, progress=False, validation=validation.path)
+        track("pretrain-teacher", config, model.path, inputs={"data": dataset.path})
     model.metadata.update({k: v for k, v in metrics.items() if k in ("step", "loss", "ce", "mtp")})

@@ -111,3 +111,17 @@ def resumable(out: str, stage: str, config: Any, inputs: dict[str, str]) -> Iter
         shutil.rmtree(out)
     shutil.move(str(work / "output"), out)  # a rename on one filesystem, a copy from a PVC
     shutil.rmtree(work, ignore_errors=True)
+
+
+def track(stage: str, config: Any, out_dir: str, inputs: dict[str, str] | None = None,
+          params: dict[str, Any] | None = None) -> None:
+    """Record the finished stage in MLflow: a child run (params, its metrics.jsonl, manifest, input datasets)
+    of the pipeline's parent run, which is found or made from KAT_RUN_ID (one parent per pipeline run)."""
+    from kat_core.manifest import config_hash
+    from kat_core.platform.tracking import log_stage, start_pipeline_run
+
+    parent = start_pipeline_run(f"autothink-{config.profile}", config.model_dump(mode="json"),
+                                kfp_run_id=os.environ.get("KAT_RUN_ID"), profile=config.profile,
+                                config_hash=config_hash(config))
+    log_stage(parent, stage, out_dir, {"profile": config.profile, "seed": config.seed, **(params or {})},
+              inputs=inputs)

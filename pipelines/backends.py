@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import secrets
@@ -34,6 +35,8 @@ from components.runtime import code_digest
 from kat_core.errors import KatError
 
 BACKENDS = ("local", "kubeflow")
+
+log = logging.getLogger(__name__)
 
 
 def kat_home() -> Path:
@@ -263,6 +266,7 @@ class LocalBackend(RunBackend):
             info.finished_at = _now()
             info.pid = None
             self._save(info)
+            _close_tracking(run_id, info.status)
             if out is not None:
                 self._link_outputs(info, Path(out))
         return run_id
@@ -612,3 +616,16 @@ class KubeflowBackend(RunBackend):
         client = self._client()
         with self._api(f"schedule {schedule_id}"):
             client.delete_recurring_run(schedule_id)
+
+
+def _close_tracking(run_id: str, status: str) -> None:
+    """End the run's MLflow parent run (its stages opened it) with the run's outcome; no parent, nothing to do."""
+    from kat_core.errors import KatError
+    from kat_core.platform.tracking import end_pipeline_run, find_pipeline_run
+
+    try:
+        parent = find_pipeline_run(run_id)
+        if parent:
+            end_pipeline_run(parent, status)
+    except KatError as e:  # tracking trouble must not turn a finished run into a failed one
+        log.warning("could not close the MLflow run of %s: %s", run_id, e)
