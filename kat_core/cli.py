@@ -567,6 +567,7 @@ TemperatureOpt = Annotated[float, typer.Option(help="sampling temperature of the
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="token budget per response")]
 ThreadsOpt = Annotated[int, typer.Option(
     "--threads", help="torch CPU threads (small models decode fastest on one; 0 keeps torch's default)")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="torch device (default: cuda when present, else cpu)")]
 
 
 def _torch_threads(threads: int) -> None:
@@ -582,9 +583,9 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, benchmarks_dir) -> dict:
+def _eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, benchmarks_dir, device) -> dict:
     return {"limit": limit, "n_samples": samples, "temperature": temperature, "max_new_tokens": max_new_tokens,
-            "seed": seed, "oracle_delta": oracle_delta, "benchmarks_dir": benchmarks_dir}
+            "seed": seed, "oracle_delta": oracle_delta, "benchmarks_dir": benchmarks_dir, "device": device}
 
 
 @eval_app.command("run")
@@ -601,6 +602,7 @@ def eval_run(
     oracle_delta: Annotated[float, typer.Option(help="accuracy think-off may give up and still be the oracle")] = 0.0,
     benchmarks_dir: Annotated[str | None, typer.Option(help="folder of the public benchmark files")] = None,
     threads: ThreadsOpt = 1,
+    device: DeviceOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Evaluate MODEL on suites in auto and forced modes: writes report.json, report.md and PNG plots."""
@@ -610,7 +612,8 @@ def eval_run(
     _torch_threads(threads)
     out = out or Path(".kat/eval") / model.resolve().name
     report = evaluate(model, _csv(suites), _csv(modes), out_dir=out, progress=not quiet,
-                      **_eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, benchmarks_dir))
+                      **_eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, benchmarks_dir,
+                                    device))
     typer.echo(f"{'mode':6s} {'n':>5s} {'accuracy':>8s} {'pass@1':>7s} {'tokens':>7s} {'think-on':>8s}")
     for mode, b in report["overall"].items():
         p1 = b["accuracy"]["pass@1"]
@@ -643,6 +646,7 @@ def eval_compare(
     oracle_delta: Annotated[float, typer.Option(help="accuracy think-off may give up and still be the oracle")] = 0.0,
     benchmarks_dir: Annotated[str | None, typer.Option(help="folder of the public benchmark files")] = None,
     threads: ThreadsOpt = 1,
+    device: DeviceOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Put A and B side by side on the same items (model dirs are evaluated first, with the options given)."""
@@ -652,7 +656,8 @@ def eval_compare(
     _setup_logging()
     _torch_threads(threads)
     result = compare(a, b, out_dir=out, suites=_csv(suites), modes=_csv(modes), progress=not quiet,
-                     **_eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, benchmarks_dir))
+                     **_eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, benchmarks_dir,
+                                    device))
     typer.echo(render_comparison(result).split("\n![")[0].rstrip())
     _say(f"comparison {out}/compare.md, {out}/compare.json, plot {out}/compare.png")
 
@@ -669,6 +674,7 @@ def serve_model(
     max_delay_ms: Annotated[float, typer.Option(help="longest a request waits for its batch to fill")] = 200.0,
     max_tokens: Annotated[int, typer.Option(help="completion budget when a request sets none")] = 256,
     threads: ThreadsOpt = 1,
+    device: DeviceOpt = None,
     seed: int = 0,
 ) -> None:
     """Serve MODEL with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models), thinking
@@ -678,7 +684,7 @@ def serve_model(
     _setup_logging()
     _torch_threads(threads)
     serve(model, host=host, port=port, name=name or model.resolve().name, max_rows=max_batch, max_wait_ms=max_wait_ms,
-          max_delay_ms=max_delay_ms, default_max_tokens=max_tokens, seed=seed)
+          max_delay_ms=max_delay_ms, default_max_tokens=max_tokens, seed=seed, device=device)
 
 
 @app.command("generate")
@@ -691,19 +697,20 @@ def generate_cmd(
     top_p: Annotated[float, typer.Option(help="nucleus sampling mass")] = 1.0,
     seed: int = 0,
     threads: ThreadsOpt = 1,
+    device: DeviceOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the parsed response as JSON")] = False,
 ) -> None:
     """Answer one request and print its parsed judge, mode, reasoning and answer."""
     from kat_core.format import parse
-    from kat_core.model.lm import load_model
     from kat_core.rollout import generate
+    from kat_core.serve import load_for_serving
     from kat_core.serve.protocol import forced_for_request
 
     if mode not in ("auto", "on", "off"):
         raise KatError(f"--mode must be auto, on or off, not {mode!r}")
     _setup_logging()
     _torch_threads(threads)
-    lm, tokenizer = load_model(model)
+    lm, tokenizer = load_for_serving(model, device)
     forced = forced_for_request(prompt, mode)
     (sample,) = generate(lm, tokenizer, [prompt], forced=[forced], max_new_tokens=max_new_tokens,
                          temperature=temperature, top_p=top_p, seed=seed)

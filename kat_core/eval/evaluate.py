@@ -1,0 +1,245 @@
+"""The `evaluate` stage: a model over task suites in auto and forced modes -> report.json, report.md, plots.
+
+    evaluate("ckpt/", ["arith"], out_dir="eval/", limit=50)
+
+Per suite, the test items (`limit` of them, seeded), each in every evaluation mode: "auto" is unforced (the
+model writes its own judge and picks its mode); "on"/"off" pre-fill `forced_prefix(judge_text(features,
+mode), mode)`, the same judge the cold start trains on. One greedy response per item and mode (accuracy,
+tokens, think-on rate) and `n_samples` sampled ones at `temperature` (pass@1, and the forced modes' per-item
+accuracy that the oracle of `metrics.mode_selection` is estimated from). A response is correct when it is
+well formed and the suite's verifier accepts its answer (math through math-verify, code in the sandbox).
+
+Items whose prompt and longest forced prefix plus `max_new_tokens` do not fit the model's context
+(`max_position_embeddings`) are skipped and counted, never silently truncated: a cut prompt is a different
+question.
+
+`compare(a, b)` puts two models (or two finished evaluations) side by side on the same items.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kat_core.data.judge import judge_text
+from kat_core.errors import KatError
+from kat_core.eval.metrics import MODES, ItemResult, Outcome
+from kat_core.format import forced_prefix, parse, prompt_text
+from kat_core.tasks.base import Item, Task
+
+log = logging.getLogger(__name__)
+
+REPORT_JSON, REPORT_MD, ITEMS_JSONL = "report.json", "report.md", "items.jsonl"
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def forced_for(task: Task, item: Item, mode: str) -> str | None:
+    """The prefix that forces an evaluation mode on an item; None for auto."""
+    if mode == "auto":
+        return None
+    return forced_prefix(judge_text(task.intent_features(item), mode), mode)
+
+
+def fitting_items(task: Task, items: list[Item], tokenizer, modes: Sequence[str], max_len: int | None,
+                  max_new_tokens: int) -> tuple[list[Item], int]:
+    """(items whose longest context plus the token budget fits `max_len`, how many did not)."""
+    if not max_len:
+        return items, 0
+
+    def length(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    kept = []
+    for item in items:
+        prefix = max((length(forced_for(task, item, m) or "") for m in modes), default=0)
+        if length(prompt_text(item.prompt)) + prefix + max_new_tokens <= max_len:
+            kept.append(item)
+    return kept, len(items) - len(kept)
+
+
+def score(task: Task, item: Item, sample, cache: dict[tuple[str, str], bool]) -> Outcome:
+    """Verify one rollout `Sample`. `cache` maps (item id, answer) to the verdict: greedy and sampled answers
+    repeat a lot, and a code verdict costs a sandbox run."""
+    parsed = parse(sample.text)
+    correct = False
+    if parsed.well_formed:
+        key = (item.id, parsed.answer or "")
+        if key not in cache:
+            cache[key] = bool(task.verify(item, parsed.answer or ""))
+        correct = cache[key]
+    tokens = {k: int(v) for k, v in sample.segment_counts.items()}
+    return Outcome(mode=parsed.mode, correct=correct, well_formed=parsed.well_formed, tokens=tokens,
+                   finish_reason=sample.finish_reason)
+
+
+def run_suite(model, tokenizer, task: Task, items: list[Item], modes: Sequence[str], *, n_samples: int,
+              temperature: float, top_p: float, max_new_tokens: int, seed: int, batch_size: int,
+              progress: bool) -> list[ItemResult]:
+    """Generate and verify every item in every mode -> one ItemResult per item."""
+    from tqdm import tqdm
+
+    from kat_core.rollout import generate
+
+    # all modes in one rollout call: the engine drops finished rows, so short think-off rows and long
+    # think-on rows share batches at no cost
+    prompts = [it.prompt for _ in modes for it in items]
+    forced = [forced_for(task, it, m) for m in modes for it in items]
+    greedy = generate(model, tokenizer, prompts, forced=forced, n=1, temperature=0.0,
+                      max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, progress=progress)
+    sampled = []
+    if n_samples > 0:
+        sampled = generate(model, tokenizer, prompts, forced=forced, n=n_samples, temperature=temperature,
+                           top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
+                           progress=progress)
+    results = [ItemResult(id=it.id, suite=task.name, level=int(it.difficulty)) for it in items]
+    cache: dict[tuple[str, str], bool] = {}
+    total = len(greedy) + len(sampled)
+    with tqdm(total=total, desc=f"{task.name} verify", unit="resp", disable=not progress) as bar:
+        for s in greedy:
+            m, i = divmod(s.prompt_index, len(items))
+            results[i].greedy[modes[m]] = score(task, items[i], s, cache)
+            bar.update()
+        for s in sampled:
+            m, i = divmod(s.prompt_index, len(items))
+            results[i].sampled.setdefault(modes[m], []).append(score(task, items[i], s, cache))
+            bar.update()
+    return results
+
+
+def _check_modes(modes: Sequence[str]) -> list[str]:
+    modes = list(dict.fromkeys(modes))
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise KatError(f"unknown evaluation mode(s) {', '.join(bad) or '(none)'}; choose from {', '.join(MODES)}")
+    return modes
+
+
+def evaluate(
+    model_dir: str | Path,
+    suites: Sequence[str] = ("arith",),
+    modes: Sequence[str] = MODES,
+    *,
+    out_dir: str | Path,
+    limit: int | None = None,
+    n_samples: int = 4,
+    temperature: float = 0.7,
+    top_p: float = 1.0,
+    max_new_tokens: int = 160,
+    seed: int = 0,
+    batch_size: int = 64,
+    oracle_delta: float = 0.0,
+    benchmarks_dir: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate the model in `model_dir` and write report.json, report.md, items.jsonl and the plots to
+    `out_dir` (atomically, with a manifest). Returns the report (schema in `report.py`). `device`: a torch
+    device; default CUDA when there is one, else the CPU."""
+    from kat_core.data.dataset import atomic_output_dir
+    from kat_core.eval.report import build_report, write_report
+    from kat_core.model.lm import load_model
+    from kat_core.tasks.base import get_task
+
+    modes = _check_modes(modes)
+    if not suites:
+        raise KatError("no evaluation suites given")
+    if n_samples < 0 or max_new_tokens < 1 or (limit is not None and limit < 1):
+        raise KatError("n_samples must be >= 0, max_new_tokens >= 1 and limit >= 1")
+    tasks = [get_task(s, benchmarks_dir=benchmarks_dir) for s in suites]  # unknown suites fail before loading
+    started = time.perf_counter()
+    model, tokenizer = load_model(model_dir)
+    model.to(device or default_device()).eval()
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    results: dict[str, list[ItemResult]] = {}
+    skipped: dict[str, int] = {}
+    for task in tasks:
+        items = task.examples("test", n=limit, seed=seed)
+        items, skipped[task.name] = fitting_items(task, items, tokenizer, modes, max_len, max_new_tokens)
+        if skipped[task.name]:
+            log.warning("%s: skipped %d item(s) that do not fit the model's %s-token context with %d new tokens",
+                        task.name, skipped[task.name], max_len, max_new_tokens)
+        results[task.name] = run_suite(
+            model, tokenizer, task, items, modes, n_samples=n_samples, temperature=temperature, top_p=top_p,
+            max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, progress=progress) if items else []
+    settings = {
+        "suites": list(suites), "modes": modes, "limit": limit, "n_samples": n_samples,
+        "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
+        "oracle_delta": oracle_delta, "max_len": max_len,
+    }
+    report = build_report(results, skipped, settings, model=str(model_dir),
+                          seconds=time.perf_counter() - started)
+    out = Path(out_dir)
+    with atomic_output_dir(out) as tmp:
+        write_report(tmp, report, results, inputs={"model": Path(model_dir)} if Path(model_dir).is_dir() else None)
+    log.info("evaluation report written to %s", out / REPORT_JSON)
+    return report
+
+
+# --- two models side by side ---------------------------------------------------------------------------------
+
+def load_report(source: str | Path) -> tuple[dict[str, Any], Path | None]:
+    """A report.json file or an evaluation dir -> (report, its dir, for items.jsonl)."""
+    path = Path(source)
+    file = path / REPORT_JSON if path.is_dir() else path
+    if not file.is_file():
+        raise KatError(f"no evaluation report at {source} (expected {REPORT_JSON} or an evaluation dir)")
+    try:
+        return json.loads(file.read_text()), file.parent
+    except json.JSONDecodeError as e:
+        raise KatError(f"{file} is not valid JSON: {e}") from None
+
+
+def is_report(source: str | Path) -> bool:
+    path = Path(source)
+    return (path.is_file() and path.suffix == ".json") or (path / REPORT_JSON).is_file()
+
+
+def read_items(eval_dir: Path | None) -> dict[str, ItemResult]:
+    if eval_dir is None or not (eval_dir / ITEMS_JSONL).is_file():
+        return {}
+    with open(eval_dir / ITEMS_JSONL) as f:
+        rows = [ItemResult.from_dict(json.loads(line)) for line in f if line.strip()]
+    return {r.id: r for r in rows}
+
+
+def compare(
+    a: str | Path,
+    b: str | Path,
+    *,
+    out_dir: str | Path,
+    suites: Sequence[str] = ("arith",),
+    modes: Sequence[str] = MODES,
+    progress: bool = True,
+    **eval_options: Any,
+) -> dict[str, Any]:
+    """Compare A (the baseline, e.g. the champion) with B (e.g. the candidate). Each is a finished evaluation
+    (report.json or its dir) or a model dir, which is evaluated first into `out_dir/a` or `out_dir/b` with
+    the same suites, modes and options, hence on the same items. Writes compare.json, compare.md and
+    compare.png to `out_dir`; returns the comparison (see `report.comparison`)."""
+    from kat_core.eval.report import comparison, write_comparison
+
+    out = Path(out_dir)
+    loaded = []
+    for label, source in (("a", a), ("b", b)):
+        if not is_report(source):
+            evaluate(source, suites, modes, out_dir=out / label, progress=progress, **eval_options)
+            source = out / label
+        report, where = load_report(source)
+        loaded.append((report, read_items(where), str(source)))
+    (ra, items_a, src_a), (rb, items_b, src_b) = loaded
+    if ra.get("items_digest") != rb.get("items_digest"):
+        raise KatError(f"{src_a} and {src_b} were evaluated on different items; evaluate both with the same "
+                       "suites, limit and seed")
+    result = comparison(ra, rb, items_a, items_b, names=(src_a, src_b))
+    write_comparison(out, result)
+    log.info("comparison written to %s", out)
+    return result

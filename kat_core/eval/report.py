@@ -1,0 +1,283 @@
+"""The evaluation report: report.json (a stable, documented schema), report.md, and the comparison of two.
+
+report.json, schema "kat-eval-report/1":
+
+    {
+      "schema": "kat-eval-report/1",
+      "model": "<model dir>", "created_at": "<UTC ISO time>", "code_version": "<git sha>", "seconds": 12.3,
+      "settings": {"suites", "modes", "limit", "n_samples", "temperature", "top_p", "max_new_tokens", "seed",
+                   "oracle_delta", "max_len"},
+      "items": ["<item id>", ...],            # every evaluated item, sorted (ids carry their suite's prefix)
+      "items_digest": "<16 hex>",             # registry.items_digest(items): equal digests = same items
+      "overall": {"<mode>": BLOCK, ...},      # all suites' items together; modes: auto | on | off
+      "mode_selection": SELECTION | null,     # all suites' items together
+      "suites": {
+        "<suite>": {
+          "n": 100, "skipped_too_long": 0,
+          "modes": {"<mode>": BLOCK},
+          "levels": {"<difficulty level>": {"<mode>": BLOCK}},
+          "mode_selection": SELECTION | null,
+          "level_selection": {"<difficulty level>": SELECTION | null}
+        }
+      }
+    }
+
+    BLOCK = {"n": items,
+             "accuracy": {"greedy": 0..1, "pass@1": 0..1 | null},
+             "mean_tokens": {"total", "judge", "think", "answer"},   # greedy responses, forced prefix included
+             "think_on_rate", "well_formed_rate", "truncated_rate"}  # shares of greedy responses (null when n=0)
+    SELECTION = {"n", "delta", "agreement", "confusion": {"oracle_off"|"oracle_on": {"chose_off", "chose_on",
+                 "chose_none"}}, "oracle": {"accuracy", "mean_tokens", "think_on_rate"},
+                 "choice": {"accuracy", "mean_tokens"}, "regret": {"accuracy", "tokens"}}   (see metrics.py)
+
+The promotion gate (`platform.registry.summary_from_report`) reads `overall.auto.accuracy.greedy`,
+`overall.auto.mean_tokens.total`, `overall.auto.n` and `items_digest`. Additions keep the schema name;
+a change of meaning bumps it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from kat_core.eval.metrics import ItemResult, by_level, mode_metrics, mode_selection
+
+SCHEMA = "kat-eval-report/1"
+COMPARE_SCHEMA = "kat-eval-compare/1"
+FRONTIER_PNG, LEVELS_PNG, COMPARE_PNG = "frontier.png", "think_on_by_level.png", "compare.png"
+
+
+def build_report(results: dict[str, list[ItemResult]], skipped: dict[str, int], settings: dict[str, Any], *,
+                 model: str, seconds: float) -> dict[str, Any]:
+    from kat_core.manifest import code_version
+    from kat_core.platform.registry import items_digest
+
+    modes = settings["modes"]
+    delta = settings.get("oracle_delta", 0.0)
+    everything = [r for rs in results.values() for r in rs]
+    items = sorted(r.id for r in everything)
+    suites = {
+        name: {
+            "n": len(rs),
+            "skipped_too_long": skipped.get(name, 0),
+            "modes": {m: mode_metrics(rs, m) for m in modes},
+            "levels": by_level(rs, modes),
+            "mode_selection": mode_selection(rs, delta),
+            "level_selection": {lvl: mode_selection([r for r in rs if str(r.level) == lvl], delta)
+                                for lvl in by_level(rs, ())},
+        }
+        for name, rs in results.items()
+    }
+    return {
+        "schema": SCHEMA,
+        "model": model,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "code_version": code_version(),
+        "seconds": round(seconds, 2),
+        "settings": settings,
+        "items": items,
+        "items_digest": items_digest(items),
+        "overall": {m: mode_metrics(everything, m) for m in modes},
+        "mode_selection": mode_selection(everything, delta),
+        "suites": suites,
+    }
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(directory: Path, report: dict[str, Any], results: dict[str, list[ItemResult]],
+                 inputs: dict[str, Path] | None = None) -> None:
+    """report.json, report.md, items.jsonl (every item's scored responses), the plots and manifest.json."""
+    from kat_core.eval import plots
+    from kat_core.eval.evaluate import ITEMS_JSONL, REPORT_JSON, REPORT_MD
+    from kat_core.manifest import write_manifest
+
+    directory = Path(directory)
+    (directory / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
+    with open(directory / ITEMS_JSONL, "w") as f:
+        for rs in results.values():
+            for r in rs:
+                f.write(json.dumps(r.to_dict()) + "\n")
+    plots.frontier(report, directory / FRONTIER_PNG)
+    plots.think_on_by_level(report, directory / LEVELS_PNG)
+    (directory / REPORT_MD).write_text(render_markdown(report))
+    write_manifest(directory, stage="evaluate", inputs=inputs,
+                   extra={"items_digest": report["items_digest"], "settings": report["settings"]})
+
+
+# --- Markdown ------------------------------------------------------------------------------------------------
+
+def _f(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _mode_table(blocks: dict[str, dict[str, Any]], first: str = "mode") -> list[str]:
+    lines = [f"| {first} | n | accuracy | pass@1 | tokens | judge | think | answer | think-on | well-formed |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, b in blocks.items():
+        t = b["mean_tokens"]
+        lines.append(f"| {key} | {b['n']} | {_f(b['accuracy']['greedy'])} | {_f(b['accuracy']['pass@1'])} | "
+                     f"{_f(t['total'], 1)} | {_f(t['judge'], 1)} | {_f(t['think'], 1)} | {_f(t['answer'], 1)} | "
+                     f"{_f(b['think_on_rate'])} | {_f(b['well_formed_rate'])} |")
+    return lines
+
+
+def _selection_lines(sel: dict[str, Any] | None) -> list[str]:
+    if not sel:
+        return ["Mode selection: needs the auto, on and off modes."]
+    c, o, ch, rg = sel["confusion"], sel["oracle"], sel["choice"], sel["regret"]
+    return [
+        f"Mode selection over {sel['n']} items (oracle: the cheapest forced mode that is as accurate, "
+        f"delta {sel['delta']}): auto agrees with the oracle on **{_f(sel['agreement'])}** of them.",
+        "",
+        "| oracle \\ auto chose | off | on | none |",
+        "|---|---:|---:|---:|",
+        *(f"| {k.removeprefix('oracle_')} | {v['chose_off']} | {v['chose_on']} | {v['chose_none']} |"
+          for k, v in c.items()),
+        "",
+        f"Oracle: accuracy {_f(o['accuracy'])}, {_f(o['mean_tokens'], 1)} tokens, think-on {_f(o['think_on_rate'])}. "
+        f"Auto's choices (valued by the forced modes): accuracy {_f(ch['accuracy'])}, "
+        f"{_f(ch['mean_tokens'], 1)} tokens. Regret: {_f(rg['accuracy'])} accuracy, {_f(rg['tokens'], 1)} tokens.",
+    ]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    lines = [
+        f"# Evaluation of `{report['model']}`",
+        "",
+        f"{report['created_at']}, code {report['code_version']}, {report['seconds']} s. Suites: "
+        f"{', '.join(s['suites'])}; modes: {', '.join(s['modes'])}; greedy accuracy, pass@1 over {s['n_samples']} "
+        f"samples at temperature {s['temperature']} (top-p {s['top_p']}); at most {s['max_new_tokens']} new "
+        f"tokens; seed {s['seed']}; items digest `{report['items_digest']}`.",
+        "",
+        "## Overall",
+        "",
+        *_mode_table(report["overall"]),
+        "",
+        *_selection_lines(report["mode_selection"]),
+        "",
+        f"![efficiency frontier]({FRONTIER_PNG})",
+        "",
+        f"![think-on rate by difficulty]({LEVELS_PNG})",
+    ]
+    for name, suite in report["suites"].items():
+        lines += ["", f"## {name}", "",
+                  f"{suite['n']} items" + (f", {suite['skipped_too_long']} skipped (do not fit the context)"
+                                           if suite["skipped_too_long"] else "") + ".", ""]
+        if not suite["n"]:
+            continue
+        lines += _mode_table(suite["modes"])
+        lines += ["", "By difficulty level:", ""]
+        rows = {f"L{lvl} {m}": b for lvl, blocks in suite["levels"].items() for m, b in blocks.items()}
+        lines += _mode_table(rows, first="level, mode")
+        lines += ["", *_selection_lines(suite["mode_selection"])]
+        per_level = {lvl: sel for lvl, sel in suite.get("level_selection", {}).items() if sel}
+        if per_level:
+            lines += ["", "| level | auto think-on | oracle think-on | agreement | accuracy regret | token regret |",
+                      "|---|---:|---:|---:|---:|---:|"]
+            lines += [f"| {lvl} | {_f(suite['levels'][lvl]['auto']['think_on_rate'])} | "
+                      f"{_f(sel['oracle']['think_on_rate'])} | {_f(sel['agreement'])} | "
+                      f"{_f(sel['regret']['accuracy'])} | {_f(sel['regret']['tokens'], 1)} |"
+                      for lvl, sel in per_level.items()]
+    return "\n".join(lines) + "\n"
+
+
+# --- two reports side by side ----------------------------------------------------------------------------------
+
+def _view(block: dict[str, Any]) -> dict[str, Any]:
+    return {"accuracy": block["accuracy"]["greedy"], "pass@1": block["accuracy"]["pass@1"],
+            "mean_tokens": block["mean_tokens"]["total"], "think_on_rate": block["think_on_rate"]}
+
+
+def _delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    return {k: None if a[k] is None or b[k] is None else round(b[k] - a[k], 4) for k in a}
+
+
+def head_to_head(items_a: dict[str, ItemResult], items_b: dict[str, ItemResult], mode: str) -> dict[str, int] | None:
+    """Greedy correctness per item in `mode`: how many only A, only B, both or neither got right."""
+    shared = [i for i in items_a if i in items_b and mode in items_a[i].greedy and mode in items_b[i].greedy]
+    if not shared:
+        return None
+    out = {"a_only": 0, "b_only": 0, "both": 0, "neither": 0}
+    for i in shared:
+        a, b = items_a[i].greedy[mode].correct, items_b[i].greedy[mode].correct
+        out["both" if a and b else "a_only" if a else "b_only" if b else "neither"] += 1
+    return out
+
+
+def comparison(ra: dict[str, Any], rb: dict[str, Any], items_a: dict[str, ItemResult],
+               items_b: dict[str, ItemResult], names: tuple[str, str]) -> dict[str, Any]:
+    """A (baseline) vs B per suite and mode, head-to-head counts, and the promotion gate's verdict on B as the
+    candidate against A as the champion (default margins, auto mode)."""
+    from kat_core.platform.registry import gate
+
+    rows = []
+    scopes = [("overall", ra["overall"], rb["overall"])]
+    scopes += [(s, ra["suites"][s]["modes"], rb["suites"][s]["modes"]) for s in ra["suites"] if s in rb["suites"]]
+    for scope, blocks_a, blocks_b in scopes:
+        for mode in blocks_a:
+            if mode in blocks_b:
+                a, b = _view(blocks_a[mode]), _view(blocks_b[mode])
+                rows.append({"suite": scope, "mode": mode, "n": blocks_a[mode]["n"], "a": a, "b": b,
+                             "delta": _delta(a, b)})
+    modes = [m for m in ra["overall"] if m in rb["overall"]]
+    gate_result = None
+    if "auto" in modes:
+        passed, reason = gate(rb, ra)
+        gate_result = {"passed": passed, "reason": reason}
+    return {
+        "schema": COMPARE_SCHEMA,
+        "a": names[0], "b": names[1],
+        "items_digest": ra.get("items_digest"),
+        "rows": rows,
+        "mode_selection": {"a": ra.get("mode_selection"), "b": rb.get("mode_selection")},
+        "head_to_head": {m: head_to_head(items_a, items_b, m) for m in modes},
+        "gate": gate_result,
+    }
+
+
+def render_comparison(c: dict[str, Any]) -> str:
+    lines = [f"# A: `{c['a']}` vs B: `{c['b']}`", "", f"Same items (digest `{c['items_digest']}`).", "",
+             "| suite | mode | n | accuracy A | accuracy B | Δ | tokens A | tokens B | Δ | think-on A | think-on B |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in c["rows"]:
+        a, b, d = r["a"], r["b"], r["delta"]
+        lines.append(f"| {r['suite']} | {r['mode']} | {r['n']} | {_f(a['accuracy'])} | {_f(b['accuracy'])} | "
+                     f"{_f(d['accuracy'], 3)} | {_f(a['mean_tokens'], 1)} | {_f(b['mean_tokens'], 1)} | "
+                     f"{_f(d['mean_tokens'], 1)} | {_f(a['think_on_rate'])} | {_f(b['think_on_rate'])} |")
+    h2h = {m: v for m, v in c["head_to_head"].items() if v}
+    if h2h:
+        lines += ["", "Greedy correctness item by item:", "", "| mode | only A | only B | both | neither |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {m} | {v['a_only']} | {v['b_only']} | {v['both']} | {v['neither']} |" for m, v in h2h.items()]
+    sel = c["mode_selection"]
+    if sel["a"] and sel["b"]:
+        lines += ["", f"Mode-selection agreement with the oracle: A {_f(sel['a']['agreement'])}, "
+                      f"B {_f(sel['b']['agreement'])}; token regret A {_f(sel['a']['regret']['tokens'], 1)}, "
+                      f"B {_f(sel['b']['regret']['tokens'], 1)}."]
+    if c["gate"]:
+        verdict = "passes" if c["gate"]["passed"] else "does not pass"
+        lines += ["", f"Promotion gate (B as candidate, A as champion): B {verdict}: {c['gate']['reason']}."]
+    lines += ["", f"![A vs B]({COMPARE_PNG})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(directory: Path, c: dict[str, Any]) -> None:
+    """compare.png, compare.md, then compare.json, each written to a temp name and renamed into place."""
+    from kat_core.eval import plots
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    plots.compare(c, directory / COMPARE_PNG)
+    write_text_atomic(directory / "compare.md", render_comparison(c))
+    write_text_atomic(directory / "compare.json", json.dumps(c, indent=2) + "\n")

@@ -1,0 +1,275 @@
+"""The FastAPI app: OpenAI-compatible `/v1/models`, `/v1/chat/completions`, `/v1/completions` (and `/health`).
+
+Handlers parse and check a request on the event loop, hand it to the batching engine (`engine.py`), and await
+its future, so many requests wait at once while the model runs in one worker thread. The wire format, the
+thinking control and the reasoning/content split are in `protocol.py`.
+
+Streaming sends server-sent events (`data: {...}\\n\\n`, then `data: [DONE]`) in OpenAI's chunk format, one
+chunk per token. The rollout engine returns whole responses, so the chunks of a response are sent when it is
+complete: clients see the stream protocol, not a lower time to first token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kat_core.format import prompt_text
+from kat_core.serve.engine import BatchEngine, GenRequest
+from kat_core.serve.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    Split,
+    chat_prompt,
+    check_supported,
+    forced_for_request,
+    raw_pieces,
+    split_response,
+    thinking_mode,
+)
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def response_ids(sample) -> list[int]:
+    """The response as its text shows it: forced prefix and generated ids, without a final EOS token."""
+    generated = sample.token_ids[:-1] if sample.finish_reason == "eos" else sample.token_ids
+    return list(sample.forced_ids) + list(generated)
+
+
+def finish_reason(sample) -> str:
+    return "length" if sample.finish_reason == "length" else "stop"
+
+
+def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wait_ms: float = 2.0,
+               max_delay_ms: float = 200.0, default_max_tokens: int = 256, seed: int = 0) -> FastAPI:
+    """An app serving `model`. The batching engine starts and stops with the app (its lifespan)."""
+    # the worker thread gets its own tokenizer: an HF fast tokenizer mutates its state inside calls, and two
+    # threads sharing one fail with "Already borrowed"
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    async def ticks() -> None:
+        for _ in range(4):  # read what sockets hold, run the new handlers, flush what they submitted
+            await asyncio.sleep(0)
+
+    def settle(timeout: float) -> None:
+        """Called from the engine's thread: wait until the event loop has gone round a few times, so requests
+        it is still parsing reach the engine before a batch closes."""
+        if loops:
+            try:
+                asyncio.run_coroutine_threadsafe(ticks(), loops[0]).result(timeout)
+            except Exception:  # a timeout or a closing loop: close the batch as it is
+                pass
+
+    engine = BatchEngine(model, copy.deepcopy(tokenizer), max_rows=max_rows, max_wait_ms=max_wait_ms,
+                         max_delay_ms=max_delay_ms, seed=seed, settle=settle)
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loops.append(asyncio.get_running_loop())
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="KAT AutoThink inference server", lifespan=lifespan)
+    app.state.engine = engine
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(e.status_code, str(e.detail), type=kind).body(), status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first["loc"])
+        return JSONResponse(APIError(400, f"{param}: {first['msg']}", param=param).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception):
+        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").body(),
+                            status_code=500)
+
+    async def parse(request: Request, schema):
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise APIError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        try:
+            req = schema.model_validate(body)
+        except ValidationError as e:
+            first = e.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+        if req.model != model_name:
+            raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{model_name}'",
+                           param="model", code="model_not_found")
+        check_supported(req)
+        return req
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def plan(prompt: str, req, max_tokens: int | None) -> tuple[GenRequest, int]:
+        """The engine request for one prompt, and its prompt tokens; refuses what does not fit the context."""
+        mode = thinking_mode(req)
+        forced = forced_for_request(prompt, mode)
+        n_prompt = len(encode(prompt_text(prompt)))
+        n_forced = len(encode(forced)) if forced else 0
+        room = max_len - n_prompt if max_len else None  # completion tokens the context has room for
+        budget = max_tokens
+        if budget is None:
+            budget = default_max_tokens if room is None else max(min(default_max_tokens, room), 0)
+        if room is not None and budget > room:
+            raise APIError(400, f"this model's maximum context length is {max_len} tokens; the request needs "
+                           f"{n_prompt + budget} ({n_prompt} in the prompt, {budget} for the completion)",
+                           param="max_tokens" if max_tokens is not None else "messages",
+                           code="context_length_exceeded")
+        if budget - n_forced < 1:
+            raise APIError(400, f"max_tokens {budget} leaves no room after the {n_forced}-token forced judge",
+                           param="max_tokens")
+        gen = GenRequest(prompt=prompt, forced=forced, n=req.n, max_new_tokens=budget - n_forced,
+                         temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+        return gen, n_prompt
+
+    pending: list[GenRequest] = []
+
+    def flush() -> None:
+        gens = pending[:]
+        pending.clear()
+        try:
+            engine.submit(*gens)
+        except RuntimeError as e:  # the engine is gone (shutting down): fail the requests, do not hang them
+            for g in gens:
+                g.future.set_exception(APIError(503, str(e), type="server_error"))
+
+    def submit(gen: GenRequest):
+        # requests the event loop handles in the same tick (a burst of clients) reach the engine together:
+        # `flush` runs after every task that is ready now has had its turn
+        if not pending:
+            asyncio.get_running_loop().call_soon(flush)
+        pending.append(gen)
+        return gen.future
+
+    async def run(gens: list[GenRequest]) -> list[list]:
+        futures = [asyncio.wrap_future(submit(g)) for g in gens]
+        try:
+            return await asyncio.gather(*futures)
+        except APIError:
+            raise
+        except Exception as e:
+            raise APIError(500, f"generation failed: {e}", type="server_error") from e
+
+    def usage(prompt_tokens: int, splits: list[Split]) -> dict[str, Any]:
+        completion = sum(s.completion_tokens for s in splits)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion,
+                "completion_tokens_details": {"reasoning_tokens": sum(s.reasoning_tokens for s in splits)}}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "engine": engine.stats}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "kat", "max_model_len": max_len}]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        if model_id != model_name:
+            raise APIError(404, f"the model '{model_id}' does not exist", param="model", code="model_not_found")
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "kat", "max_model_len": max_len}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await parse(request, ChatRequest)
+        gen, prompt_tokens = plan(chat_prompt(req.messages), req, req.max_completion_tokens or req.max_tokens)
+        (samples,) = await run([gen])
+        splits = [split_response(response_ids(s), tokenizer, per_token=req.stream) for s in samples]
+        reasons = [finish_reason(s) for s in samples]
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        use = usage(prompt_tokens, splits)
+        if not req.stream:
+            return {**head, "object": "chat.completion", "usage": use, "choices": [
+                {"index": i, "finish_reason": fr, "logprobs": None, "thinking_mode": sp.mode,
+                 "message": {"role": "assistant", "content": sp.text("content"),
+                             "reasoning_content": sp.text("reasoning") or None}}
+                for i, (sp, fr) in enumerate(zip(splits, reasons, strict=True))]}
+
+        def chunk(choice: dict[str, Any]) -> str:
+            return _sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
+
+        def events():
+            for i, (sp, fr) in enumerate(zip(splits, reasons, strict=True)):
+                yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                             "logprobs": None})
+                for channel, text in sp.pieces:
+                    key = "reasoning_content" if channel == "reasoning" else "content"
+                    yield chunk({"index": i, "delta": {key: text}, "finish_reason": None, "logprobs": None})
+                yield chunk({"index": i, "delta": {}, "finish_reason": fr, "logprobs": None,
+                             "thinking_mode": sp.mode})
+            if req.include_usage():
+                yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": use})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await parse(request, CompletionRequest)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not prompts or any(not p.strip() for p in prompts):
+            raise APIError(400, "prompt must be a non-empty string or list of non-empty strings", param="prompt")
+        planned = [plan(p, req, req.max_tokens) for p in prompts]
+        results = await run([g for g, _ in planned])
+        samples = [s for group in results for s in group]  # choice index = prompt index * n + sample index
+        ids = [response_ids(s) for s in samples]
+        splits = [split_response(i, tokenizer) for i in ids]  # for the counts
+        reasons = [finish_reason(s) for s in samples]
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        use = usage(sum(n for _, n in planned), splits)
+        if not req.stream:
+            return {**head, "object": "text_completion", "usage": use, "choices": [
+                {"index": i, "text": "".join(raw_pieces(x, tokenizer)), "finish_reason": fr, "logprobs": None,
+                 "thinking_mode": sp.mode}
+                for i, (x, sp, fr) in enumerate(zip(ids, splits, reasons, strict=True))]}
+
+        def events():
+            for i, (x, sp, fr) in enumerate(zip(ids, splits, reasons, strict=True)):
+                for piece in raw_pieces(x, tokenizer, per_token=True):
+                    yield _sse({**head, "object": "text_completion",
+                                "choices": [{"index": i, "text": piece, "finish_reason": None, "logprobs": None}]})
+                yield _sse({**head, "object": "text_completion", "choices": [
+                    {"index": i, "text": "", "finish_reason": fr, "logprobs": None, "thinking_mode": sp.mode}]})
+            if req.include_usage():
+                yield _sse({**head, "object": "text_completion", "choices": [], "usage": use})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app

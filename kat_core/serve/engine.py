@@ -1,0 +1,177 @@
+"""Dynamic batching: concurrent requests share one rollout `generate` call.
+
+One worker thread owns the model (torch runs there and nowhere else). It waits for a request, then keeps
+collecting, and runs what it holds as one batch when
+- it holds `max_rows` rows (a request asks for n rows), or
+- `max_delay_ms` have passed since the first request, or
+- it holds at least as many rows as the previous batch had, no request has come for `max_wait_ms`, and the
+  front end (the server's event loop) has no request in hand that it has not passed on yet (`settle`).
+The previous batch is the estimate of how many clients are active: clients that send their next request
+when the last one returns come back as a wave, spread out by the time the server takes to write the
+responses and the clients take to send again; waiting for the wave to arrive (bounded by `max_delay_ms`)
+keeps their requests in one batch instead of cutting it at the first pause. A lone client pays one idle gap.
+While a batch runs, new requests queue up and the next batch takes them all at once.
+
+Requests in one `generate` call must share temperature and top-p, so a batch is split into groups by
+(temperature, top_p, seed): a request with a seed and temperature > 0 runs in its own seeded call, which
+makes its sample reproducible; unseeded sampling draws from a seed that advances with every call. Token
+budgets may differ within a group: the call runs to the largest and each response is cut to its own
+budget, which gives exactly the tokens a shorter budget would have produced (tokens are drawn left to
+right), at the cost of decoding some rows past their need.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenRequest:
+    prompt: str
+    forced: str | None
+    n: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    future: Future = field(default_factory=Future)  # -> list of n rollout Samples
+
+
+class BatchEngine:
+    def __init__(self, model, tokenizer, *, max_rows: int = 64, max_wait_ms: float = 2.0, max_delay_ms: float = 200.0,
+                 seed: int = 0, settle: Callable[[float], None] | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.settle = settle  # settle(timeout): returns once the front end has handed over what it holds
+        self.max_rows, self.max_wait, self.max_delay = max_rows, max_wait_ms / 1000, max_delay_ms / 1000
+        self._seed = seed
+        self._last_rows = 1  # rows of the previous batch: how many clients to expect back
+        self._queue: queue.Queue[list[GenRequest] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self.stats = {"batches": 0, "calls": 0, "requests": 0, "rows": 0, "max_rows": 0}
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="kat-batch-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, *requests: GenRequest) -> list[Future]:
+        """Queue requests; requests submitted together are never split between batches."""
+        if self._thread is None or not self._thread.is_alive():
+            raise RuntimeError("the batch engine is not running")
+        self._queue.put(list(requests))
+        return [r.future for r in requests]
+
+    # --- the worker thread ---------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            batch, stopping = self._collect()
+            if batch:
+                self._run(batch)
+            if stopping:
+                return
+
+    def _collect(self) -> tuple[list[GenRequest], bool]:
+        first = self._queue.get()
+        if first is None:
+            return [], True
+        batch = list(first)
+        rows = sum(r.n for r in batch)
+        deadline = time.monotonic() + self.max_delay
+        while rows < self.max_rows:
+            left = deadline - time.monotonic()
+            wait = left if rows < self._last_rows else min(self.max_wait, left)
+            try:
+                more = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                more = self._settled(deadline)
+                if more is None:
+                    break
+            if more is None:
+                return batch, True
+            batch += more
+            rows += sum(r.n for r in more)
+        self._last_rows = rows
+        return batch, False
+
+    def _settled(self, deadline: float) -> list[GenRequest] | None:
+        """After an idle gap: let the front end finish handing over requests it is still parsing (a busy
+        event loop makes gaps that are not idleness), then take what came; None if nothing did."""
+        if self.settle is None or deadline <= time.monotonic():
+            return None
+        self.settle(deadline - time.monotonic())
+        try:
+            more = self._queue.get_nowait()
+        except queue.Empty:
+            return None
+        if more is None:  # a stop request: put it back for the loop to see
+            self._queue.put(None)
+            return None
+        return more
+
+    def _run(self, batch: list[GenRequest]) -> None:
+        groups: dict[tuple, list[GenRequest]] = defaultdict(list)
+        for r in batch:
+            if r.future.set_running_or_notify_cancel():  # a cancelled request costs nothing
+                seeded = r.temperature > 0 and r.seed is not None
+                # a seeded sampling request gets a call of its own (keyed by its identity)
+                groups[(r.temperature, r.top_p, id(r) if seeded else None)].append(r)
+        self.stats["batches"] += 1
+        self.stats["requests"] += len(batch)
+        rows = sum(r.n for r in batch)
+        self.stats["rows"] += rows
+        self.stats["max_rows"] = max(self.stats["max_rows"], rows)
+        for (temperature, top_p, alone), group in groups.items():
+            try:
+                self._generate(group, temperature, top_p, group[0].seed if alone else None)
+            except Exception as e:  # a failed call fails its requests, never the worker
+                log.exception("generation failed")
+                for r in group:
+                    if not r.future.done():
+                        r.future.set_exception(e)
+
+    def _generate(self, group: list[GenRequest], temperature: float, top_p: float, seed: int | None) -> None:
+        from kat_core.rollout import generate
+
+        # one row per sample; identical contexts (a request's n samples) still share one prefill in rollout
+        prompts = [r.prompt for r in group for _ in range(r.n)]
+        forced = [r.forced for r in group for _ in range(r.n)]
+        if seed is None:
+            seed, self._seed = self._seed, self._seed + 1
+        samples = generate(self.model, self.tokenizer, prompts, forced=forced, n=1,
+                           max_new_tokens=max(r.max_new_tokens for r in group), temperature=temperature,
+                           top_p=top_p, seed=seed, batch_size=max(len(prompts), 1))
+        self.stats["calls"] += 1
+        at = 0
+        for r in group:
+            r.future.set_result([cut(s, r.max_new_tokens, self.tokenizer) for s in samples[at : at + r.n]])
+            at += r.n
+
+
+def cut(sample, max_new_tokens: int, tokenizer):
+    """`sample` as a budget of `max_new_tokens` would have left it."""
+    if sample.num_generated <= max_new_tokens:
+        return sample
+    from dataclasses import replace
+
+    from kat_core.format import count_tokens
+
+    ids = sample.token_ids[:max_new_tokens]
+    full = sample.forced_ids + ids
+    return replace(sample, token_ids=ids, logprobs=sample.logprobs[:max_new_tokens], finish_reason="length",
+                   text=tokenizer.decode(full, skip_special_tokens=False), segment_counts=count_tokens(full, tokenizer))

@@ -1,0 +1,244 @@
+"""The OpenAI wire format as this server speaks it: request schemas, errors, thinking control, and how a
+response is split into `reasoning_content` and `content`.
+
+Requests. Unknown OpenAI fields are accepted and ignored (clients send many); fields whose meaning we cannot
+honour are refused with a 400 rather than silently dropped: `stop`, `logprobs`, `echo`, `tools`.
+- Thinking control: `thinking: "auto" | "on" | "off"` at the top level, or inside `chat_template_kwargs`
+  (`{"thinking": "off"}`, or Qwen-style `{"enable_thinking": false}`); the top-level field wins. "on"/"off"
+  pre-fill the judge and the mode token, as evaluation does; "auto" (the default) lets the model choose.
+- Chat messages become one request text: the content of the LAST user message (its text parts joined by
+  newlines). System, assistant and earlier user messages are not shown to the model: our models are trained
+  on single requests laid out by `format.prompt_text`, with no chat template.
+- `max_tokens` (or `max_completion_tokens`) bounds the completion as usage counts it, forced prefix included.
+
+Responses. Completion tokens are the response's tokens as its text shows them: the forced prefix (when a
+mode was forced) and the generated tokens, without a final EOS token (it is not in the text).
+`reasoning_tokens` are those of the judge and think segments, grammar tags included. In chat responses,
+like vLLM's reasoning parsers: `reasoning_content` holds the judge and the reasoning (joined by a newline),
+`content` holds the answer, and the grammar tags are dropped; `thinking_mode` on each choice says which mode
+the response took. `/v1/completions` returns the raw text, tags and all.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kat_core.format import SPECIAL_TOKENS, THINK_OFF, THINK_ON, THINK_OPEN, forced_prefix, token_segments
+
+Thinking = Literal["auto", "on", "off"]
+
+
+class APIError(Exception):
+    """An error answered as OpenAI does: HTTP status and {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the many OpenAI fields we do not use are ignored
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=64)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    thinking: Thinking | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+
+
+_UNSUPPORTED = ("stop", "logprobs", "top_logprobs", "echo", "tools", "functions", "response_format")
+
+
+def check_supported(req: _Request) -> None:
+    for name in _UNSUPPORTED:
+        value = getattr(req, name, None)
+        if value is None:
+            value = (req.model_extra or {}).get(name)
+        if value not in (None, False, [], "", {"type": "text"}):
+            raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+
+
+def thinking_mode(req: _Request) -> Thinking:
+    """The requested thinking control (see the module doc)."""
+    if req.thinking is not None:
+        return req.thinking
+    kwargs = req.chat_template_kwargs or {}
+    if "thinking" in kwargs:
+        value = kwargs["thinking"]
+        if value not in ("auto", "on", "off"):
+            raise APIError(400, f"chat_template_kwargs.thinking must be 'auto', 'on' or 'off', not {value!r}",
+                           param="chat_template_kwargs.thinking")
+        return value
+    if "enable_thinking" in kwargs:
+        value = kwargs["enable_thinking"]
+        if not isinstance(value, bool):
+            raise APIError(400, "chat_template_kwargs.enable_thinking must be a boolean",
+                           param="chat_template_kwargs.enable_thinking")
+        return "on" if value else "off"
+    return "auto"
+
+
+def chat_prompt(messages: list[ChatMessage]) -> str:
+    """The request text: the last user message (see the module doc)."""
+    for i in range(len(messages) - 1, -1, -1):
+        m = messages[i]
+        if m.role != "user":
+            continue
+        if isinstance(m.content, str):
+            text = m.content
+        elif isinstance(m.content, list):
+            parts = []
+            for part in m.content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise APIError(400, "only text content parts are supported", param=f"messages.{i}.content")
+                parts.append(part["text"])
+            text = "\n".join(parts)
+        else:
+            text = ""
+        if not text.strip():
+            raise APIError(400, "the last user message is empty", param=f"messages.{i}.content")
+        return text
+    raise APIError(400, "messages must contain a user message", param="messages")
+
+
+# --- the judge a forced mode pre-fills -----------------------------------------------------------------------
+
+_ARITH = re.compile(r"^\s*Compute ([\d+\-*]+)\.\s*$")
+
+
+def request_features(prompt: str) -> dict[str, Any]:
+    """Intent features for a free-text request. A request in a built-in task's own form (arith's
+    `Compute 47*6+38.`) gets that task's features, so a forced judge reads as in training; anything else gets
+    generic ones."""
+    m = _ARITH.match(prompt)
+    if m:
+        from kat_core.tasks.arith import ArithTask, make_item
+
+        try:
+            return ArithTask().intent_features(make_item(m[1], level=0))
+        except ValueError:
+            pass
+    return {"family": "request"}
+
+
+def forced_for_request(prompt: str, mode: Thinking) -> str | None:
+    if mode == "auto":
+        return None
+    from kat_core.data.judge import judge_text
+
+    return forced_prefix(judge_text(request_features(prompt), mode), mode)
+
+
+# --- splitting a response into reasoning and answer -------------------------------------------------------------
+
+@dataclass
+class Split:
+    """A response's token ids cut into (channel, text) pieces, channel "reasoning" or "content", plus counts."""
+
+    pieces: list[tuple[str, str]]
+    completion_tokens: int
+    reasoning_tokens: int
+    mode: str | None  # the mode token the response carries
+
+    def text(self, channel: str) -> str:
+        return "".join(t for c, t in self.pieces if c == channel)
+
+
+def split_response(ids: list[int], tokenizer, *, per_token: bool = False) -> Split:
+    """Cut a response (forced prefix + generated ids, no EOS) into reasoning and content pieces.
+
+    Judge and think tokens are reasoning, everything else content; tag tokens are structure and produce no
+    text. `per_token=True` yields one piece per token (what streaming sends); otherwise one per run of
+    same-channel tokens. Both concatenate to the same texts, and text is decoded per run, so a multi-byte
+    character split over tokens is never cut."""
+    tag_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    by_id = {v: k for k, v in tag_ids.items()}
+    labels = token_segments(ids, tag_ids)
+    pieces: list[tuple[str, str]] = []
+    run: list[int] = []
+    run_channel = "content"
+    emitted = ""
+    said_reasoning = False
+
+    def flush() -> None:
+        nonlocal run, emitted
+        if run:
+            rest = tokenizer.decode(run, skip_special_tokens=False)[len(emitted):]
+            if rest:
+                pieces.append((run_channel, rest))
+        run, emitted = [], ""
+
+    mode = None
+    for tok, label in zip(ids, labels, strict=True):
+        tag = by_id.get(tok)
+        if tag is not None:
+            flush()
+            if tag in (THINK_ON, THINK_OFF) and mode is None:
+                mode = "on" if tag == THINK_ON else "off"
+            if tag == THINK_OPEN and said_reasoning:  # the judge and the reasoning read as two paragraphs
+                pieces.append(("reasoning", "\n"))
+            continue
+        channel = "reasoning" if label in ("judge", "think") else "content"
+        if channel != run_channel:
+            flush()
+            run_channel = channel
+        run.append(tok)
+        said_reasoning = said_reasoning or channel == "reasoning"
+        if per_token:
+            text = tokenizer.decode(run, skip_special_tokens=False)
+            if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence waits for its next token
+                if text[len(emitted):]:
+                    pieces.append((channel, text[len(emitted):]))
+                emitted = text
+    flush()
+    reasoning = sum(label in ("judge", "think") for label in labels)
+    return Split(pieces, len(ids), reasoning, mode)
+
+
+def raw_pieces(ids: list[int], tokenizer, *, per_token: bool = False) -> list[str]:
+    """The raw response text (tags kept) in pieces, for /v1/completions."""
+    if not per_token:
+        return [tokenizer.decode(ids, skip_special_tokens=False)] if ids else []
+    pieces, emitted = [], ""
+    for k in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:k], skip_special_tokens=False)
+        if not text.endswith("\ufffd") and len(text) > len(emitted):
+            pieces.append(text[len(emitted):])
+            emitted = text
+    full = tokenizer.decode(ids, skip_special_tokens=False)
+    if full[len(emitted):]:
+        pieces.append(full[len(emitted):])
+    return pieces

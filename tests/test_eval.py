@@ -1,0 +1,204 @@
+"""Evaluation: the metrics on a hand-made set whose values are worked out by hand below, the report schema the
+promotion gate reads, and `evaluate`/`compare`/`kat eval` end to end on a tiny model (its accuracy is beside
+the point; the files, counts and their consistency are not). Torch runs on one thread (a busy 2-core box)."""
+
+import json
+import shutil
+
+import pytest
+
+from kat_core.errors import KatError
+from kat_core.eval.metrics import ItemResult, Outcome, by_level, mode_metrics, mode_selection, oracle_mode
+from kat_core.eval.report import build_report
+from tests.tiny_autothink import tiny_checkpoint
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def o(mode, correct, total, *, think=0, well_formed=True, finish="stop"):
+    judge = 5 if mode else 0
+    return Outcome(mode=mode, correct=correct, well_formed=well_formed, finish_reason=finish,
+                   tokens={"judge": judge, "think": think, "answer": total - judge - think, "other": 0,
+                           "total": total})
+
+
+@pytest.fixture()
+def hand_made():
+    """Three items. A (level 1): auto skips thinking and is right; thinking is right too, always.
+    B (level 2): auto thinks and is wrong; think-on is right half the time, think-off never.
+    C (level 2): auto is malformed (no mode token, truncated); nothing is ever right."""
+    a = ItemResult("A", "arith", 1,
+                   greedy={"auto": o("off", True, 10), "on": o("on", True, 30, think=20), "off": o("off", True, 10)},
+                   sampled={"auto": [o("off", True, 10), o("off", False, 10)],
+                            "on": [o("on", True, 30, think=20), o("on", True, 34, think=24)],
+                            "off": [o("off", True, 10), o("off", False, 12)]})
+    b = ItemResult("B", "arith", 2,
+                   greedy={"auto": o("on", False, 40, think=30), "on": o("on", True, 40, think=30),
+                           "off": o("off", False, 12)},
+                   sampled={"auto": [o("on", True, 40, think=30), o("on", True, 40, think=30)],
+                            "on": [o("on", True, 40, think=30), o("on", False, 44, think=34)],
+                            "off": [o("off", False, 12), o("off", False, 12)]})
+    c = ItemResult("C", "arith", 2,
+                   greedy={"auto": o(None, False, 50, well_formed=False, finish="length"),
+                           "on": o("on", False, 50, think=40, finish="length"), "off": o("off", False, 8)},
+                   sampled={"auto": [o(None, False, 50, well_formed=False)] * 2,
+                            "on": [o("on", False, 50, think=40)] * 2, "off": [o("off", False, 8)] * 2})
+    return [a, b, c]
+
+
+def test_mode_metrics_by_hand(hand_made):
+    auto = mode_metrics(hand_made, "auto")
+    assert auto["n"] == 3
+    assert auto["accuracy"] == {"greedy": 0.3333, "pass@1": 0.5}  # greedy: A only; pass@1: (1/2 + 2/2 + 0/2) / 3
+    assert auto["mean_tokens"]["total"] == 33.33  # (10 + 40 + 50) / 3
+    assert auto["mean_tokens"]["think"] == 10.0  # (0 + 30 + 0) / 3
+    assert auto["think_on_rate"] == 0.3333  # B
+    assert auto["well_formed_rate"] == 0.6667 and auto["truncated_rate"] == 0.3333  # C is neither / is
+    on = mode_metrics(hand_made, "on")
+    assert on["accuracy"] == {"greedy": 0.6667, "pass@1": 0.5}  # A, B right; pass@1: (1 + 1/2 + 0) / 3
+    assert on["mean_tokens"]["total"] == 40.0 and on["think_on_rate"] == 1.0
+    off = mode_metrics(hand_made, "off")
+    assert off["accuracy"] == {"greedy": 0.3333, "pass@1": 0.1667} and off["think_on_rate"] == 0.0
+
+
+def test_by_level_and_no_samples(hand_made):
+    levels = by_level(hand_made, ["auto"])
+    assert list(levels) == ["1", "2"]
+    assert levels["1"]["auto"]["accuracy"]["greedy"] == 1.0 and levels["2"]["auto"]["n"] == 2
+    assert levels["2"]["auto"]["think_on_rate"] == 0.5
+    for r in hand_made:
+        r.sampled = {}
+    assert mode_metrics(hand_made, "on")["accuracy"]["pass@1"] is None
+    assert mode_metrics([], "on")["accuracy"]["greedy"] is None  # an empty suite reports nothing, not 0
+
+
+def test_oracle_and_mode_selection_by_hand(hand_made):
+    a, b, c = hand_made
+    # per-item estimates from the samples: A p_on 1, p_off 1/2; B 1/2, 0; C 0, 0 (a tie: off is cheaper)
+    assert [oracle_mode(r) for r in hand_made] == ["on", "on", "off"]
+    assert oracle_mode(a, delta=0.5) == "off"  # giving up 0.5 accuracy for no reasoning is allowed
+    sel = mode_selection(hand_made)
+    assert sel["n"] == 3
+    assert sel["agreement"] == 0.3333  # auto chose off, on, none; the oracle says on, on, off: B agrees
+    assert sel["confusion"] == {"oracle_off": {"chose_off": 0, "chose_on": 0, "chose_none": 1},
+                                "oracle_on": {"chose_off": 1, "chose_on": 1, "chose_none": 0}}
+    # oracle: A on (1, 32 tokens), B on (1/2, 42), C off (0, 8)
+    assert sel["oracle"] == {"accuracy": 0.5, "mean_tokens": 27.33, "think_on_rate": 0.6667}
+    # auto's choices: A off (1/2, 11), B on (1/2, 42), C none (0, the 50 it spent)
+    assert sel["choice"] == {"accuracy": 0.3333, "mean_tokens": 34.33}
+    assert sel["regret"] == {"accuracy": 0.1667, "tokens": 7.0}
+    assert mode_selection([ItemResult("X", "arith", 1, greedy={"auto": o("on", True, 9)})]) is None
+
+
+def test_report_is_what_the_promotion_gate_reads(hand_made):
+    from kat_core.platform.registry import items_digest, summary_from_report
+
+    settings = {"suites": ["arith"], "modes": ["auto", "on", "off"], "oracle_delta": 0.0, "n_samples": 2}
+    report = build_report({"arith": hand_made}, {"arith": 4}, settings, model="m", seconds=1.0)
+    assert report["schema"] == "kat-eval-report/1"
+    assert report["items"] == ["A", "B", "C"] and report["items_digest"] == items_digest(["C", "A", "B"])
+    suite = report["suites"]["arith"]
+    assert suite["n"] == 3 and suite["skipped_too_long"] == 4
+    assert suite["levels"]["2"]["on"]["accuracy"]["greedy"] == 0.5
+    assert suite["level_selection"]["1"]["agreement"] == 0.0  # A: auto chose off, the oracle on
+    summary = summary_from_report(json.loads(json.dumps(report)))
+    assert (summary.accuracy, summary.mean_tokens, summary.n) == (0.3333, 33.33, 3)
+    assert summary.items_digest == report["items_digest"]
+
+
+# --- end to end on a tiny model ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tiny_tokenizer):
+    return tiny_checkpoint(tmp_path_factory.getbasetemp(), tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def evaluated(ckpt, tmp_path_factory):
+    from kat_core.eval.evaluate import evaluate
+
+    out = tmp_path_factory.mktemp("eval") / "report"
+    report = evaluate(ckpt, ["arith"], out_dir=out, limit=6, n_samples=2, max_new_tokens=48, progress=False)
+    return out, report
+
+
+def test_evaluate_writes_report_plots_and_items(evaluated):
+    from kat_core.eval.metrics import mode_metrics
+    from kat_core.manifest import verify_manifest
+
+    out, report = evaluated
+    for name in ("report.json", "report.md", "items.jsonl", "frontier.png", "think_on_by_level.png", "manifest.json"):
+        assert (out / name).is_file(), name
+    for png in ("frontier.png", "think_on_by_level.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert verify_manifest(out) == []
+    assert json.loads((out / "report.json").read_text()) == report
+    assert set(report["overall"]) == {"auto", "on", "off"} and report["overall"]["auto"]["n"] == 6
+    assert report["overall"]["on"]["think_on_rate"] == 1.0 and report["overall"]["off"]["think_on_rate"] == 0.0
+    assert report["overall"]["off"]["mean_tokens"]["think"] == 0.0
+    assert report["mode_selection"]["n"] == 6
+    md = (out / "report.md").read_text()
+    assert "| auto | 6 |" in md and "frontier.png" in md and "By difficulty level" in md
+    # the numbers in the report are those of the scored responses it keeps
+    items = [ItemResult.from_dict(json.loads(line)) for line in (out / "items.jsonl").read_text().splitlines()]
+    assert len(items) == 6 and all(len(r.sampled["on"]) == 2 for r in items)
+    assert mode_metrics(items, "auto") == report["overall"]["auto"]
+
+
+def test_items_that_do_not_fit_are_skipped_and_counted(ckpt, tmp_path):
+    from kat_core.eval.evaluate import evaluate
+
+    # the tiny model's context is 256 tokens: no prompt fits with a 250-token budget
+    report = evaluate(ckpt, ["arith"], ["auto"], out_dir=tmp_path / "r", limit=3, n_samples=0, max_new_tokens=250,
+                      progress=False)
+    assert report["suites"]["arith"]["n"] == 0 and report["suites"]["arith"]["skipped_too_long"] == 3
+    assert report["overall"]["auto"]["accuracy"]["greedy"] is None
+    assert (tmp_path / "r" / "frontier.png").is_file()
+
+
+def test_compare_same_items_and_refuses_different_ones(evaluated, tmp_path):
+    from kat_core.eval.evaluate import compare
+
+    out, report = evaluated
+    result = compare(out, out / "report.json", out_dir=tmp_path / "cmp")
+    for name in ("compare.md", "compare.json", "compare.png"):
+        assert (tmp_path / "cmp" / name).is_file()
+    assert all(v == 0 for r in result["rows"] for v in r["delta"].values() if v is not None)
+    auto = report["overall"]["auto"]["accuracy"]["greedy"]
+    assert result["head_to_head"]["auto"]["both"] == round(auto * 6)
+    assert result["head_to_head"]["auto"]["a_only"] == result["head_to_head"]["auto"]["b_only"] == 0
+    assert result["gate"]["passed"] is False  # no better and not cheaper: nothing to promote
+    assert "| overall | auto | 6 |" in (tmp_path / "cmp" / "compare.md").read_text()
+
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    changed = json.loads((other / "report.json").read_text())
+    changed["items_digest"] = "0" * 16
+    (other / "report.json").write_text(json.dumps(changed))
+    with pytest.raises(KatError, match="different items"):
+        compare(out, other, out_dir=tmp_path / "cmp2")
+
+
+def test_kat_eval_command(ckpt, tmp_path):
+    from typer.testing import CliRunner
+
+    from kat_core.cli import app
+
+    out = tmp_path / "cli"
+    # `kat eval MODEL` is `kat eval run MODEL`
+    r = CliRunner().invoke(app, ["eval", str(ckpt), "--out", str(out), "--limit", "3", "--samples", "0",
+                                 "--modes", "auto,off", "--max-new-tokens", "32", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "auto" in r.output and (out / "report.json").is_file()
+    assert set(json.loads((out / "report.json").read_text())["overall"]) == {"auto", "off"}
+    r = CliRunner().invoke(app, ["eval", str(ckpt), "--out", str(tmp_path / "x"), "--modes", "sometimes"])
+    assert isinstance(r.exception, KatError) and "sometimes" in str(r.exception)

@@ -1,0 +1,280 @@
+"""The inference server on loopback, driven by the official `openai` client: each thinking mode, streaming and
+not, usage counts checked against the model's own tokenizer, malformed requests, dynamic batching, the
+synthesis `openai` agent backend against it, and `kat generate` / `kat serve-model`. Torch runs on one
+thread (a busy 2-core box)."""
+
+import json
+import sys
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+from kat_core.format import count_tokens, parse, prompt_text
+from tests.tiny_autothink import tiny_checkpoint
+
+torch = pytest.importorskip("torch")
+openai = pytest.importorskip("openai")
+
+PROMPT = "Compute 7*8+5."
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tiny_tokenizer):
+    return tiny_checkpoint(tmp_path_factory.getbasetemp(), tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    from kat_core.serve import ServerThread, load_for_serving
+    from kat_core.serve.app import create_app
+
+    model, tokenizer = load_for_serving(ckpt)
+    app = create_app(model, tokenizer, model_name="tiny", max_wait_ms=20, default_max_tokens=64)
+    with ServerThread(app) as s:
+        s.tokenizer = tokenizer
+        s.engine = app.state.engine
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url, api_key="test", max_retries=0, timeout=60)
+
+
+def chat(client, mode, max_tokens=64, **kw):
+    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}],
+                                          temperature=0, max_tokens=max_tokens, extra_body={"thinking": mode}, **kw)
+
+
+def raw_post(server, path, body: bytes | str):
+    data = body if isinstance(body, bytes) else body.encode()
+    req = urllib.request.Request(server.url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+@pytest.mark.parametrize("mode", ["auto", "on", "off"])
+def test_chat_each_mode_with_usage_from_the_tokenizer(client, server, mode):
+    from kat_core.data.judge import judge_text
+    from kat_core.serve.protocol import request_features
+
+    r = chat(client, mode)
+    choice = r.choices[0]
+    assert choice.finish_reason in ("stop", "length")
+    if mode != "auto":
+        assert choice.thinking_mode == mode
+        # the pre-filled judge is the start of the reasoning
+        assert choice.message.reasoning_content.startswith(judge_text(request_features(PROMPT), mode))
+    # the same greedy request through /v1/completions returns the raw text, tags and all
+    raw = client.completions.create(model="tiny", prompt=PROMPT, temperature=0, max_tokens=64,
+                                    extra_body={"thinking": mode})
+    text = raw.choices[0].text
+    counts = count_tokens(text, server.tokenizer)
+    assert r.usage.prompt_tokens == len(server.tokenizer(prompt_text(PROMPT), add_special_tokens=False)["input_ids"])
+    assert r.usage.completion_tokens == counts["total"] == raw.usage.completion_tokens
+    assert r.usage.completion_tokens_details.reasoning_tokens == counts["judge"] + counts["think"]
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.usage.completion_tokens <= 64
+    parsed = parse(text)
+    assert parsed.mode == choice.thinking_mode
+    if parsed.well_formed:  # reasoning = judge (+ newline + think), content = answer, tags dropped
+        assert choice.message.content == parsed.answer
+        assert choice.message.reasoning_content == parsed.judge + (f"\n{parsed.think}" if parsed.think else "")
+    assert "<" not in (choice.message.content or "") + (choice.message.reasoning_content or "")
+
+
+@pytest.mark.parametrize("mode", ["auto", "on", "off"])
+def test_streaming_chat_matches_the_whole_response(client, mode):
+    whole = chat(client, mode)
+    reasoning, content, finish, usage, chunks = "", "", None, None, 0
+    for chunk in chat(client, mode, stream=True, stream_options={"include_usage": True}):
+        if not chunk.choices:
+            usage = chunk.usage
+            continue
+        chunks += 1
+        delta = chunk.choices[0].delta
+        reasoning += getattr(delta, "reasoning_content", None) or ""
+        content += delta.content or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert chunks > 3  # token by token, not one blob
+    assert reasoning == (whole.choices[0].message.reasoning_content or "")
+    assert content == whole.choices[0].message.content
+    assert finish == whole.choices[0].finish_reason
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    assert usage.completion_tokens_details.reasoning_tokens == whole.usage.completion_tokens_details.reasoning_tokens
+
+
+def test_streaming_completions_and_the_sse_wire_format(client, server):
+    whole = client.completions.create(model="tiny", prompt=PROMPT, temperature=0, max_tokens=40)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt=PROMPT, temperature=0, max_tokens=40, stream=True))
+    assert streamed == whole.choices[0].text
+    status, body = raw_post(server, "/v1/chat/completions", json.dumps(
+        {"model": "tiny", "stream": True, "max_tokens": 16, "messages": [{"role": "user", "content": PROMPT}]}))
+    events = [e for e in body.split("\n\n") if e]
+    assert status == 200 and all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+
+
+def test_thinking_in_chat_template_kwargs(client):
+    off = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=64,
+                                         extra_body={"chat_template_kwargs": {"thinking": "off"}})
+    on = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=64,
+                                        extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    assert off.choices[0].thinking_mode == "off" and on.choices[0].thinking_mode == "on"
+
+
+def test_n_choices_and_the_last_user_message(client, server):
+    r = client.chat.completions.create(
+        model="tiny", n=3, max_tokens=48, temperature=1.0, seed=1, extra_body={"thinking": "off"},
+        messages=[{"role": "system", "content": "ignored"}, {"role": "user", "content": "Compute 1+1."},
+                  {"role": "assistant", "content": "2"},
+                  {"role": "user", "content": [{"type": "text", "text": PROMPT}]}])
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert all(c.thinking_mode == "off" for c in r.choices)
+    # the request text is the last user message, counted once; the three completions are summed
+    assert r.usage.prompt_tokens == len(server.tokenizer(prompt_text(PROMPT), add_special_tokens=False)["input_ids"])
+    judge = server.tokenizer(r.choices[0].message.reasoning_content, add_special_tokens=False)["input_ids"]
+    assert r.usage.completion_tokens_details.reasoning_tokens >= 3 * len(judge)
+    again = client.chat.completions.create(
+        model="tiny", n=3, max_tokens=48, temperature=1.0, seed=1, extra_body={"thinking": "off"},
+        messages=[{"role": "user", "content": PROMPT}])
+    assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]  # seeded
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ('{"model": "tiny"}', 400, "messages"),
+    ('{"model": "tiny", "messages": []}', 400, "messages"),
+    ('{"model": "tiny", "thinking": "maybe", "messages": [{"role": "user", "content": "hi"}]}', 400, "thinking"),
+    ('{"model": "tiny", "chat_template_kwargs": {"thinking": 1}, "messages": [{"role": "user", "content": "hi"}]}',
+     400, "chat_template_kwargs.thinking"),
+    ('{"model": "tiny", "messages": [{"role": "system", "content": "only a system message"}]}', 400, "messages"),
+    ('{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}', 400, "temperature"),
+    ('{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}', 400, "max_tokens"),
+    ('{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": ["x"]}', 400, "stop"),
+    ('{"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}', 404, "model"),
+    ('{"model": "tiny", "messages": [{"role": "user"', 400, None),
+    ('["a list"]', 400, None),
+])
+def test_malformed_requests_get_openai_errors(server, body, status, param):
+    got, text = raw_post(server, "/v1/chat/completions", body)
+    assert got == status
+    error = json.loads(text)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+
+
+def test_errors_through_the_client_and_unknown_routes(client, server):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"thinking": "sometimes"})
+    assert e.value.body["param"] == "thinking"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    got, text = raw_post(server, "/v1/nowhere", "{}")
+    assert got == 404 and json.loads(text)["error"]["type"] == "not_found_error"
+    got, text = raw_post(server, "/v1/completions", '{"model": "tiny", "prompt": ""}')
+    assert got == 400 and json.loads(text)["error"]["param"] == "prompt"
+
+
+def test_concurrent_requests_are_batched(client, server):
+    before = server.engine.stats["max_rows"]
+    server.engine.stats["max_rows"] = 0
+    results, errors = [None] * 8, []
+
+    def ask(i):
+        try:
+            results[i] = chat(client, ["on", "off"][i % 2], max_tokens=48 + 4 * i)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert server.engine.stats["max_rows"] >= 2  # some requests shared a generate call
+    for i, r in enumerate(results):  # each got its own budget and mode back, though they ran together
+        assert r.usage.completion_tokens <= 48 + 4 * i and r.choices[0].thinking_mode == ["on", "off"][i % 2]
+    server.engine.stats["max_rows"] = max(before, server.engine.stats["max_rows"])
+
+
+def test_cut_leaves_what_a_shorter_budget_would(server, ckpt):
+    from kat_core.format import forced_prefix
+    from kat_core.rollout import generate
+    from kat_core.serve.engine import cut
+
+    model, tok = server.engine.model, server.engine.tokenizer
+    forced = [forced_prefix("think", "on")]
+    (long,) = generate(model, tok, [PROMPT], forced=forced, temperature=0, max_new_tokens=30, stop_at_answer=False)
+    (short,) = generate(model, tok, [PROMPT], forced=forced, temperature=0, max_new_tokens=7, stop_at_answer=False)
+    trimmed = cut(long, 7, tok)
+    assert (trimmed.token_ids, trimmed.text, trimmed.finish_reason) == (short.token_ids, short.text, "length")
+    assert trimmed.segment_counts == short.segment_counts
+    assert cut(short, 7, tok) is short
+
+
+def test_synthesis_openai_backend_runs_against_the_server(server, tmp_path):
+    from kat_core.config import load_config
+    from kat_core.data.synth import synthesize
+
+    config = load_config("smoke", [
+        "synth.agent_backend=openai", f"synth.openai.base_url={server.base_url}", "synth.openai.model=tiny",
+        "synth.openai.api_key=test", "synth.families={arith: 6}", "synth.mirror_share=0", "synth.max_attempts=1",
+        "synth.levels=[3, 4, 5]",  # tagged think-on: every item goes through solver, thinker and critic
+    ])
+    m = synthesize(config, tmp_path / "d", progress=False)
+    assert m["items"] == 6 and m["agent_backend"] == "openai"
+    # the tiny model is no solver: its drafts are rejected (counted), and the run still completes; with one
+    # attempt and no mirrors, every item is one record or one reject
+    assert sum(m["rejects"].values()) + sum(m["counts"]["mode"].values()) == 6
+    assert sum(m["rejects"].values()) > 0
+
+
+def test_kat_generate_prints_the_parsed_response(ckpt):
+    from typer.testing import CliRunner
+
+    from kat_core.cli import app
+
+    r = CliRunner().invoke(app, ["generate", str(ckpt), PROMPT, "--mode", "off", "--max-new-tokens", "24"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert [ln.split(":")[0] for ln in lines[:5]] == ["judge", "mode", "reasoning", "answer", "tokens"]
+    assert lines[1].split() == ["mode:", "off", "(forced)"]
+    r = CliRunner().invoke(app, ["generate", str(ckpt), PROMPT, "--json", "--max-new-tokens", "24"])
+    record = json.loads(r.output)
+    assert record["forced"] is False and record["tokens"]["total"] >= 1 and "text" in record
+
+
+def test_serve_model_that_does_not_load_fails_in_one_line(tmp_path, monkeypatch, capsys):
+    from kat_core.cli import main
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    # the console entry point in-process (a subprocess would spend seconds importing torch again)
+    monkeypatch.setattr(sys, "argv", ["kat", "serve-model", str(broken), "--port", "0"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert e.value.code == 1 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert str(broken) in lines[0]

@@ -1,0 +1,55 @@
+"""A tiny AutoThink checkpoint for the evaluation and server tests: a Llama of hidden size 32 and 2 layers,
+trained a few seconds on rendered arith responses in both modes, so that it writes grammar-shaped text with
+stops and varied lengths (its arithmetic is mostly wrong, which these tests do not need).
+
+Built once per test session into pytest's base temp dir and shared by the modules that ask for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TINY_STEPS = 150
+
+
+def tiny_checkpoint(base: Path, tokenizer) -> Path:
+    out = Path(base) / "tiny-autothink"
+    if (out / "config.json").is_file():
+        return out
+    import torch
+
+    from kat_core.config import ModelConfig
+    from kat_core.data.judge import judge_text
+    from kat_core.format import prompt_text, render
+    from kat_core.model.checkpoint import save_checkpoint
+    from kat_core.model.lm import build_model
+    from kat_core.tasks.arith import ArithTask
+
+    task = ArithTask(levels=[1, 2, 3])  # short traces: the tiny model learns their shape quickly
+    rows = []
+    for it in task.examples("train", n=120):
+        for mode in ("off", "on"):
+            think = "\n".join(it.steps) if mode == "on" else None
+            text = render(judge_text(task.intent_features(it), mode), mode, it.answer, think=think)
+            ids = tokenizer(prompt_text(it.prompt) + text, add_special_tokens=False)["input_ids"]
+            rows.append(ids + [tokenizer.eos_token_id])
+    rows.sort(key=len)  # batches of neighbours: little padding
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_seq_len=256, mtp_depth=0)
+    model = build_model(cfg, tokenizer, seed=0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / TINY_STEPS)
+    g = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for _ in range(TINY_STEPS):
+            lo = int(torch.randint(0, len(rows) - 16, (1,), generator=g))
+            batch = rows[lo : lo + 16]
+            x = torch.full((16, max(map(len, batch))), tokenizer.pad_token_id)
+            y = torch.full_like(x, -100)
+            for r, ids in enumerate(batch):
+                x[r, : len(ids)] = y[r, : len(ids)] = torch.tensor(ids)
+            loss = model(input_ids=x, labels=y).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return save_checkpoint(out, model.eval(), tokenizer)
