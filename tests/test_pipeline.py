@@ -40,7 +40,8 @@ def test_compiled_dag_gates_training_on_validation(tmp_path):
     assert r.returncode == 0, r.stderr
     spec, platform = load_ir(tmp_path / "autothink.yaml")
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"synthesize", "validate", "pretrain", "coldstart", "evaluate", "register"}  # smoke trains no teacher
+    # smoke trains no teacher
+    assert set(tasks) == {"synthesize", "validate", "pretrain", "coldstart", "evaluate", "register"}
     assert tasks["validate"]["dependentTasks"] == ["synthesize"]
     assert tasks["coldstart"]["inputs"]["artifacts"]["pretrained"]["taskOutputArtifact"] == {
         "producerTask": "pretrain", "outputArtifactKey": "model"}
@@ -291,7 +292,8 @@ def test_submit_and_watch_runs_on_kubeflow(kfp_server):
     run = kfp_server.runs[run_id]
     assert run["display_name"] == "nightly"
     assert run["runtime_config"]["parameters"] == {"profile": "smoke", "overrides": ["train.steps=5"]}
-    assert set(run["pipeline_spec"]["root"]["dag"]["tasks"]) == {"synthesize", "validate", "pretrain", "coldstart", "evaluate", "register"}
+    assert set(run["pipeline_spec"]["root"]["dag"]["tasks"]) == {
+        "synthesize", "validate", "pretrain", "coldstart", "evaluate", "register"}
     (experiment,) = kfp_server.experiments.values()
     assert experiment["display_name"] == "kat" and run["experiment_id"] == experiment["experiment_id"]
     assert all(h.get("authorization") == "Bearer t0ken" for _, _, h in kfp_server.requests)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from kat_core.config import OpenAIAgentConfig
@@ -34,18 +35,18 @@ class Verdict:
     reason: str | None = None  # "wrong_answer" | "bad_step" | "critic_rejected" | "no_answer"
 
 
-class Agents:
+class Agents(ABC):
     """Solver, thinker and critic. Subclasses implement `draft`, `think` and `critique_steps`."""
 
-    def draft(self, task: Task, item: Item, rng: random.Random) -> Draft:
-        raise NotImplementedError
+    @abstractmethod
+    def draft(self, task: Task, item: Item, rng: random.Random) -> Draft: ...
 
-    def think(self, task: Task, item: Item, draft: Draft) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def think(self, task: Task, item: Item, draft: Draft) -> str: ...
 
+    @abstractmethod
     def critique_steps(self, task: Task, item: Item, think: str) -> bool:
         """Whether every reasoning step holds (the answer itself is checked by the task verifier)."""
-        raise NotImplementedError
 
     def critic(self, task: Task, item: Item, think: str, answer: str) -> Verdict:
         if not answer.strip():
