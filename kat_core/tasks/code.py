@@ -17,6 +17,7 @@ import json
 import math
 import random
 import re
+from abc import abstractmethod
 from importlib import resources
 from typing import Any
 
@@ -98,11 +99,13 @@ class _CodeTask(Task):
         """The program the tests run against, built from an answer."""
         return extract_code(answer_text, item.meta["entry_point"])
 
+    @abstractmethod
     def test_code(self, item: Item) -> str:
-        raise NotImplementedError
+        """The benchmark's tests for `item`, run after the program."""
 
+    @abstractmethod
     def _load(self) -> list[Item]:
-        raise NotImplementedError
+        """Every item of the benchmark."""
 
 
 @register("humaneval")

@@ -33,6 +33,7 @@ import re
 import signal
 import threading
 import time
+from abc import abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -239,8 +240,9 @@ class _MathBenchmark(Task):
             features["subject"] = item.meta["subject"]
         return features
 
+    @abstractmethod
     def _item(self, record: dict[str, Any], path: Path, index: int) -> Item:
-        raise NotImplementedError
+        """One benchmark record as an Item (KatError naming the file for a bad record)."""
 
 
 @register("gsm8k")
