@@ -4,6 +4,10 @@ Two components over the same stage, so the two tasks are named by their role in 
 `pretrain-teacher` trains the larger teacher (config.pretrain.teacher_model/teacher_train), `pretrain` the
 student, distilled from `teacher` when one is given. Both take the validation report as an input: that
 is what makes training wait for (and only follow) a passed validation.
+
+With cluster.distributed asking for more than one process (nodes x gpus_per_node), the task launches the
+stage as a Kubeflow Trainer TrainJob and waits for it (kat_core.platform.trainjob); otherwise it trains in
+its own process.
 """
 
 from kfp import dsl
@@ -22,14 +26,22 @@ def pretrain(
 ):
     """Pretrain the student into `model` (an HF checkpoint with MTP weights), distilled from `teacher`."""
     from components.runtime import resumable, stage_config, track, user_errors
+    from kat_core.platform.trainjob import launches_trainjob, run_distributed
     from kat_core.train.pretrain import pretrain as run_stage
 
     with user_errors():
         config = stage_config(profile, overrides)
         inputs = {"data": dataset.path, **({"teacher": teacher.path} if teacher else {})}
         with resumable(model.path, "pretrain", config, inputs) as out:
-            metrics = run_stage(config, dataset.path, out, teacher.path if teacher else None, progress=False,
-                                validation=validation.path)
+            if launches_trainjob(config, "pretrain"):  # nodes x GPUs > 1: a Kubeflow Trainer TrainJob
+                metrics = run_distributed(
+                    config, "pretrain", entry="kat_core.train.pretrain:pretrain", out=out, profile=profile,
+                    overrides=list(overrides), kwargs={"progress": False},
+                    paths={"data_dir": dataset.path, "validation": validation.path,
+                           **({"teacher": teacher.path} if teacher else {})})
+            else:
+                metrics = run_stage(config, dataset.path, out, teacher.path if teacher else None, progress=False,
+                                    validation=validation.path)
         track("pretrain", config, model.path, inputs=inputs)
     model.metadata.update({k: v for k, v in metrics.items() if k in ("step", "loss", "ce", "kd", "mtp")})
 
@@ -44,12 +56,22 @@ def pretrain_teacher(
 ):
     """Pretrain the teacher (pretrain.teacher_model / teacher_train, else the student's sizes) into `model`."""
     from components.runtime import resumable, stage_config, track, user_errors
+    from kat_core.platform.trainjob import launches_trainjob, run_distributed
     from kat_core.train.pretrain import pretrain as run_stage
 
     with user_errors():
         config = stage_config(profile, overrides)
         with resumable(model.path, "pretrain-teacher", config, {"data": dataset.path}) as out:
-            metrics = run_stage(config, dataset.path, out, model_cfg=config.pretrain.teacher_model,
-                                train_cfg=config.pretrain.teacher_train, progress=False, validation=validation.path)
+            if launches_trainjob(config, "pretrain-teacher"):
+                metrics = run_distributed(
+                    config, "pretrain-teacher", entry="kat_core.train.pretrain:pretrain", out=out, profile=profile,
+                    overrides=list(overrides), kwargs={"progress": False},
+                    paths={"data_dir": dataset.path, "validation": validation.path},
+                    config_kwargs={"model_cfg": "pretrain.teacher_model", "train_cfg": "pretrain.teacher_train"},
+                    train_key="pretrain.teacher_train" if config.pretrain.teacher_train else "train")
+            else:
+                metrics = run_stage(config, dataset.path, out, model_cfg=config.pretrain.teacher_model,
+                                    train_cfg=config.pretrain.teacher_train, progress=False,
+                                    validation=validation.path)
         track("pretrain-teacher", config, model.path, inputs={"data": dataset.path})
     model.metadata.update({k: v for k, v in metrics.items() if k in ("step", "loss", "ce", "mtp")})

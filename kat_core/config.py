@@ -142,6 +142,66 @@ class RegistryConfig(_Strict):
     tok_margin: float = Field(0.05, ge=0, description="relative token saving needed at equal accuracy")
 
 
+class ImagesConfig(_Strict):
+    """The container images of the pipeline on a cluster (built from infra/images): `{registry}/{cpu}:{tag}`
+    runs the data and evaluation tasks, `{registry}/{cuda}:{tag}` the training tasks and their TrainJobs."""
+
+    registry: str = "ghcr.io/kat-platform"
+    cpu: str = Field("kat", description="repository of the CPU image (infra/images/Dockerfile)")
+    cuda: str = Field("kat-cuda", description="repository of the CUDA image (infra/images/Dockerfile.cuda)")
+    tag: str = "0.1.0"
+
+    def ref(self, kind: Literal["cpu", "cuda"]) -> str:
+        return f"{self.registry.rstrip('/')}/{self.cpu if kind == 'cpu' else self.cuda}:{self.tag}"
+
+
+class DistributedConfig(_Strict):
+    """Multi-GPU training: a stage named in `stages` runs as a Kubeflow Trainer TrainJob of `nodes` x
+    `gpus_per_node` DeepSpeed processes (kat_core.platform.trainjob) when that is more than one process;
+    otherwise it trains in the pipeline task's own process."""
+
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(1, ge=1)
+    runtime: str = Field("deepspeed-distributed", description="Kubeflow Trainer (Cluster)TrainingRuntime")
+    runtime_kind: Literal["ClusterTrainingRuntime", "TrainingRuntime"] = "ClusterTrainingRuntime"
+    stages: list[str] = Field(default_factory=lambda: ["pretrain", "pretrain-teacher", "srpo"],
+                              description="stages that may run as a TrainJob")
+    global_batch_size: int | None = Field(
+        None, ge=1, description="sequences per optimizer step over all processes; when set, grad_accum is "
+        "derived from it (it must be a multiple of micro_batch_size x world size)")
+    cpu_per_node: str = "16"
+    memory_per_node: str = "128Gi"
+    timeout_s: int = Field(7 * 24 * 3600, ge=60, description="the TrainJob's active deadline")
+    poll_s: int = Field(30, ge=1, description="how often the launching task polls the TrainJob")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+class ClusterConfig(_Strict):
+    """What the pipeline needs from a GPU Kubernetes cluster: images, GPU scheduling (the selector and
+    tolerations must match the GPU nodes' labels and taints, see infra/README.md), and the names of the
+    platform's secrets, config map, checkpoints PVC and service account (created by helm/kat-platform)."""
+
+    images: ImagesConfig = Field(default_factory=ImagesConfig)
+    accelerator: str = "nvidia.com/gpu"
+    gpus: int = Field(1, ge=0, description="GPUs of a training task that trains in its own process (0: CPU only, "
+                      "no GPU selector or tolerations; e.g. a kind test cluster)")
+    cpu_request: str = "4"
+    memory_request: str = "16G"
+    node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    tolerations: list[dict[str, str]] = Field(
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+    s3_secret: str = "kat-s3"
+    mlflow_secret: str = "kat-mlflow"
+    config_map: str = "kat-platform"
+    checkpoints_pvc: str = "kat-checkpoints"
+    checkpoints_path: str = "/kat/checkpoints"
+    service_account: str = "kat-pipeline-runner"
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+
 class KatConfig(_Strict):
     profile: str = "smoke"
     seed: int = 0
@@ -154,6 +214,7 @@ class KatConfig(_Strict):
     coldstart: ColdStartConfig = Field(default_factory=ColdStartConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

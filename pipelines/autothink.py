@@ -9,6 +9,7 @@ Adding a stage (coldstart, srpo, evaluate, register as they land) is a few lines
 its component with `**params` and its inputs, and pass the task through `_training` if it trains.
 """
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from components.validate import validate
 
 PIPELINE_NAME = "kat-autothink"
 CACHE_SALT_ENV = "KAT_CACHE_SALT"
+TRAINJOB_IMAGE_ENV = "KAT_TRAINJOB_IMAGE"  # kat_core.platform.trainjob.IMAGE_ENV
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,25 @@ class ClusterOptions:
     config_map_keys: tuple[str, ...] = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "KAT_S3_ENDPOINT")
     checkpoints_pvc: str = "kat-checkpoints"
     checkpoints_path: str = "/kat/checkpoints"
+    image: str | None = None  # data and evaluation tasks (None: the components' base image)
+    training_image: str | None = None  # training tasks and their TrainJobs
+    distributed_stages: frozenset[str] = frozenset()  # tasks that launch a TrainJob instead of training
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ClusterOptions":
+        """The settings of the config's `cluster` section (the cluster profile's). KAT_BASE_IMAGE, when set,
+        is the image of every task (a one-off build)."""
+        from kat_core.platform.trainjob import launches_trainjob
+
+        c = config.cluster
+        override = os.environ.get("KAT_BASE_IMAGE")
+        return cls(
+            accelerator=c.accelerator, gpus=c.gpus, cpu_request=c.cpu_request, memory_request=c.memory_request,
+            node_selector=dict(c.node_selector), tolerations=tuple(dict(t) for t in c.tolerations),
+            s3_secret=c.s3_secret, mlflow_secret=c.mlflow_secret, config_map=c.config_map,
+            checkpoints_pvc=c.checkpoints_pvc, checkpoints_path=c.checkpoints_path,
+            image=override or c.images.ref("cpu"), training_image=override or c.images.ref("cuda"),
+            distributed_stages=frozenset(s for s in c.distributed.stages if launches_trainjob(config, s)))
 
 
 def build_pipeline(
@@ -72,6 +93,8 @@ def build_pipeline(
         if cache_salt:
             task.set_env_variable(CACHE_SALT_ENV, cache_salt)
         if cluster:
+            if cluster.image:
+                task.container_spec.image = cluster.image
             kubernetes.use_secret_as_env(task, cluster.s3_secret, {k: k for k in cluster.s3_keys})
             kubernetes.use_secret_as_env(task, cluster.mlflow_secret, {k: k for k in cluster.mlflow_keys},
                                          optional=True)  # a tracking server without auth has no secret
@@ -84,13 +107,22 @@ def build_pipeline(
             task.set_retry(num_retries=retries, backoff_duration="60s", backoff_factor=2.0,
                            backoff_max_duration="1800s")
         if cluster:
-            task.set_accelerator_type(cluster.accelerator).set_accelerator_limit(cluster.gpus)
-            task.set_cpu_request(cluster.cpu_request).set_memory_request(cluster.memory_request)
-            for key, value in cluster.node_selector.items():
-                kubernetes.add_node_selector(task, key, value)
-            for toleration in cluster.tolerations:
-                kubernetes.add_toleration(task, **toleration)
-            # the checkpoints PVC is where a retried or re-run training task resumes from
+            if cluster.training_image:
+                task.container_spec.image = cluster.training_image
+            if task.name in cluster.distributed_stages:
+                # the task only copies inputs, launches and watches a TrainJob (the GPUs are the job's)
+                task.set_env_variable(TRAINJOB_IMAGE_ENV, task.container_spec.image)
+                task.set_cpu_request("1").set_memory_request("4G")
+            else:
+                task.set_cpu_request(cluster.cpu_request).set_memory_request(cluster.memory_request)
+                if cluster.gpus:
+                    task.set_accelerator_type(cluster.accelerator).set_accelerator_limit(cluster.gpus)
+                    for key, value in cluster.node_selector.items():
+                        kubernetes.add_node_selector(task, key, value)
+                    for toleration in cluster.tolerations:
+                        kubernetes.add_toleration(task, **toleration)
+            # the checkpoints PVC is where a retried or re-run training task resumes from (and, for a TrainJob,
+            # where its nodes read the inputs and write the output)
             kubernetes.mount_pvc(task, cluster.checkpoints_pvc, cluster.checkpoints_path)
             task.set_env_variable(CHECKPOINT_DIR_ENV, cluster.checkpoints_path)
         return task

@@ -470,6 +470,7 @@ class KubeflowBackend(RunBackend):
         self.namespace = namespace or os.environ.get("KFP_NAMESPACE")
         self.experiment = experiment or os.environ.get("KFP_EXPERIMENT", "kat")
         self.cluster = cluster  # None: the kfp-kubernetes settings when the profile is "cluster"
+        self._service_account: str | None = None  # set by _package for the run it compiles
         self._client_obj = None
 
     # -- the client, and errors a user can act on
@@ -529,7 +530,10 @@ class KubeflowBackend(RunBackend):
         if profile.endswith((".yaml", ".yml")):  # the tasks load their profile inside the image
             raise KatError(f"profile {profile!r} is a local file; on kubeflow use a shipped profile "
                            "(smoke, demo, cluster) with --set overrides")
-        cluster = self.cluster if self.cluster is not None else load_config(profile, overrides).profile == "cluster"
+        config = load_config(profile, overrides)
+        cluster = self.cluster if self.cluster is not None else config.profile == "cluster"
+        # a cluster run's pods use the platform's service account (helm/kat-platform): it may create TrainJobs
+        self._service_account = config.cluster.service_account if cluster else None
         return str(compile_pipeline(Path(tmp) / "autothink.yaml", profile, overrides, cluster=cluster))
 
     def _experiment_id(self) -> str:
@@ -546,7 +550,8 @@ class KubeflowBackend(RunBackend):
             with self._api("submit"):
                 result = client.create_run_from_pipeline_package(
                     package, arguments={"profile": profile, "overrides": overrides}, experiment_id=experiment_id,
-                    run_name=name or f"kat-{profile}-{time.strftime('%Y%m%d-%H%M%S')}")
+                    run_name=name or f"kat-{profile}-{time.strftime('%Y%m%d-%H%M%S')}",
+                    service_account=self._service_account)
         return result.run_id
 
     def _run_info(self, run: Any) -> RunInfo:
@@ -593,7 +598,8 @@ class KubeflowBackend(RunBackend):
                     experiment_id=experiment_id, job_name=name or f"kat-{profile}-retrain",
                     # KFP's cron (robfig/cron) has a leading seconds field
                     cron_expression=f"0 {cron}", max_concurrency=1, no_catchup=True,
-                    params={"profile": profile, "overrides": overrides}, pipeline_package_path=package)
+                    params={"profile": profile, "overrides": overrides}, pipeline_package_path=package,
+                    service_account=self._service_account)
         return recurring.recurring_run_id
 
     def list_schedules(self) -> list[ScheduleInfo]:

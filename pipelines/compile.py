@@ -16,10 +16,16 @@ def compile_pipeline(
     retries: int = 2,
 ) -> Path:
     """Write the pipeline for `profile` as KFP IR YAML to `out` (atomically); `cluster=True` adds the
-    kfp-kubernetes settings (GPUs, node selector, tolerations, secrets, checkpoints PVC)."""
+    kfp-kubernetes settings of the config's `cluster` section (images, GPUs, node selector, tolerations,
+    secrets, checkpoints PVC; training stages that run as a TrainJob get no GPUs themselves)."""
     from kfp import compiler
 
-    options = ClusterOptions() if cluster is True else (cluster or None)
+    if cluster is True:
+        from kat_core.config import load_config
+
+        options = ClusterOptions.from_config(load_config(profile, overrides))
+    else:
+        options = cluster or None
     pipeline = build_pipeline(profile, overrides, cluster=options, retries=retries)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

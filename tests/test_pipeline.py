@@ -80,7 +80,9 @@ def test_teacher_is_trained_first_when_the_profile_asks(tmp_path):
 
 
 def test_cluster_yaml_carries_the_kubernetes_settings(tmp_path):
+    # one process per training stage (no TrainJob): the tasks train themselves, on a GPU node
     r = kat("pipeline", "compile", "--cluster", "--out", tmp_path / "c.yaml", "--set", "pretrain.train_teacher=true",
+            "--set", "cluster.distributed.nodes=1", "--set", "cluster.distributed.gpus_per_node=1",
             env={"KAT_BASE_IMAGE": "registry.example/kat:1.2.3"})
     assert r.returncode == 0, r.stderr
     spec, platform = load_ir(tmp_path / "c.yaml")
@@ -302,6 +304,7 @@ def test_submit_and_watch_runs_on_kubeflow(kfp_server):
     r = kat("pipeline", "submit", "--backend", "kubeflow", "--profile", "cluster", env=env)
     assert r.returncode == 0, r.stderr
     cluster_run = kfp_server.runs[r.stdout.strip()]
+    assert cluster_run["service_account"] == "kat-pipeline-runner"  # helm/kat-platform's: it may create TrainJobs
     assert "exec-pretrain" in cluster_run["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"][
         "deploymentSpec"]["executors"]
     assert len(kfp_server.experiments) == 1
