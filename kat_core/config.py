@@ -124,6 +124,38 @@ class ColdStartConfig(_Strict):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=60, lr=3e-4, warmup_steps=5))
 
 
+class SrpoConfig(_Strict):
+    """Reinforcement learning after the cold start (kat_core.train.srpo). One rollout = `prompts_per_step`
+    prompts x `group_size` samples; each rollout feeds `updates_per_rollout` optimizer steps (PPO-style
+    reuse: the clipped ratio matters from the second update on). `train.steps` counts optimizer steps."""
+
+    algo: Literal["step_srpo", "grpo", "decoupled"] = Field(
+        "step_srpo", description="step_srpo: segment-wise advantages; grpo: one scalar reward on all tokens; "
+        "decoupled: grpo's reward with the control (judge) tokens' loss weighted apart, as in Thinkless")
+    prompts_per_step: int = Field(8, ge=1, description="prompts per rollout")
+    group_size: int = Field(8, ge=2, description="G: samples per prompt")
+    delta: float = Field(0.1, ge=0, le=1, description="think-off is the right mode when majority-correct and "
+                         "its group accuracy is within delta of think-on's")
+    token_cost: float = Field(0.2, ge=0, description="reward lost per max_new_tokens generated (mode reward; "
+                              "grpo/decoupled: their one reward)")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip range for the importance ratio")
+    kl_beta: float = Field(0.02, ge=0, description="weight of the k3 KL estimate to the reference (0: no reference)")
+    explore_floor: float = Field(0.25, ge=0, lt=1, description="share of each group sampled in a forced mode "
+                                 "(half each); they inform the group's accuracies, never the mode policy's gradient")
+    prior_strength: float = Field(1.0, ge=0, description="pseudo-count of the cold-start prior in a group's "
+                                  "accuracy per mode; with none of a mode sampled the prior alone decides")
+    control_weight: float = Field(1.0, ge=0, description="decoupled: weight of the control-token loss")
+    adv_std_floor: float = Field(0.1, ge=0, description="advantages divide by max(std, this): reward "
+                                 "differences far below the reward scale (token cost alone) stay small")
+    updates_per_rollout: int = Field(2, ge=1, description="optimizer steps per rollout")
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(160, ge=8)
+    prompts: int | None = Field(None, ge=1, description="size of the prompt pool (None: every training prompt)")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(
+        steps=40, lr=2e-5, warmup_steps=2, min_lr_ratio=1.0, micro_batch_size=64, checkpoint_every=10,
+        log_every=2))
+
+
 class EvalConfig(_Strict):
     """The `evaluate` stage: suites, modes and sample counts (see kat_core.eval.evaluate)."""
 
@@ -212,6 +244,7 @@ class KatConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     coldstart: ColdStartConfig = Field(default_factory=ColdStartConfig)
+    srpo: SrpoConfig = Field(default_factory=SrpoConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
