@@ -1,4 +1,5 @@
 # Two commands do everything on a fresh machine: `make run` and `make test`.
+# Cluster targets (infra/README.md): cluster-up, images, platform-install, pipeline-submit.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -29,3 +30,57 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .kat build *.egg-info
+
+# ---- cluster: from an empty machine to a submitted run (infra/README.md walks through it) ----------------
+include infra/versions.env
+KIND      ?= kind
+KUBECTL   ?= kubectl
+HELM      ?= helm
+DOCKER    ?= docker
+KAT_NAMESPACE   ?= kubeflow
+IMAGE_REGISTRY  ?= ghcr.io/kat-platform
+IMAGE_TAG       ?= dev
+PLATFORM_VALUES ?= infra/platform/values-kind.yaml
+KFP_HOST        ?= http://localhost:8080
+SUBMIT_PROFILE  ?= smoke
+# kind has no GPUs: CPU-only tasks (cluster.gpus=0), every task on the locally built CPU image
+SUBMIT_FLAGS    ?= --cluster --set cluster.gpus=0 --set cluster.images.registry=$(IMAGE_REGISTRY) \
+                   --set cluster.images.tag=$(IMAGE_TAG) --set cluster.images.cuda=kat
+
+.PHONY: cluster-up kfp-install trainer-install images images-cuda platform-secrets platform-install pipeline-submit
+
+cluster-up:  ## a kind cluster, Kubeflow Pipelines and Kubeflow Trainer (pinned in infra/versions.env)
+	$(KIND) create cluster --config infra/kind/cluster.yaml --image $(KIND_NODE_IMAGE)
+	$(MAKE) kfp-install trainer-install
+
+kfp-install:
+	$(KUBECTL) apply -k infra/kfp/cluster-scoped
+	$(KUBECTL) wait --for condition=established --timeout=120s crd/applications.app.k8s.io
+	$(KUBECTL) apply -k infra/kfp/env
+	$(KUBECTL) -n kubeflow wait --for=condition=Available --timeout=900s deployment --all
+
+trainer-install:
+	$(KUBECTL) apply --server-side -k infra/trainer/manager
+	$(KUBECTL) -n kubeflow-system wait --for=condition=Available --timeout=600s deployment --all
+	$(KUBECTL) apply --server-side -k infra/trainer/runtimes
+
+images:  ## the CPU image, loaded into the kind cluster
+	$(DOCKER) build -f infra/images/Dockerfile -t $(IMAGE_REGISTRY)/kat:$(IMAGE_TAG) .
+	$(KIND) load docker-image --name kat $(IMAGE_REGISTRY)/kat:$(IMAGE_TAG)
+
+images-cuda:  ## the CUDA image (push it to a registry your GPU cluster pulls from)
+	$(DOCKER) build -f infra/images/Dockerfile.cuda -t $(IMAGE_REGISTRY)/kat-cuda:$(IMAGE_TAG) .
+
+platform-secrets:  ## the secrets the chart references: from KAT_S3_ACCESS_KEY/KAT_S3_SECRET_KEY/KAT_POSTGRES_PASSWORD, else random
+	$(KUBECTL) -n $(KAT_NAMESPACE) get secret kat-s3 >/dev/null 2>&1 || $(KUBECTL) -n $(KAT_NAMESPACE) create secret generic \
+		kat-s3 --from-literal=AWS_ACCESS_KEY_ID=$${KAT_S3_ACCESS_KEY:-$$(openssl rand -hex 12)} \
+		--from-literal=AWS_SECRET_ACCESS_KEY=$${KAT_S3_SECRET_KEY:-$$(openssl rand -hex 24)}
+	$(KUBECTL) -n $(KAT_NAMESPACE) get secret kat-postgres >/dev/null 2>&1 || $(KUBECTL) -n $(KAT_NAMESPACE) create secret \
+		generic kat-postgres --from-literal=POSTGRES_PASSWORD=$${KAT_POSTGRES_PASSWORD:-$$(openssl rand -hex 24)}
+
+platform-install: platform-secrets  ## the kat-platform chart, in the namespace the pipeline runs in
+	$(HELM) upgrade --install kat-platform helm/kat-platform -n $(KAT_NAMESPACE) -f $(PLATFORM_VALUES) \
+		--set image.registry=$(IMAGE_REGISTRY) --set image.tag=$(IMAGE_TAG) --wait --timeout 15m
+
+pipeline-submit: $(STAMP)  ## submit the AutoThink pipeline to Kubeflow Pipelines at KFP_HOST
+	$(BIN)/kat pipeline submit --backend kubeflow --host $(KFP_HOST) --profile $(SUBMIT_PROFILE) $(SUBMIT_FLAGS)
