@@ -19,7 +19,9 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Synthesize, validate and inspect dual-regime datasets.", no_args_is_help=True)
 tasks_app = typer.Typer(help="Task families: synthetic arithmetic, math and code benchmarks.", no_args_is_help=True)
-train_app = typer.Typer(help="Training stages: pretrain (MTP + distillation), teacher caches.", no_args_is_help=True)
+train_app = typer.Typer(
+    help="Training stages: pretrain (MTP + distillation), cold start, Step-SRPO, teacher caches.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 app.add_typer(tasks_app, name="tasks")
 app.add_typer(train_app, name="train")
@@ -196,6 +198,30 @@ def train_coldstart(
     result = coldstart(config, model, out, progress=not quiet)
     levels = ", ".join(f"L{lvl} off {v['label_off']}/on {v['label_on']}" for lvl, v in result["per_level"].items())
     _say(f"cold start labelled {result['prompts']} prompts ({levels}); {result['in_sft']} in SFT; checkpoint {out}")
+
+
+@train_app.command("srpo")
+def train_srpo(
+    model: Annotated[Path, typer.Option("--model", "-m", help="cold-start checkpoint (its labels.jsonl is the prior)")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="dataset directory whose prompts are used")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="checkpoint directory to write")],
+    algo: Annotated[str | None, typer.Option(help="step_srpo | grpo | decoupled (default: srpo.algo)")] = None,
+    profile: ProfileOpt = "smoke",
+    overrides: SetOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Reinforcement learning after the cold start: Step-SRPO (segment-wise advantages), or the grpo and
+    decoupled baselines. Settings under `srpo.` (group size, delta, token cost, clip, KL, exploration floor,
+    srpo.train.steps/lr); per-step rewards, think-on rate per level, clip fraction, KL and mode-token entropy
+    go to metrics.jsonl in the checkpoint. Started again after a crash, it resumes."""
+    from kat_core.config import load_config
+    from kat_core.train.srpo import srpo
+
+    _setup_logging()
+    config = load_config(profile, overrides)
+    summary = srpo(config, model, data, out, algo=algo, progress=not quiet)
+    moved = ", ".join(f"{k} {v['first']:.3f} -> {v['last']:.3f}" for k, v in summary["curve"].items())
+    _say(f"{summary['algo']}: {summary['steps']} steps ({moved}); checkpoint {out}")
 
 
 @train_app.command("cache-teacher")
