@@ -1,12 +1,12 @@
-"""The AutoThink pipeline: synthesize -> validate -> [pretrain-teacher ->] pretrain -> coldstart -> evaluate
--> register.
+"""The AutoThink pipeline: synthesize -> validate -> [pretrain-teacher ->] pretrain -> coldstart -> srpo ->
+evaluate -> register.
 
 Every task takes the two pipeline parameters, `profile` and `overrides` (a list of `key=value`), and loads
 its config from them, so a run is reproducible from its parameters alone. The DAG's shape is decided when
 the pipeline is built: the teacher task exists only when the profile says `pretrain.train_teacher`.
 
-Adding a stage (coldstart, srpo, evaluate, register as they land) is a few lines in `build_pipeline`: call
-its component with `**params` and its inputs, and pass the task through `_training` if it trains.
+Adding a stage is a few lines in `build_pipeline`: call its component with `**params` and its inputs, and
+pass the task through `training` if it trains.
 """
 
 import os
@@ -20,6 +20,7 @@ from components.evaluate import evaluate
 from components.pretrain import pretrain, pretrain_teacher
 from components.register import register
 from components.runtime import CHECKPOINT_DIR_ENV
+from components.srpo import srpo
 from components.synthesize import synthesize
 from components.validate import validate
 
@@ -127,7 +128,8 @@ def build_pipeline(
             task.set_env_variable(CHECKPOINT_DIR_ENV, cluster.checkpoints_path)
         return task
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="AutoThink (KAT-V1): data, gate, MTP+KD, cold start, eval, registry")
+    @dsl.pipeline(name=PIPELINE_NAME,
+                  description="AutoThink (KAT-V1): data, gate, MTP+KD, cold start, Step-SRPO, eval, registry")
     def autothink(profile: str = default_profile, overrides: list = default_overrides):
         params = {"profile": profile, "overrides": overrides}
         data = common(synthesize(**params))
@@ -136,8 +138,9 @@ def build_pipeline(
         teacher = training(pretrain_teacher(**params, **gate)) if config.pretrain.train_teacher else None
         student = training(pretrain(**params, **gate, **({"teacher": teacher.outputs["model"]} if teacher else {})))
         tuned = training(coldstart(**params, pretrained=student.outputs["model"]))
-        evaluation = common(evaluate(**params, model=tuned.outputs["model"]))
+        policy = training(srpo(**params, coldstart=tuned.outputs["model"], dataset=data.outputs["dataset"]))
+        evaluation = common(evaluate(**params, model=policy.outputs["model"]))
         # registration only of an evaluated model: it takes the report as an input
-        common(register(**params, model=tuned.outputs["model"], report=evaluation.outputs["report"]))
+        common(register(**params, model=policy.outputs["model"], report=evaluation.outputs["report"]))
 
     return autothink

@@ -41,10 +41,15 @@ def test_compiled_dag_gates_training_on_validation(tmp_path):
     spec, platform = load_ir(tmp_path / "autothink.yaml")
     tasks = spec["root"]["dag"]["tasks"]
     # smoke trains no teacher
-    assert set(tasks) == {"synthesize", "validate", "pretrain", "coldstart", "evaluate", "register"}
+    assert set(tasks) == {"synthesize", "validate", "pretrain", "coldstart", "srpo", "evaluate", "register"}
     assert tasks["validate"]["dependentTasks"] == ["synthesize"]
     assert tasks["coldstart"]["inputs"]["artifacts"]["pretrained"]["taskOutputArtifact"] == {
         "producerTask": "pretrain", "outputArtifactKey": "model"}
+    # RL starts from the cold start, and the model evaluated and registered is the RL one
+    assert tasks["srpo"]["inputs"]["artifacts"]["coldstart"]["taskOutputArtifact"] == {
+        "producerTask": "coldstart", "outputArtifactKey": "model"}
+    assert tasks["evaluate"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "srpo"
+    assert tasks["register"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "srpo"
     # registration only of an evaluated model
     assert tasks["register"]["inputs"]["artifacts"]["report"]["taskOutputArtifact"] == {
         "producerTask": "evaluate", "outputArtifactKey": "report"}
@@ -71,7 +76,8 @@ def test_teacher_is_trained_first_when_the_profile_asks(tmp_path):
 
     spec, _ = load_ir(compile_pipeline(tmp_path / "t.yaml", "smoke", ["pretrain.train_teacher=true"]))
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"synthesize", "validate", "pretrain-teacher", "pretrain", "coldstart", "evaluate", "register"}
+    assert set(tasks) == {"synthesize", "validate", "pretrain-teacher", "pretrain", "coldstart", "srpo", "evaluate",
+                          "register"}
     assert "validate" in tasks["pretrain-teacher"]["dependentTasks"]
     teacher = tasks["pretrain"]["inputs"]["artifacts"]["teacher"]["taskOutputArtifact"]
     assert teacher == {"producerTask": "pretrain-teacher", "outputArtifactKey": "model"}
@@ -171,7 +177,7 @@ def test_smoke_pipeline_produces_a_loadable_checkpoint(smoke_runs):
     assert first["status"] == "succeeded"
     assert [(s["name"], s["status"]) for s in first["stages"]] == [
         ("synthesize", "succeeded"), ("validate", "succeeded"), ("pretrain", "succeeded"),
-        ("coldstart", "succeeded"), ("evaluate", "succeeded"), ("register", "succeeded")]
+        ("coldstart", "succeeded"), ("srpo", "succeeded"), ("evaluate", "succeeded"), ("register", "succeeded")]
     model_dir = Path(first["stages"][2]["outputs"]["model"])
     assert model_dir.is_relative_to(home / "pipeline_root")
     assert (out / "pretrain").resolve() == Path(second["stages"][2]["outputs"]["model"])  # the latest run's
@@ -295,7 +301,7 @@ def test_submit_and_watch_runs_on_kubeflow(kfp_server):
     assert run["display_name"] == "nightly"
     assert run["runtime_config"]["parameters"] == {"profile": "smoke", "overrides": ["train.steps=5"]}
     assert set(run["pipeline_spec"]["root"]["dag"]["tasks"]) == {
-        "synthesize", "validate", "pretrain", "coldstart", "evaluate", "register"}
+        "synthesize", "validate", "pretrain", "coldstart", "srpo", "evaluate", "register"}
     (experiment,) = kfp_server.experiments.values()
     assert experiment["display_name"] == "kat" and run["experiment_id"] == experiment["experiment_id"]
     assert all(h.get("authorization") == "Bearer t0ken" for _, _, h in kfp_server.requests)
