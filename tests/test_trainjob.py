@@ -291,6 +291,27 @@ def test_launcher_command_and_master_address():
                         "OMPI_COMM_WORLD_SIZE": "16"}) == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "16"}
 
 
+def test_launch_entry_execs_mpirun_with_the_jobs_env(tmp_path, monkeypatch):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("kat-x-launcher-0-0.kat-x slots=2\nkat-x-node-0-0.kat-x slots=2\n")
+    for name in ("PYTHONPATH", "MASTER_ADDR", "MASTER_PORT", "LD_LIBRARY_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KAT_FORWARD_ENV", "KAT_TRAINJOB_CALL,AWS_ACCESS_KEY_ID,NOT_SET_HERE")
+    monkeypatch.setenv("KAT_TRAINJOB_CALL", "{}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.delenv("NOT_SET_HERE", raising=False)
+    execs = []
+    monkeypatch.setattr(tj.os, "execvp", lambda file, argv: execs.append(argv))
+    assert tj.main(["launch", "--np", "4", "--hostfile", str(hostfile)]) == 0
+    [argv] = execs
+    forwarded = [argv[i + 1] for i, word in enumerate(argv) if word == "-x"]
+    # only names set on the launcher (mpirun refuses unknown ones), rank 0's host and port among them
+    assert forwarded == ["PATH", "HOME", "MASTER_ADDR", "MASTER_PORT", "KAT_TRAINJOB_CALL", "AWS_ACCESS_KEY_ID"]
+    assert os.environ["MASTER_ADDR"] == "kat-x-launcher-0-0.kat-x" and os.environ["MASTER_PORT"] == "29500"
+    assert argv[argv.index("-np") + 1] == "4"
+    assert tj.main(["launch", "--np", "5", "--hostfile", str(hostfile)]) == 1  # too few slots: one error line
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -374,8 +395,8 @@ def test_run_distributed_needs_the_shared_volume(tmp_path, monkeypatch):
 
 
 def test_cluster_pipeline_with_trainjobs(tmp_path):
-    """The cluster profile (2 nodes x 8 GPUs): the pretraining tasks launch TrainJobs, so they run on the
-    CUDA image without GPUs of their own, with the PVC and credentials; the cold start trains in its task
+    """The cluster profile (2 nodes x 8 GPUs): the pretraining and SRPO tasks launch TrainJobs, so they run on
+    the CUDA image without GPUs of their own, with the PVC and credentials; the cold start trains in its task
     on a GPU node; data and evaluation tasks use the CPU image."""
     from pipelines.compile import compile_pipeline
 
@@ -391,8 +412,9 @@ def test_cluster_pipeline_with_trainjobs(tmp_path):
     images = {name: e["container"]["image"] for name, e in executors.items()}
     cuda, cpu = "ghcr.io/kat-platform/kat-cuda:2.0.1", "ghcr.io/kat-platform/kat:2.0.1"
     assert images == {"exec-synthesize": cpu, "exec-validate": cpu, "exec-pretrain-teacher": cuda,
-                      "exec-pretrain": cuda, "exec-coldstart": cuda, "exec-evaluate": cpu, "exec-register": cpu}
-    for name in ("exec-pretrain", "exec-pretrain-teacher"):
+                      "exec-pretrain": cuda, "exec-coldstart": cuda, "exec-srpo": cuda, "exec-evaluate": cpu,
+                      "exec-register": cpu}
+    for name in ("exec-pretrain", "exec-pretrain-teacher", "exec-srpo"):
         container = executors[name]["container"]
         assert "accelerator" not in container.get("resources", {})
         assert "nodeSelector" not in platform[name] and "tolerations" not in platform[name]

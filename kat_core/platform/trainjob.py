@@ -548,13 +548,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     try:
         if args.command == "launch":
-            forward = [n for n in (*ALWAYS_FORWARD, *os.environ.get(FORWARD_ENV, "").split(",")) if n]
             text = Path(args.hostfile).read_text()
-            command, master = mpirun_argv(args.hostfile, text, args.np, list(dict.fromkeys(forward)))
-            os.environ["MASTER_ADDR"] = master
+            hosts = read_hostfile(text)
+            if hosts:  # rank 0's host; mpirun_argv checks the rest
+                os.environ["MASTER_ADDR"] = hosts[0][0]
             os.environ.setdefault("MASTER_PORT", str(MASTER_PORT))
+            names = (*ALWAYS_FORWARD, *os.environ.get(FORWARD_ENV, "").split(","))
+            forward = [n for n in dict.fromkeys(names) if n and n in os.environ]  # mpirun -x needs them set
+            command, master = mpirun_argv(args.hostfile, text, args.np, forward)
             log.info("launching %d processes, rank 0 on %s: %s", args.np, master, " ".join(command))
-            os.execvp(command[0], command)
+            os.execvp(command[0], command)  # does not return
+            return 0
         os.environ.update(rank_env(dict(os.environ)))
         call = StageCall(**json.loads(os.environ[CALL_ENV]))
         run_call(call, int(os.environ.get("RANK", "0")))
