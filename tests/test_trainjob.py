@@ -434,3 +434,42 @@ def test_cluster_pipeline_with_trainjobs(tmp_path):
         assert "accelerator" not in e["container"].get("resources", {}), name
         assert "nodeSelector" not in docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"][name]
     assert "pvcMount" in docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-pretrain"]
+
+
+def test_pretrain_component_launches_a_trainjob_when_distributed(tmp_path, monkeypatch):
+    """components/pretrain.py: with nodes x GPUs > 1 the task hands the stage to run_distributed (entry,
+    inputs, the volume it writes to) and puts what the job wrote where KFP expects the model."""
+    import components.runtime as runtime
+    from components.pretrain import pretrain, pretrain_teacher
+
+    monkeypatch.setenv("KAT_CHECKPOINT_DIR", str(tmp_path / "pvc"))
+    monkeypatch.setattr(runtime, "track", lambda *a, **k: None)  # MLflow is not the subject here
+    calls = []
+
+    def fake_run_distributed(config, stage, **kw):
+        calls.append((stage, kw))
+        Path(kw["out"]).mkdir(parents=True)
+        (Path(kw["out"]) / "model.safetensors").write_text("weights")
+        return {"step": 7, "loss": 1.5}
+
+    monkeypatch.setattr(tj, "run_distributed", fake_run_distributed)
+    data, report = tmp_path / "data", tmp_path / "report"
+    for d in (data, report):
+        d.mkdir()
+        (d / "x.json").write_text("{}")
+    model = SimpleNamespace(path=str(tmp_path / "model"), metadata={})
+    overrides = ["cluster.distributed.nodes=2", "pretrain.teacher_train={steps: 5}"]
+    pretrain.python_func(profile="cluster", overrides=overrides, dataset=SimpleNamespace(path=str(data)),
+                         validation=SimpleNamespace(path=str(report)), model=model)
+    stage, kw = calls[0]
+    assert stage == "pretrain" and kw["entry"] == "kat_core.train.pretrain:pretrain"
+    assert kw["paths"] == {"data_dir": str(data), "validation": str(report)} and kw["overrides"] == overrides
+    assert Path(kw["out"]).is_relative_to(tmp_path / "pvc")  # the shared volume
+    assert (Path(model.path) / "model.safetensors").read_text() == "weights"
+    assert model.metadata == {"step": 7, "loss": 1.5}
+    teacher = SimpleNamespace(path=str(tmp_path / "teacher"), metadata={})
+    pretrain_teacher.python_func(profile="cluster", overrides=overrides, dataset=SimpleNamespace(path=str(data)),
+                                 validation=SimpleNamespace(path=str(report)), model=teacher)
+    stage, kw = calls[1]
+    assert stage == "pretrain-teacher" and kw["train_key"] == "pretrain.teacher_train"  # its own batch plan
+    assert kw["config_kwargs"] == {"model_cfg": "pretrain.teacher_model", "train_cfg": "pretrain.teacher_train"}
