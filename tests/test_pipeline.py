@@ -198,7 +198,7 @@ def test_smoke_pipeline_produces_a_loadable_checkpoint(smoke_runs):
 @pytest.mark.slow
 def test_identical_rerun_is_served_from_the_cache(smoke_runs):
     home, _, (first, second), (t_first, t_second) = smoke_runs
-    assert [s["status"] for s in second["stages"]] == ["cached"] * 6
+    assert [s["status"] for s in second["stages"]] == ["cached"] * 7
     # the same outputs, made by the first run; the pretrain stage did not run again
     assert [s["outputs"] for s in second["stages"]] == [s["outputs"] for s in first["stages"]]
     log = Path(second["log"]).read_text()
