@@ -214,11 +214,15 @@ def load_prompts(config: KatConfig, data_dir: Path, validation: Path | None = No
     """The dataset's prompts as task items (with their verifiers): the training items whose ids the dataset
     holds, `srpo.prompts` of them at most (stratified over difficulty levels)."""
     from kat_core.data.synth import training_items
+    from kat_core.manifest import read_manifest
     from kat_core.train.coldstart import stratified
     from kat_core.train.pretrain import check_dataset
 
     ids = {r.get("source_id", r["id"]) for r in check_dataset(data_dir, require_report=False, report_dir=validation)}
-    pairs = [(task, item) for task, item in training_items(config) if item.id in ids]
+    # the items are drawn as the dataset drew them (its seed), whatever seed this run samples with
+    data_seed = (read_manifest(data_dir) or {}).get("seed", config.seed)
+    pairs = [(task, item) for task, item in training_items(config.model_copy(update={"seed": data_seed}))
+             if item.id in ids]
     if not pairs:
         raise KatError(f"dataset {data_dir} holds none of this profile's training prompts (was it synthesized "
                        "with another profile or seed?)")
