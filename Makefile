@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PROFILE ?= demo
 OUT    ?= .kat/make-run
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,14 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/kat run --profile $(PROFILE) --out $(OUT)
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
+
+# Debian's chromium for the dashboard's browser tests (Playwright drives it; no `playwright install`)
+chromium:
+	@test -x /usr/bin/chromium || { \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check kat_core components pipelines tests benchmarks

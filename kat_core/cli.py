@@ -271,7 +271,8 @@ def tasks_show(
 
 pipeline_app = typer.Typer(help="Compile the AutoThink pipeline to KFP IR YAML, submit it.", no_args_is_help=True)
 runs_app = typer.Typer(help="Pipeline runs on a back end: list, show, cancel.", no_args_is_help=True)
-schedule_app = typer.Typer(help="Cron schedules for retraining.", no_args_is_help=True)
+schedule_app = typer.Typer(help="Cron schedules for retraining: create, list, pause, resume, trigger, delete.",
+                           no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(runs_app, name="runs")
 app.add_typer(schedule_app, name="schedule")
@@ -359,19 +360,37 @@ def pipeline_submit(
         raise KatError(f"run {run_id} failed at {info.error}")
 
 
+def _service(backend: str | None = None, host: str | None = None, tracking_uri: str | None = None):
+    """The service layer the dashboard uses too (kat_core/platform/service.py)."""
+    from kat_core.platform.service import Service
+
+    if host and backend != "kubeflow":
+        raise KatError("--host is for the kubeflow back end")
+    return Service(kfp_host=host, tracking_uri=tracking_uri)
+
+
+def _as_info(run: dict):
+    """A service run (a dict) with attribute access, for _run_summary."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{**run, "stages": [SimpleNamespace(**s) for s in run["stages"]]})
+
+
 @runs_app.command("list")
 def runs_list(
     backend: BackendOpt = "local",
     host: HostOpt = None,
     limit: Annotated[int, typer.Option("--limit", "-n", help="how many, newest first")] = 20,
 ) -> None:
-    """The newest pipeline runs: id, status, profile, start time and stages."""
-    runs = _backend(backend, host).list_runs(limit)
+    """The newest pipeline runs: id, status (queued: waiting for the dashboard's run worker), profile, start
+    time and stages."""
+    runs = _service(backend, host).list_runs(backend, limit)["runs"]
     if not runs:
         _say(f"no runs on the {backend} back end")
     for r in runs:
-        stages = " ".join(f"{s.name}:{s.status}" for s in r.stages)
-        typer.echo(f"{r.run_id}  {r.status:<10} {r.profile or '-':<8} {r.created_at or '-'}  {stages}")
+        stages = " ".join(f"{s['name']}:{s['status']}" for s in r["stages"])
+        status = "queued" if r["queued"] else r["status"]
+        typer.echo(f"{r['run_id']}  {status:<10} {r['profile'] or '-':<8} {r['created_at'] or '-'}  {stages}")
 
 
 @runs_app.command("show")
@@ -382,8 +401,8 @@ def runs_show(
     as_json: Annotated[bool, typer.Option("--json", help="the run record as JSON")] = False,
 ) -> None:
     """One run: its status, stages (time, outputs) and error."""
-    info = _backend(backend, host).status(run_id)
-    typer.echo(json.dumps(info.to_dict(), indent=2) if as_json else _run_summary(info))
+    run = _service(backend, host).get_run(run_id, backend)
+    typer.echo(json.dumps(run, indent=2) if as_json else _run_summary(_as_info(run)))
 
 
 @runs_app.command("cancel")
@@ -392,8 +411,8 @@ def runs_cancel(
     backend: BackendOpt = "local",
     host: HostOpt = None,
 ) -> None:
-    """Stop a running run (kubeflow: terminate it)."""
-    _backend(backend, host).cancel(run_id)
+    """Stop a queued or running run (kubeflow: terminate it)."""
+    _service(backend, host).cancel_run(run_id, backend)
     _say(f"run {run_id} cancelled")
 
 
@@ -405,23 +424,29 @@ def schedule_create(
     backend: BackendOpt = "local",
     host: HostOpt = None,
     name: Annotated[str | None, typer.Option(help="schedule name")] = None,
+    only_if_data_changed: Annotated[bool, typer.Option(
+        "--only-if-data-changed", help="local: skip a firing when the training data equals the champion's")] = False,
 ) -> None:
-    """Schedule retraining: a KFP recurring run on kubeflow; recorded under KAT_HOME on local."""
-    schedule_id = _backend(backend, host).schedule(cron, profile, overrides or [], name=name)
-    _say(f"schedule {schedule_id} on {backend}: profile {profile} at {cron!r}")
-    typer.echo(schedule_id)
+    """Schedule retraining: a KFP recurring run on kubeflow; on local, a job in KAT_HOME's scheduler store
+    that `kat serve` (or `kat scheduler`) fires. A scheduled run promotes its model only through the gate."""
+    created = _service(backend, host).create_schedule(cron, profile, overrides or [], name=name, backend=backend,
+                                                      only_if_data_changed=only_if_data_changed)
+    nxt = f"; next {created['next_fire']}" if created.get("next_fire") else ""
+    _say(f"schedule {created['schedule_id']} on {backend}: profile {profile} at {cron!r}{nxt}")
+    typer.echo(created["schedule_id"])
 
 
 @schedule_app.command("list")
 def schedule_list(backend: BackendOpt = "local", host: HostOpt = None) -> None:
-    """The schedules: id, cron, profile, enabled."""
-    schedules = _backend(backend, host).list_schedules()
+    """The schedules: id, cron, profile, enabled or paused, next fire time, name, overrides."""
+    schedules = _service(backend, host).list_schedules(backend)["schedules"]
     if not schedules:
         _say(f"no schedules on the {backend} back end")
     for s in schedules:
-        extra = " ".join(s.overrides)
-        typer.echo(f"{s.schedule_id}  {s.cron:<15} {s.profile or '-':<8} {'enabled' if s.enabled else 'disabled'}"
-                   f"  {s.name or ''} {extra}".rstrip())
+        extra = " ".join(s["overrides"])
+        typer.echo(f"{s['schedule_id']}  {s['cron']:<15} {s['profile'] or '-':<8} "
+                   f"{'paused' if s['paused'] else 'enabled'}  {s.get('next_fire') or '-'}  {s['name'] or ''} "
+                   f"{extra}".rstrip())
 
 
 @schedule_app.command("delete")
@@ -431,8 +456,81 @@ def schedule_delete(
     host: HostOpt = None,
 ) -> None:
     """Delete a schedule."""
-    _backend(backend, host).delete_schedule(schedule_id)
+    _service(backend, host).delete_schedule(schedule_id, backend)
     _say(f"schedule {schedule_id} deleted")
+
+
+@schedule_app.command("pause")
+def schedule_pause(schedule_id: Annotated[str, typer.Argument(help="a local schedule id")]) -> None:
+    """Stop a local schedule from firing until it is resumed."""
+    _service().pause_schedule(schedule_id)
+    _say(f"schedule {schedule_id} paused")
+
+
+@schedule_app.command("resume")
+def schedule_resume(schedule_id: Annotated[str, typer.Argument(help="a local schedule id")]) -> None:
+    """Let a paused local schedule fire again."""
+    s = _service().resume_schedule(schedule_id)
+    _say(f"schedule {schedule_id} resumed; next {s['next_fire']}")
+
+
+@schedule_app.command("trigger")
+def schedule_trigger(schedule_id: Annotated[str, typer.Argument(help="a local schedule id")]) -> None:
+    """Fire a local schedule once, now (the running `kat serve` / `kat scheduler` does it)."""
+    result = _service().trigger_schedule(schedule_id)
+    where = "" if result["scheduler_running"] else " (no scheduler runs now: it fires when `kat serve` starts)"
+    _say(f"schedule {schedule_id} triggered{where}")
+
+
+@app.command("serve")
+def serve_dashboard(
+    port: Annotated[int, typer.Option("--port", "-P", help="TCP port")] = 8080,
+    host: Annotated[str, typer.Option(help="interface to listen on (0.0.0.0 for all)")] = "127.0.0.1",
+    concurrency: Annotated[int, typer.Option(help="local runs executed at the same time")] = 1,
+    open_reads: Annotated[bool, typer.Option(
+        "--open-reads", envvar="KAT_DASHBOARD_OPEN_READS", help="let anyone read pages and the API without the "
+        "token (changes still need it)")] = False,
+    secure_cookies: Annotated[bool, typer.Option(
+        "--secure-cookies", help="mark the session cookie Secure (behind HTTPS)")] = False,
+    access_log: Annotated[bool, typer.Option("--access-log", help="log every request")] = False,
+) -> None:
+    """The dashboard and REST API (runs, models, schedules, data), with the local run worker and the
+    scheduler. Needs the API token (KAT_API_TOKEN, else $KAT_HOME/api_token: made and printed on first start)."""
+    from kat_core.platform.dashboard import serve
+
+    _setup_logging()
+    serve(host, port, open_reads=open_reads, concurrency=concurrency, access_log=access_log,
+          secure_cookies=secure_cookies)
+
+
+@app.command("scheduler")
+def scheduler_cmd(
+    concurrency: Annotated[int, typer.Option(help="local runs executed at the same time")] = 1,
+) -> None:
+    """Fire the local schedules and execute queued local runs, without the web service (Ctrl-C stops)."""
+    import threading
+
+    from kat_core.platform import kat_home, schedules
+    from kat_core.platform.jobs import RunWorker
+    from kat_core.platform.service import Service
+
+    _setup_logging()
+    home = kat_home()
+    schedules.start_live(home)
+    service = Service(home)
+    try:
+        service.models()  # create or migrate the MLflow schema before any run's stage would, at the same time
+    except KatError as e:
+        _say(f"warning: {e}")
+    worker = RunWorker(home, concurrency=concurrency)
+    worker.start()
+    listed = service.list_schedules("local")["schedules"]
+    _say(f"scheduler for {home}: {len(listed)} schedule(s); Ctrl-C stops")
+    try:
+        threading.Event().wait()
+    finally:
+        worker.stop()
+        schedules.stop_live(home)
 
 
 # ---- kat models: the MLflow model registry (kat_core/platform/registry.py) --------------------------------
@@ -466,9 +564,7 @@ WhoOpt = Annotated[str | None, typer.Option("--who", help="who decides (default:
 @models_app.command("list")
 def models_list(tracking_uri: TrackingUriOpt = None) -> None:
     """Registered models with their version count and aliases."""
-    from kat_core.platform.registry import list_models
-
-    models = list_models(tracking_uri=tracking_uri)
+    models = _service(tracking_uri=tracking_uri).models()
     if not models:
         _say("no registered models")
         return
@@ -486,9 +582,7 @@ def models_show(
     tracking_uri: TrackingUriOpt = None,
 ) -> None:
     """A version's lineage: data digests, config hash, code version, pipeline run, evaluation."""
-    from kat_core.platform.registry import show_version
-
-    info = show_version(name, version, tracking_uri=tracking_uri)
+    info = _service(tracking_uri=tracking_uri).version(name, version)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -523,10 +617,10 @@ def models_promote(
 ) -> None:
     """Make VERSION the champion. The promotion gate must pass against the current champion (margins from
     KAT_GATE_ACC_MARGIN / KAT_GATE_TOK_MARGIN) unless --force."""
-    from kat_core.platform.registry import Margins, promote
+    from kat_core.platform.registry import AliasEvent
 
-    event = promote(name, version, reason, who, gate_margins=None if force else Margins.from_env(),
-                    tracking_uri=tracking_uri)
+    result = _service(tracking_uri=tracking_uri).promote(name, version, reason, who, force=force)
+    event = AliasEvent(**result["event"]) if result["event"] else None
     if event is None:
         _say(f"{name} v{version} is already the champion")
     else:
@@ -542,9 +636,9 @@ def models_rollback(
     tracking_uri: TrackingUriOpt = None,
 ) -> None:
     """Point champion back at the previous champion."""
-    from kat_core.platform.registry import rollback
+    from kat_core.platform.registry import AliasEvent
 
-    event = rollback(name, reason, who, tracking_uri=tracking_uri)
+    event = AliasEvent(**_service(tracking_uri=tracking_uri).rollback(name, reason, who)["event"])
     _say(f"{name}: champion v{event.previous} -> v{event.version} (rollback: {event.reason}; by {event.who})")
 
 
@@ -554,9 +648,9 @@ def models_history(
     tracking_uri: TrackingUriOpt = None,
 ) -> None:
     """Every alias move of NAME, oldest first: when, alias, from -> to, action, who, why."""
-    from kat_core.platform.registry import history
+    from kat_core.platform.registry import AliasEvent
 
-    events = history(name, tracking_uri=tracking_uri)
+    events = [AliasEvent(**e) for e in _service(tracking_uri=tracking_uri).history(name)]
     if not events:
         _say(f"{name}: no alias moves recorded")
     for e in events:

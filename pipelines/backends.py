@@ -9,11 +9,10 @@ The local back end keeps its state under KAT_HOME (default `./.kat`):
     pipeline_root/        kfp.local task outputs (and its cache, pipeline_root/.kfp_cache)
     runs/<run id>/        run.json (what `kat runs show` prints) and pipeline.log (every task's output)
     checkpoints/          resumable work of training stages (see components/runtime.py `resumable`)
-    schedules.json        cron schedules (recorded; a scheduler service runs them)
+    scheduler.db          cron schedules (APScheduler's job store; `kat serve` or `kat scheduler` fires them)
 """
 
 import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -70,6 +69,7 @@ class RunInfo:
     error: str | None = None
     log: str | None = None
     pid: int | None = None
+    started_at: str | None = None  # when it left the queue (local back end)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,18 +173,6 @@ def check_cron(expr: str) -> str:
 # ---------------------------------------------------------------------------------------------- local
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock beside `path`, for read-modify-write of small shared state files."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -244,16 +232,39 @@ class LocalBackend(RunBackend):
                out: str | Path | None = None) -> str:
         """Run the pipeline to its end (this call blocks) and return the run id; a failed run is recorded
         with its failed stage and reason, not raised. `out`, if given, gets a link per stage output."""
+        run_id = self.prepare(profile, overrides, name=name)
+        self.execute(run_id, out=out)
+        return run_id
+
+    def prepare(self, profile: str, overrides: list[str] | None = None, *, name: str | None = None) -> str:
+        """Record a run that has not started yet (status `pending`) and return its id; `execute` runs it.
+        A bad profile or override fails here, before anything is recorded. The dashboard's queue prepares
+        runs in the web process and executes each in a worker process of its own (`pipelines.worker`)."""
         from kat_core.config import load_config
-        from kat_core.manifest import config_hash
 
         overrides = list(overrides or [])
-        config = load_config(profile, overrides)  # a bad profile or --set fails here, before any run
+        load_config(profile, overrides)
         run_id = f"local-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         run_dir = self._run_dir(run_id)
         run_dir.mkdir(parents=True)
-        info = RunInfo(run_id=run_id, backend=self.name, status="running", profile=profile, overrides=overrides,
-                       name=name, created_at=_now(), log=str((run_dir / "pipeline.log").resolve()), pid=os.getpid())
+        self._save(RunInfo(run_id=run_id, backend=self.name, status="pending", profile=profile, overrides=overrides,
+                           name=name, created_at=_now(), log=str((run_dir / "pipeline.log").resolve())))
+        return run_id
+
+    def execute(self, run_id: str, *, out: str | Path | None = None) -> RunInfo:
+        """Run a prepared run in this process to its end and return its record (nothing happens to a run
+        cancelled before it started)."""
+        from kat_core.config import load_config
+        from kat_core.manifest import config_hash
+
+        info = self.status(run_id)
+        if info.status != "pending":
+            if info.status == "cancelled":
+                return info
+            raise KatError(f"run {run_id} was already started (it is {info.status})")
+        profile, overrides = info.profile or "demo", list(info.overrides)
+        config = load_config(profile, overrides)
+        info.status, info.pid, info.started_at = "running", os.getpid(), _now()
         self._save(info)
         salt = hashlib.sha256(f"{config_hash(config)}:{code_digest()}".encode()).hexdigest()[:16]
         try:
@@ -269,7 +280,7 @@ class LocalBackend(RunBackend):
             _close_tracking(run_id, info.status)
             if out is not None:
                 self._link_outputs(info, Path(out))
-        return run_id
+        return info
 
     def _execute(self, info: RunInfo, profile: str, overrides: list[str], salt: str) -> None:
         from kfp import local
@@ -351,51 +362,43 @@ class LocalBackend(RunBackend):
 
     def cancel(self, run_id: str) -> None:
         """Stop a running local run: SIGTERM to its process group when the run leads one (a `kat run`
-        started from a shell), else to its process; the record says cancelled."""
+        started from a shell, or a dashboard worker process), else to its process; the record says
+        cancelled, and so does its MLflow parent run. A run that has not started yet just never will."""
         import signal
 
         info = self.status(run_id)
-        if info.status != "running":
+        if info.status not in ("running", "pending"):
             raise KatError(f"run {run_id} is not running (it is {info.status})")
-        pgid = os.getpgid(info.pid)
-        if pgid == info.pid and pgid != os.getpgid(0):
-            os.killpg(pgid, signal.SIGTERM)
-        else:
-            os.kill(info.pid, signal.SIGTERM)
+        if info.status == "running" and info.pid:
+            pgid = os.getpgid(info.pid)
+            if pgid == info.pid and pgid != os.getpgid(0):
+                os.killpg(pgid, signal.SIGTERM)
+            else:
+                os.kill(info.pid, signal.SIGTERM)
         info.status, info.finished_at, info.pid = "cancelled", _now(), None
         self._save(info)
+        _close_tracking(run_id, "cancelled")
 
-    # -- schedules: recorded here; the scheduler service (APScheduler) reads schedules.json and submits
-
-    def _schedules_path(self) -> Path:
-        return self.home / "schedules.json"
-
-    def _read_schedules(self) -> list[dict[str, Any]]:
-        path = self._schedules_path()
-        return json.loads(path.read_text()) if path.is_file() else []
+    # -- schedules: kept in the APScheduler job store under KAT_HOME (kat_core.platform.schedules), which
+    # `kat serve` / `kat scheduler` run; a schedules.json of earlier versions is moved there on first use
 
     def schedule(self, cron: str, profile: str, overrides: list[str] | None = None, *,
                  name: str | None = None) -> str:
-        from kat_core.config import load_config
+        from kat_core.platform import schedules
 
-        cron = check_cron(cron)
-        load_config(profile, overrides)  # refuse a schedule that could never run
-        entry = ScheduleInfo(schedule_id=f"sched-{secrets.token_hex(4)}", backend=self.name, cron=cron,
-                             profile=profile, overrides=list(overrides or []), name=name, created_at=_now())
-        with _locked(self._schedules_path()):
-            _write_json(self._schedules_path(), [*self._read_schedules(), asdict(entry)])
-        return entry.schedule_id
+        return schedules.create(cron, profile, overrides, name=name, home=self.home).schedule_id
 
     def list_schedules(self) -> list[ScheduleInfo]:
-        return [ScheduleInfo(**s) for s in self._read_schedules()]
+        from kat_core.platform import schedules
+
+        return [ScheduleInfo(schedule_id=s.schedule_id, backend=self.name, cron=s.cron, profile=s.profile,
+                             overrides=s.overrides, name=s.name, enabled=not s.paused, created_at=s.created_at)
+                for s in schedules.list_all(home=self.home)]
 
     def delete_schedule(self, schedule_id: str) -> None:
-        with _locked(self._schedules_path()):
-            entries = self._read_schedules()
-            kept = [s for s in entries if s["schedule_id"] != schedule_id]
-            if len(kept) == len(entries):
-                raise KatError(f"unknown schedule id {schedule_id!r} on the local back end")
-            _write_json(self._schedules_path(), kept)
+        from kat_core.platform import schedules
+
+        schedules.delete(schedule_id, home=self.home)
 
 
 @contextlib.contextmanager

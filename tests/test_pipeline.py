@@ -257,17 +257,22 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
 
 
 def test_local_schedules_are_recorded(tmp_path):
+    from pipelines.backends import LocalBackend
+
     env = {"KAT_HOME": str(tmp_path)}
     r = kat("schedule", "create", "--cron", "0 3 * * *", "--profile", "smoke", "--set", "train.steps=5", env=env)
     assert r.returncode == 0, r.stderr
     schedule_id = r.stdout.strip()
     listed = kat("schedule", "list", env=env).stdout
     assert schedule_id in listed and "0 3 * * *" in listed and "train.steps=5" in listed
-    assert json.loads((tmp_path / "schedules.json").read_text())[0]["profile"] == "smoke"
+    # kept in the scheduler's job store (kat serve / kat scheduler fire them), seen by the back end too
+    (entry,) = LocalBackend(home=tmp_path).list_schedules()
+    assert (entry.schedule_id, entry.profile, entry.overrides, entry.enabled) == (
+        schedule_id, "smoke", ["train.steps=5"], True)
     r = kat("schedule", "create", "--cron", "0 3 * *", "--profile", "smoke", env=env)
     assert r.returncode == 1 and r.stderr.strip().startswith("error: bad cron '0 3 * *': expected 5 fields")
     assert kat("schedule", "delete", schedule_id, env=env).returncode == 0
-    assert json.loads((tmp_path / "schedules.json").read_text()) == []
+    assert LocalBackend(home=tmp_path).list_schedules() == []
     r = kat("schedule", "delete", schedule_id, env=env)
     assert r.returncode == 1 and r.stderr.strip() == f"error: unknown schedule id {schedule_id!r} on the local back end"
     r = kat("runs", "show", "local-nope", env=env)

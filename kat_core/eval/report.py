@@ -230,6 +230,14 @@ def comparison(ra: dict[str, Any], rb: dict[str, Any], items_a: dict[str, ItemRe
                 a, b = _view(blocks_a[mode]), _view(blocks_b[mode])
                 rows.append({"suite": scope, "mode": mode, "n": blocks_a[mode]["n"], "a": a, "b": b,
                              "delta": _delta(a, b)})
+    levels = []  # per difficulty level: where does each model think, and what does it buy
+    for suite in (s for s in ra["suites"] if s in rb["suites"]):
+        la, lb = ra["suites"][suite].get("levels", {}), rb["suites"][suite].get("levels", {})
+        for lvl in sorted(set(la) & set(lb), key=lambda v: (not str(v).isdigit(), int(v) if str(v).isdigit() else v)):
+            for mode in (m for m in la[lvl] if m in lb[lvl]):
+                a, b = _view(la[lvl][mode]), _view(lb[lvl][mode])
+                levels.append({"suite": suite, "level": lvl, "mode": mode, "n": la[lvl][mode]["n"], "a": a, "b": b,
+                               "delta": _delta(a, b)})
     modes = [m for m in ra["overall"] if m in rb["overall"]]
     gate_result = None
     if "auto" in modes:
@@ -240,6 +248,7 @@ def comparison(ra: dict[str, Any], rb: dict[str, Any], items_a: dict[str, ItemRe
         "a": names[0], "b": names[1],
         "items_digest": ra.get("items_digest"),
         "rows": rows,
+        "levels": levels,
         "mode_selection": {"a": ra.get("mode_selection"), "b": rb.get("mode_selection")},
         "head_to_head": {m: head_to_head(items_a, items_b, m) for m in modes},
         "gate": gate_result,
@@ -255,6 +264,14 @@ def render_comparison(c: dict[str, Any]) -> str:
         lines.append(f"| {r['suite']} | {r['mode']} | {r['n']} | {_f(a['accuracy'])} | {_f(b['accuracy'])} | "
                      f"{_f(d['accuracy'], 3)} | {_f(a['mean_tokens'], 1)} | {_f(b['mean_tokens'], 1)} | "
                      f"{_f(d['mean_tokens'], 1)} | {_f(a['think_on_rate'])} | {_f(b['think_on_rate'])} |")
+    if c.get("levels"):
+        lines += ["", "By difficulty level:", "",
+                  "| suite | level | mode | n | accuracy A | accuracy B | tokens A | tokens B | think-on A "
+                  "| think-on B |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['suite']} | {r['level']} | {r['mode']} | {r['n']} | {_f(r['a']['accuracy'])} | "
+                  f"{_f(r['b']['accuracy'])} | {_f(r['a']['mean_tokens'], 1)} | {_f(r['b']['mean_tokens'], 1)} | "
+                  f"{_f(r['a']['think_on_rate'])} | {_f(r['b']['think_on_rate'])} |" for r in c["levels"]]
     h2h = {m: v for m, v in c["head_to_head"].items() if v}
     if h2h:
         lines += ["", "Greedy correctness item by item:", "", "| mode | only A | only B | both | neither |",

@@ -1,0 +1,337 @@
+"""Cron schedules for retraining on the local back end: APScheduler 3, its SQLAlchemy job store in
+`$KAT_HOME/scheduler.db`.
+
+One APScheduler job per schedule, its id the schedule id, its trigger the cron expression, its kwargs the
+schedule (profile, overrides, "only if the training data changed since the champion", who made it). When
+it fires, `fire` hands it to the service layer (`Service.fire_schedule`), which submits a run like any
+other (the run's register stage promotes only through the gate) and records the firing.
+
+Who fires: the process running `kat serve` or `kat scheduler` (`start_live`); one per KAT_HOME, held by a
+lock. Others (the CLI) open the store with a paused scheduler, change it and close it; the live scheduler
+sees their changes within `HEARTBEAT_S` (an in-memory heartbeat job wakes it to re-read the store).
+
+Cron meaning: the classic 5 fields, checked by `pipelines.backends.check_cron`. APScheduler numbers the
+days of the week from Monday = 0 where cron has Sunday = 0, so the weekday field is translated to names;
+and where cron fires when *either* day field matches, APScheduler wants both, so a schedule restricting
+both the day of the month and the day of the week is refused rather than run on other days.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from kat_core.errors import KatError
+
+log = logging.getLogger(__name__)
+
+STORE_FILE = "scheduler.db"
+LEGACY_FILE = "schedules.json"
+FIRE = "kat_core.platform.schedules:fire"
+HEARTBEAT_S = 10
+MANUAL_MARK = "--now-"  # one-off "trigger now" jobs: <schedule id>--now-<hex>
+
+_WEEKDAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
+_live: dict[str, Any] = {}  # home -> the scheduler this process runs (start_live)
+_live_lock = threading.Lock()
+
+
+@dataclass
+class Schedule:
+    schedule_id: str
+    cron: str
+    profile: str
+    overrides: list[str] = field(default_factory=list)
+    name: str | None = None
+    backend: str = "local"
+    only_if_data_changed: bool = False
+    paused: bool = False
+    next_fire: str | None = None  # ISO time with zone; None when paused
+    created_at: str | None = None
+    who: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _home(home: str | Path | None) -> Path:
+    from kat_core.platform import kat_home
+
+    return Path(home).resolve() if home is not None else kat_home()
+
+
+def weekday_names(field_text: str) -> str:
+    """A cron day-of-week field (0 or 7 = Sunday, names, ranges, steps, lists) as APScheduler names."""
+    days: set[int] = set()
+    for item in field_text.split(","):
+        base, _, step = item.partition("/")
+        stride = int(step) if step else 1
+        if base == "*":
+            lo, hi = 0, 6
+        else:
+            first, _, last = base.partition("-")
+            lo = _day(first)
+            hi = _day(last, end=True) if last else (6 if step else lo)
+        days.update(d % 7 for d in range(lo, hi + 1, stride))
+    if days == set(range(7)):
+        return "*"
+    return ",".join(_WEEKDAYS[d] for d in sorted(days))
+
+
+def _day(text: str, end: bool = False) -> int:
+    text = text.lower()
+    if text in _WEEKDAYS:
+        return _WEEKDAYS.index(text)
+    value = int(text)
+    return 7 if end and value == 7 else value % 7
+
+
+def cron_trigger(cron: str, timezone: Any = None):
+    """The APScheduler CronTrigger of a checked 5-field cron expression (see the module docstring)."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    from pipelines.backends import check_cron
+
+    minute, hour, dom, month, dow = check_cron(cron).split()
+    if dom != "*" and dow != "*":
+        raise KatError(f"cron {cron!r} restricts both the day of the month and the day of the week; the local "
+                       "scheduler cannot fire on either one (cron's rule), so restrict only one of them")
+    return CronTrigger(minute=minute, hour=hour, day=dom, month=month, day_of_week=weekday_names(dow),
+                       timezone=timezone)
+
+
+def next_fire_times(cron: str, n: int = 3) -> list[str]:
+    """The next `n` fire times of `cron` from now (local time), for a form to preview."""
+    from tzlocal import get_localzone
+
+    zone = get_localzone()
+    trigger = cron_trigger(cron, zone)
+    out, previous, now = [], None, datetime.now(zone)
+    for _ in range(n):
+        nxt = trigger.get_next_fire_time(previous, now)
+        if nxt is None:
+            break
+        out.append(nxt.isoformat(timespec="minutes"))
+        previous, now = nxt, nxt
+    return out
+
+
+def _new_scheduler(home: Path, live: bool = True):
+    """A BackgroundScheduler (live: it fires jobs) or a scheduler with no thread at all, to edit the store
+    from another process (a stopped BackgroundScheduler's thread would still process due jobs once)."""
+    from apscheduler.executors.pool import ThreadPoolExecutor
+    from apscheduler.jobstores.memory import MemoryJobStore
+    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+    from apscheduler.schedulers.background import BackgroundScheduler
+    from apscheduler.schedulers.base import BaseScheduler
+
+    class StoreEditor(BaseScheduler):
+        def wakeup(self) -> None:
+            pass  # never fires anything
+
+        def shutdown(self, wait: bool = True) -> None:
+            super().shutdown(wait)
+
+    logging.getLogger("apscheduler.executors.default").setLevel(logging.WARNING)  # "Running job ..." per beat
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.WARNING)
+    return (BackgroundScheduler if live else StoreEditor)(
+        jobstores={"default": SQLAlchemyJobStore(url=f"sqlite:///{home / STORE_FILE}"), "memory": MemoryJobStore()},
+        executors={"default": ThreadPoolExecutor(2)},
+        # a missed firing (the service was down) runs once when it is back, within the hour
+        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},
+    )
+
+
+@contextlib.contextmanager
+def _scheduler(home: Path) -> Iterator[Any]:
+    """The live scheduler of this process for `home`, else a paused one over the same store."""
+    live = _live.get(str(home))
+    if live is not None:
+        yield live["scheduler"]
+        return
+    scheduler = _new_scheduler(home, live=False)
+    scheduler.start(paused=True)
+    try:
+        _migrate(scheduler, home)
+        yield scheduler
+    finally:
+        scheduler.shutdown(wait=False)
+
+
+def _migrate(scheduler: Any, home: Path) -> None:
+    """Move the schedules of `schedules.json` (earlier versions kept them there) into the job store."""
+    legacy = home / LEGACY_FILE
+    if not legacy.is_file():
+        return
+    try:
+        entries = json.loads(legacy.read_text())
+    except ValueError:
+        log.warning("%s is not JSON; left where it is", legacy)
+        return
+    for e in entries:
+        if scheduler.get_job(e["schedule_id"]) is not None or e.get("backend", "local") != "local":
+            continue
+        _add(scheduler, Schedule(schedule_id=e["schedule_id"], cron=e["cron"], profile=e.get("profile") or "demo",
+                                 overrides=list(e.get("overrides") or []), name=e.get("name"),
+                                 created_at=e.get("created_at")), home, paused=not e.get("enabled", True))
+    os.replace(legacy, legacy.with_name(LEGACY_FILE + ".migrated"))
+    log.info("moved %d schedule(s) from %s into %s", len(entries), legacy, home / STORE_FILE)
+
+
+def _kwargs(s: Schedule, home: Path) -> dict[str, Any]:
+    return {"schedule_id": s.schedule_id, "home": str(home), "cron": s.cron, "profile": s.profile,
+            "overrides": list(s.overrides), "name": s.name, "only_if_data_changed": s.only_if_data_changed,
+            "created_at": s.created_at, "who": s.who}
+
+
+def _add(scheduler: Any, s: Schedule, home: Path, paused: bool = False) -> None:
+    job = scheduler.add_job(FIRE, cron_trigger(s.cron), id=s.schedule_id, name=s.name or s.schedule_id,
+                            kwargs=_kwargs(s, home), replace_existing=False)
+    if paused:
+        job.pause()
+
+
+def _from_job(job: Any) -> Schedule:
+    k = job.kwargs
+    return Schedule(schedule_id=job.id, cron=k["cron"], profile=k["profile"], overrides=list(k.get("overrides") or []),
+                    name=k.get("name"), only_if_data_changed=bool(k.get("only_if_data_changed")),
+                    paused=job.next_run_time is None,
+                    next_fire=job.next_run_time.isoformat(timespec="seconds") if job.next_run_time else None,
+                    created_at=k.get("created_at"), who=k.get("who"))
+
+
+def create(cron: str, profile: str, overrides: list[str] | None = None, *, name: str | None = None,
+           only_if_data_changed: bool = False, who: str | None = None, home: str | Path | None = None) -> Schedule:
+    """Add a schedule (after checking its cron and its config: a schedule that could never run is refused)."""
+    from kat_core.config import load_config
+    from pipelines.backends import check_cron
+
+    cron = check_cron(cron)
+    cron_trigger(cron)
+    load_config(profile, list(overrides or []))
+    home = _home(home)
+    s = Schedule(schedule_id=f"sched-{secrets.token_hex(4)}", cron=cron, profile=profile,
+                 overrides=list(overrides or []), name=name or None, only_if_data_changed=only_if_data_changed,
+                 created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), who=who)
+    with _scheduler(home) as scheduler:
+        _add(scheduler, s, home)
+        return _from_job(scheduler.get_job(s.schedule_id))
+
+
+def list_all(home: str | Path | None = None) -> list[Schedule]:
+    with _scheduler(_home(home)) as scheduler:
+        jobs = scheduler.get_jobs(jobstore="default")
+    return sorted((_from_job(j) for j in jobs if MANUAL_MARK not in j.id), key=lambda s: s.created_at or "")
+
+
+def get(schedule_id: str, home: str | Path | None = None) -> Schedule:
+    with _scheduler(_home(home)) as scheduler:
+        return _from_job(_job(scheduler, schedule_id))
+
+
+def _job(scheduler: Any, schedule_id: str) -> Any:
+    job = scheduler.get_job(schedule_id, jobstore="default") if MANUAL_MARK not in schedule_id else None
+    if job is None:
+        raise KatError(f"unknown schedule id {schedule_id!r} on the local back end")
+    return job
+
+
+def pause(schedule_id: str, home: str | Path | None = None) -> Schedule:
+    with _scheduler(_home(home)) as scheduler:
+        _job(scheduler, schedule_id).pause()
+        return _from_job(scheduler.get_job(schedule_id))
+
+
+def resume(schedule_id: str, home: str | Path | None = None) -> Schedule:
+    with _scheduler(_home(home)) as scheduler:
+        _job(scheduler, schedule_id).resume()
+        return _from_job(scheduler.get_job(schedule_id))
+
+
+def delete(schedule_id: str, home: str | Path | None = None) -> None:
+    with _scheduler(_home(home)) as scheduler:
+        _job(scheduler, schedule_id).remove()
+        for job in scheduler.get_jobs(jobstore="default"):  # a "trigger now" not yet fired goes with it
+            if job.id.startswith(schedule_id + MANUAL_MARK):
+                job.remove()
+
+
+def trigger(schedule_id: str, home: str | Path | None = None) -> None:
+    """Fire a schedule once, now (a one-off job beside it; a paused schedule stays paused). The live
+    scheduler runs it at once, or within a heartbeat when it lives in another process."""
+    home = _home(home)
+    with _scheduler(home) as scheduler:
+        job = _job(scheduler, schedule_id)
+        scheduler.add_job(FIRE, "date", id=f"{schedule_id}{MANUAL_MARK}{secrets.token_hex(3)}",
+                          name=f"{job.name} (now)", kwargs={**job.kwargs, "trigger": "manual"},
+                          misfire_grace_time=None)
+
+
+def fire(schedule_id: str, home: str, trigger: str = "cron", **schedule: Any) -> None:
+    """What a schedule's job does when it fires (called by APScheduler in the live scheduler's process)."""
+    from kat_core.platform.service import Service
+
+    try:
+        Service(home=home).fire_schedule(schedule_id, trigger=trigger, **schedule)
+    except Exception:  # APScheduler would log it anyway; say which schedule
+        log.exception("schedule %s: firing failed", schedule_id)
+
+
+def _heartbeat() -> None:
+    """Nothing: its only purpose is to wake the scheduler, which then re-reads the job store."""
+
+
+def start_live(home: str | Path | None = None) -> Any:
+    """Run the scheduler for `home` in this process (background thread); returns it. A second live
+    scheduler on the same KAT_HOME (another `kat serve` or `kat scheduler`) is refused: both would fire."""
+    home = _home(home)
+    with _live_lock:
+        if str(home) in _live:
+            return _live[str(home)]["scheduler"]
+        locks = home / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        handle = open(locks / "scheduler.lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise KatError(f"a scheduler already runs for {home} ({holder}); schedules fire there") from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        scheduler = _new_scheduler(home)
+        scheduler.start(paused=True)
+        _migrate(scheduler, home)
+        scheduler.add_job(_heartbeat, "interval", seconds=HEARTBEAT_S, id="kat-heartbeat", jobstore="memory")
+        scheduler.resume()
+        _live[str(home)] = {"scheduler": scheduler, "lock": handle}
+        log.info("scheduler running for %s (%s)", home, home / STORE_FILE)
+        return scheduler
+
+
+def stop_live(home: str | Path | None = None) -> None:
+    home = _home(home)
+    with _live_lock:
+        live = _live.pop(str(home), None)
+    if live is None:
+        return
+    live["scheduler"].shutdown(wait=False)
+    fcntl.flock(live["lock"], fcntl.LOCK_UN)
+    live["lock"].close()
+
+
+def is_live(home: str | Path | None = None) -> bool:
+    return str(_home(home)) in _live

@@ -1,0 +1,193 @@
+"""The dashboard's service layer without a pipeline run: the API token and redaction, cron translation for
+APScheduler, the schedule store (and its migration from schedules.json), the run queue across a restart,
+and the new-run form's overrides. The live service, the pipeline and the browser: tests/test_dashboard.py."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from kat_core.errors import KatError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kat(*args, home: Path):
+    env = {**os.environ, "KAT_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "kat_core.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=120)
+
+
+# ---- secrets ----------------------------------------------------------------------------------------------
+
+
+def test_token_is_made_once_private_and_env_wins(tmp_path, monkeypatch):
+    from kat_core.platform.security import TOKEN_FILE, load_token
+
+    monkeypatch.delenv("KAT_API_TOKEN", raising=False)
+    token, created = load_token(tmp_path)
+    assert created and len(token) >= 40
+    assert stat.S_IMODE((tmp_path / TOKEN_FILE).stat().st_mode) == 0o600
+    assert load_token(tmp_path) == (token, False)  # the same token on the next start
+    monkeypatch.setenv("KAT_API_TOKEN", "from-the-environment")
+    assert load_token(tmp_path) == ("from-the-environment", False)
+    monkeypatch.delenv("KAT_API_TOKEN")
+    os.chmod(tmp_path / TOKEN_FILE, 0o644)  # others could read it: refused, not used
+    with pytest.raises(KatError, match="readable by others"):
+        load_token(tmp_path)
+
+
+def test_redaction_masks_secrets_but_not_token_counts(monkeypatch):
+    from kat_core.platform.security import redact_config, redact_text, secret_name
+
+    monkeypatch.setenv("KFP_TOKEN", "kfp-secret-value-42")
+    assert not any(secret_name(k) for k in ("max_new_tokens", "mode_token_weight", "tok_margin", "tokenizer"))
+    assert all(secret_name(k) for k in ("api_key", "KAT_API_TOKEN", "AWS_SECRET_ACCESS_KEY", "KFP_COOKIE",
+                                        "MLFLOW_TRACKING_PASSWORD"))
+    text = ("loaded kfp-secret-value-42; max_new_tokens=96 tokens_per_s: 6933 api_key=sk-abcdef1234 "
+            '"password": "hunter22" Authorization: Bearer abcdefghijk12 s3://user:pw123@host/x')
+    out = redact_text(text)
+    for secret in ("kfp-secret-value-42", "sk-abcdef1234", "hunter22", "abcdefghijk12", "pw123"):
+        assert secret not in out
+    assert "max_new_tokens=96" in out and "tokens_per_s: 6933" in out
+    config = {"synth": {"openai": {"api_key": "sk-1", "model": "m"}}, "evaluate": {"max_new_tokens": 96}}
+    assert redact_config(config) == {"synth": {"openai": {"api_key": "***", "model": "m"}},
+                                     "evaluate": {"max_new_tokens": 96}}
+
+
+# ---- cron and schedules -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field,names", [("1-5", "mon,tue,wed,thu,fri"), ("0", "sun"), ("7", "sun"),
+                                         ("*/2", "sun,tue,thu,sat"), ("fri-sat", "fri,sat"), ("5-7", "sun,fri,sat"),
+                                         ("*", "*"), ("mon,3", "mon,wed")])
+def test_cron_weekdays_mean_what_cron_means(field, names):
+    # APScheduler counts weekdays from Monday = 0; cron from Sunday = 0
+    from kat_core.platform.schedules import weekday_names
+
+    assert weekday_names(field) == names
+
+
+def test_next_fire_times_follow_cron_and_bad_cron_is_refused():
+    from kat_core.platform.schedules import next_fire_times
+
+    fires = [datetime.fromisoformat(t) for t in next_fire_times("30 3 * * 1-5", 6)]
+    assert all(t.hour == 3 and t.minute == 30 and t.isoweekday() <= 5 for t in fires)
+    assert len({t.date() for t in fires}) == 6
+    with pytest.raises(KatError, match="day of the month and the day of the week"):
+        next_fire_times("0 0 1 * 1")
+    with pytest.raises(KatError, match="hour field"):
+        next_fire_times("0 25 * * *")
+
+
+def test_schedules_move_from_schedules_json_and_are_managed_by_the_cli(tmp_path):
+    legacy = [{"schedule_id": "sched-0ld0ld00", "backend": "local", "cron": "0 3 * * *", "profile": "smoke",
+               "overrides": ["train.steps=5"], "name": "old nightly", "enabled": True,
+               "created_at": "2026-01-01T00:00:00Z"}]
+    (tmp_path / "schedules.json").write_text(json.dumps(legacy))
+    r = kat("schedule", "list", home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("sched-0ld0ld00  0 3 * * *       smoke    enabled  ")
+    assert "old nightly train.steps=5" in r.stdout
+    assert not (tmp_path / "schedules.json").exists() and (tmp_path / "schedules.json.migrated").is_file()
+
+    r = kat("schedule", "create", "--cron", "15 4 * * 1-5", "--profile", "smoke", "--only-if-data-changed",
+            home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    new_id = r.stdout.strip()
+    next_fire = datetime.fromisoformat(r.stderr.split("; next ")[1].strip())
+    assert (next_fire.hour, next_fire.minute) == (4, 15) and next_fire.isoweekday() <= 5
+    assert kat("schedule", "pause", new_id, home=tmp_path).returncode == 0
+    line = next(ln for ln in kat("schedule", "list", home=tmp_path).stdout.splitlines() if ln.startswith(new_id))
+    assert line.endswith(" paused  -")
+    assert kat("schedule", "resume", new_id, home=tmp_path).returncode == 0
+    line = next(ln for ln in kat("schedule", "list", home=tmp_path).stdout.splitlines() if ln.startswith(new_id))
+    assert " enabled  20" in line
+    assert kat("schedule", "delete", "sched-0ld0ld00", home=tmp_path).returncode == 0
+    r = kat("schedule", "pause", "sched-nothere", home=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip() == "error: unknown schedule id 'sched-nothere' on the local back end"
+    r = kat("schedule", "create", "--cron", "0 0 1 * mon", "--profile", "smoke", home=tmp_path)
+    assert r.returncode == 1 and "restrict only one of them" in r.stderr
+    assert [ln.split()[0] for ln in kat("schedule", "list", home=tmp_path).stdout.splitlines()] == [new_id]
+
+
+# ---- the run queue -----------------------------------------------------------------------------------------
+
+
+def test_queued_runs_survive_a_restart_and_cancel_before_starting(tmp_path):
+    from kat_core.platform.service import Conflict, Invalid, Service
+
+    svc = Service(tmp_path)  # no worker: the runs stay queued
+    first = svc.submit_run("smoke", ["train.steps=3"], name="first", who="tester")
+    second = svc.submit_run("smoke", "train.steps=4\n\nevaluate.limit=2\n")
+    assert first["status"] == "pending" and first["queued"] and first["queue_position"] == 1
+    assert second["overrides"] == ["train.steps=4", "evaluate.limit=2"] and second["queue_position"] == 2
+    with pytest.raises(Invalid, match="unknown config key 'trian'"):
+        svc.submit_run("smoke", ["trian.steps=3"])
+    with pytest.raises(Invalid, match="not key=value"):
+        svc.submit_run("smoke", ["train.steps"])
+
+    restarted = Service(tmp_path)  # a new service process on the same KAT_HOME
+    listed = restarted.list_runs()["runs"]
+    assert [(r["run_id"], r["queued"]) for r in listed] == [(second["run_id"], True), (first["run_id"], True)]
+    assert listed[1]["submitted_by"] == "tester"
+    cancelled = restarted.cancel_run(first["run_id"])
+    assert cancelled["status"] == "cancelled" and not cancelled["queued"]
+    assert json.loads((tmp_path / "runs" / first["run_id"] / "run.json").read_text())["status"] == "cancelled"
+    assert restarted.get_run(second["run_id"])["queue_position"] == 1
+    with pytest.raises(Conflict, match="is cancelled"):
+        restarted.cancel_run(first["run_id"])
+    # the worker skips nothing it should run and runs nothing cancelled: the queue hands out the live one
+    assert restarted.queue.claim_next()["run_id"] == second["run_id"]
+    assert restarted.queue.claim_next() is None
+
+
+def test_one_claimant_per_queued_run(tmp_path):
+    from kat_core.platform.jobs import JobQueue
+
+    queue = JobQueue(tmp_path)
+    for i in range(20):
+        queue.add(f"local-run-{i:02d}", "local")
+    claimed: list[str] = []
+
+    def claim():
+        while (job := JobQueue(tmp_path).claim_next()) is not None:
+            claimed.append(job["run_id"])
+
+    threads = [threading.Thread(target=claim) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == [f"local-run-{i:02d}" for i in range(20)]
+
+
+# ---- the new-run form ------------------------------------------------------------------------------------
+
+
+def test_form_fields_show_the_profile_and_turn_changes_into_overrides(tmp_path):
+    from kat_core.platform.service import Invalid, NotFound, Service
+
+    svc = Service(tmp_path)
+    fields = {f["key"]: f for f in svc.config_fields("smoke")}
+    assert fields["train.steps"]["value"] == "30" and fields["train.steps"]["kind"] == "int"
+    assert fields["synth.families"]["value"] == "{arith: 300}"
+    assert fields["train.backend"]["kind"] == "choice" and fields["train.backend"]["choices"] == ["torch", "deepspeed"]
+    assert fields["synth.openai.api_key"]["secret"] and fields["synth.openai.api_key"]["value"] == ""
+    assert not fields["evaluate.max_new_tokens"]["secret"]
+    unchanged = {k: f["value"] for k, f in fields.items()}
+    assert svc.overrides_from_form("smoke", unchanged) == []
+    changed = {**unchanged, "train.steps": "12", "synth.families": "{arith: 100}"}
+    overrides = svc.overrides_from_form("smoke", changed, "evaluate.limit=3")
+    assert overrides == ["synth.families={arith: 100}", "train.steps=12", "evaluate.limit=3"]
+    assert svc.check_config("smoke", overrides)["overrides"] == overrides
+    with pytest.raises(Invalid, match="train.steps"):
+        svc.check_config("smoke", svc.overrides_from_form("smoke", {**unchanged, "train.steps": "many"}))
+    with pytest.raises(NotFound, match="unknown profile"):
+        svc.config_fields("nope")
