@@ -300,6 +300,21 @@ def _explain(error: ValidationError, source: str) -> str:
     return f"{source}: config key {key!r}: {first['msg']}"
 
 
+def _over_defaults(default: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with every section it names filled in from the section's own default, recursively.
+
+    Without this a profile that sets one key of a section with its own defaults (`srpo.train.steps: 60`)
+    would get the *class* defaults for the rest of it (TrainConfig's lr 1e-3 rather than the srpo section's
+    2e-5). Only sections (sub-models) merge; a dict-valued field such as `synth.families` is replaced."""
+    out = dict(data)
+    for name, field in type(default).model_fields.items():
+        key = field.alias or name
+        section = getattr(default, name)
+        if isinstance(section, BaseModel) and isinstance(data.get(key), dict):
+            out[key] = {**section.model_dump(by_alias=True), **_over_defaults(section, data[key])}
+    return out
+
+
 def load_config(profile: str = "smoke", overrides: list[str] | None = None) -> KatConfig:
     """The profile's config with `key=value` overrides applied; errors name the key."""
     import yaml
@@ -313,6 +328,6 @@ def load_config(profile: str = "smoke", overrides: list[str] | None = None) -> K
         key, value = parse_override(text)
         _set_dotted(data, key, value)
     try:
-        return KatConfig.model_validate(data)
+        return KatConfig.model_validate(_over_defaults(KatConfig(), data))
     except ValidationError as e:
         raise KatError(_explain(e, f"profile {path.stem}" + (" with --set" if overrides else ""))) from None

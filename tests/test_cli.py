@@ -56,6 +56,18 @@ def test_config_typo_names_the_key(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_a_profile_key_overrides_only_itself_within_a_section():
+    from kat_core.config import SrpoConfig, load_config
+
+    # setting one key of srpo.train keeps the srpo section's own defaults for the rest (lr, warm-up), not
+    # TrainConfig's class defaults (a learning rate 50x too high for RL)
+    config = load_config("smoke", ["srpo.train.steps=7"])
+    assert config.srpo.train.steps == 7 and config.srpo.train.lr == SrpoConfig().train.lr
+    assert config.coldstart.train.lr == 3e-4  # the smoke profile sets other coldstart.train keys
+    # a dict-valued field is replaced, not merged
+    assert load_config("smoke", ["synth.families={gsm8k: 3}"]).synth.families == {"gsm8k": 3}
+
+
 def test_unknown_family_lists_the_known_ones(tmp_path):
     r = kat("data", "synth", "--out", tmp_path / "d", "--set", "synth.families={algebra: 3}")
     _one_line_error(r, "algebra", "arith", "gsm8k")
