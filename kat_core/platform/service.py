@@ -103,6 +103,7 @@ class Service:
         self._queue: JobQueue | None = None
         self.worker = None  # set by the process that runs the run worker (kat serve), to wake it on submit
         self._report_cache: dict[str, dict[str, Any] | None] = {}
+        self._lineage_cache: dict[str, dict[str, Any]] = {}  # MLflow lineage of finished runs (it cannot change)
 
     # ---- plumbing ------------------------------------------------------------------------------------------
 
@@ -473,25 +474,32 @@ class Service:
                                                    "inputs": manifest.get("inputs") or {}}
         out["outputs"] = data
         ui = self.mlflow_ui()
+        registered = self.run_registration(run_id)
+        cached = self._lineage_cache.get(run_id)
         try:
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-            parent = find_pipeline_run(run_id, tracking_uri=self.tracking_uri)
-            if parent:
-                lineage = pipeline_lineage(parent, tracking_uri=self.tracking_uri)
-                exp = self._experiment_id(EXPERIMENT)
-                out["mlflow"] = {
-                    "parent_run_id": parent, "experiment_id": exp,
-                    "url": f"{ui}/#/experiments/{exp}/runs/{parent}" if ui and exp else None,
-                    "stages": [{**s, "url": f"{ui}/#/experiments/{exp}/runs/{s['run_id']}" if ui and exp else None}
-                               for s in lineage["stages"]],
-                }
-                out["data"] = lineage["data"]
-                out["code_version"] = lineage.get("code_version")
-                out["config_hash"] = lineage.get("config_hash")
+            if cached is None:
+                os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+                # a register stage that ran in this run names its parent run (a cached one names an older run's)
+                fresh = any(s.name == "register" and s.status == "succeeded" for s in info.stages)
+                parent = ((registered or {}).get("parent_run") if fresh else None) or \
+                    find_pipeline_run(run_id, tracking_uri=self.tracking_uri)
+                cached = {}
+                if parent:
+                    lineage = pipeline_lineage(parent, tracking_uri=self.tracking_uri)
+                    exp = self._experiment_id(EXPERIMENT)
+                    cached = {
+                        "mlflow": {"parent_run_id": parent, "experiment_id": exp,
+                                   "url": f"{ui}/#/experiments/{exp}/runs/{parent}" if ui and exp else None,
+                                   "stages": [{**s, "url": f"{ui}/#/experiments/{exp}/runs/{s['run_id']}"
+                                               if ui and exp else None} for s in lineage["stages"]]},
+                        "data": lineage["data"], "code_version": lineage.get("code_version"),
+                        "config_hash": lineage.get("config_hash")}
+                if info.status in ("succeeded", "failed", "cancelled"):  # a finished run's lineage stays as it is
+                    self._lineage_cache[run_id] = cached
+            out.update(cached)
         except KatError as e:
             out["mlflow_error"] = str(e)
         out["mlflow_hint"] = None if ui else self.mlflow_hint()
-        registered = self.run_registration(run_id)
         if registered:
             registered = {k: v for k, v in registered.items() if k != "parent_run"}
             registered["url"] = f"{ui}/#/models/{registered['name']}/versions/{registered['version']}" if ui else None
@@ -516,23 +524,47 @@ class Service:
 
         return list_models(tracking_uri=self.tracking_uri)
 
-    def versions(self, name: str) -> list[dict[str, Any]]:
+    def model_names(self) -> list[str]:
+        from kat_core.platform.tracking import get_client, mlflow_errors
+
+        with mlflow_errors(self.tracking_uri):
+            return sorted(m.name for m in get_client(self.tracking_uri).search_registered_models(max_results=1000))
+
+    def _registered(self, name: str):
+        """The registered model (aliases, tags with the alias history), or NotFound."""
+        from mlflow.exceptions import MlflowException
+
+        from kat_core.platform.tracking import get_client, mlflow_errors
+
+        name = self._model_name(name)
+        with mlflow_errors(self.tracking_uri):
+            client = get_client(self.tracking_uri)
+            try:
+                return client.get_registered_model(name)
+            except MlflowException as e:
+                if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                    raise NotFound(f"no registered model {name!r}") from None
+                raise
+
+    def model_overview(self, name: str) -> dict[str, Any]:
+        """What the models page shows of `name`, in two registry queries: versions, aliases, history."""
+        registered = self._registered(name)
+        return {"name": name, "versions": self.versions(name, registered), "aliases": self._aliases(registered),
+                "history": self._history(registered)}
+
+    def versions(self, name: str, registered: Any = None) -> list[dict[str, Any]]:
         """Every version of `name`, newest first: aliases, when, evaluation summary, lineage pointers."""
         from kat_core.platform.registry import TAG_SUMMARY
         from kat_core.platform.tracking import get_client, mlflow_errors
 
-        name = self._model_name(name)
+        registered = registered or self._registered(name)
         ui = self.mlflow_ui()
         with mlflow_errors(self.tracking_uri):
-            client = get_client(self.tracking_uri)
-            found = client.search_model_versions(f"name = '{name}'", max_results=10_000)
-            # a search does not fill in the versions' aliases (MLflow 3.17): the registered model has them
-            aliases: dict[int, list[str]] = {}
-            if found:
-                for alias, v in client.get_registered_model(name).aliases.items():
-                    aliases.setdefault(int(v), []).append(alias)
-        if not found:
-            self._require_model(name)
+            found = get_client(self.tracking_uri).search_model_versions(f"name = '{name}'", max_results=10_000)
+        # a search does not fill in the versions' aliases (MLflow 3.17): the registered model has them
+        aliases: dict[int, list[str]] = {}
+        for alias, v in registered.aliases.items():
+            aliases.setdefault(int(v), []).append(alias)
         out = []
         for mv in found:
             tags = dict(mv.tags)
@@ -547,10 +579,6 @@ class Service:
             })
         return sorted(out, key=lambda v: v["version"], reverse=True)
 
-    def _require_model(self, name: str) -> None:
-        if not any(m["name"] == name for m in self.models()):
-            raise NotFound(f"no registered model {name!r}")
-
     def version(self, name: str, version: int | str) -> dict[str, Any]:
         from kat_core.platform.registry import show_version
 
@@ -560,21 +588,23 @@ class Service:
         except KatError as e:
             raise NotFound(str(e)) from None
 
+    @staticmethod
+    def _aliases(registered: Any) -> dict[str, int]:
+        return {alias: int(v) for alias, v in sorted(registered.aliases.items())}
+
     def aliases(self, name: str) -> dict[str, int]:
-        name = self._model_name(name)
-        for m in self.models():
-            if m["name"] == name:
-                return m["aliases"]
-        raise NotFound(f"no registered model {name!r}")
+        return self._aliases(self._registered(name))
+
+    @staticmethod
+    def _history(registered: Any) -> list[dict[str, Any]]:
+        from kat_core.platform.registry import EVENT_PREFIX
+
+        tags = registered.tags
+        return [json.loads(tags[k]) for k in sorted(tags) if k.startswith(EVENT_PREFIX)]
 
     def history(self, name: str) -> list[dict[str, Any]]:
-        from dataclasses import asdict
-
-        from kat_core.platform.registry import history
-
-        name = self._model_name(name)
-        self._require_model(name)
-        return [asdict(e) for e in history(name, tracking_uri=self.tracking_uri)]
+        """Every alias move of `name`, oldest first (registry.history's events, as dicts)."""
+        return self._history(self._registered(name))
 
     def _version_report(self, name: str, version: int) -> dict[str, Any] | None:
         """The evaluation report registered with a version (its register run's report.json), cached."""
@@ -690,7 +720,7 @@ class Service:
         from kat_core.platform.registry import rollback
 
         name, reason = self._model_name(name), self._reason(reason)
-        self._require_model(name)
+        self._registered(name)
         try:
             event = rollback(name, reason, who, tracking_uri=self.tracking_uri)
         except KatError as e:

@@ -491,15 +491,13 @@ def create_app(home: str | Path | None = None, *, token: str | None = None, open
 
     @app.get("/models", include_in_schema=False, dependencies=[Depends(page_read)])
     def models_page(request: Request, name: str | None = None):
-        models = svc.models()
-        current = name or (models[0]["name"] if models else None)
-        if current and not any(m["name"] == current for m in models):
-            raise NotFound(f"no registered model {current!r}")
-        versions = svc.versions(current) if current else []
-        aliases = next((m["aliases"] for m in models if m["name"] == current), {})
-        history = svc.history(current) if current else []
-        return render(request, "models.html", models=models, name=current, versions=versions, aliases=aliases,
-                      history=list(reversed(history)))
+        names = svc.model_names()
+        current = name or (names[0] if names else None)
+        if not current:
+            return render(request, "models.html", names=[], name=None, versions=[], aliases={}, history=[])
+        overview = svc.model_overview(current)
+        return render(request, "models.html", names=names, name=current, versions=overview["versions"],
+                      aliases=overview["aliases"], history=list(reversed(overview["history"])))
 
     @app.get("/models/{name}/compare", include_in_schema=False, dependencies=[Depends(page_read)])
     def compare_page(request: Request, name: str, a: int = Query(ge=1), b: int = Query(ge=1)):
