@@ -191,3 +191,146 @@ def test_form_fields_show_the_profile_and_turn_changes_into_overrides(tmp_path):
         svc.check_config("smoke", svc.overrides_from_form("smoke", {**unchanged, "train.steps": "many"}))
     with pytest.raises(NotFound, match="unknown profile"):
         svc.config_fields("nope")
+
+
+def test_secret_overrides_are_masked_in_every_answer(tmp_path, monkeypatch):
+    from kat_core.platform import schedules
+    from kat_core.platform.service import Service
+
+    monkeypatch.setenv("KAT_HOME", str(tmp_path))
+    secret = "sk-live-0123456789abcdef"
+    svc = Service(tmp_path)
+    run = svc.submit_run("smoke", [f"synth.openai.api_key={secret}", "train.steps=3"])
+    assert run["overrides"] == ["synth.openai.api_key=***", "train.steps=3"]
+    listed = json.dumps(svc.list_runs())
+    lineage = json.dumps(svc.run_lineage(run["run_id"]))
+    created = svc.create_schedule("0 3 * * *", "smoke", [f"synth.openai.api_key={secret}"])
+    shown = json.dumps([created, svc.list_schedules(), svc.get_schedule(created["schedule_id"])])
+    for answer in (json.dumps(run), listed, lineage, shown):
+        assert secret not in answer
+    assert '"api_key": "***"' in lineage
+    # what runs keeps the real value: the run record and the schedule's job
+    record = json.loads((tmp_path / "runs" / run["run_id"] / "run.json").read_text())
+    assert record["overrides"][0].endswith(secret)
+    assert schedules.get(created["schedule_id"], home=tmp_path).overrides == [f"synth.openai.api_key={secret}"]
+
+
+def test_kubeflow_runs_and_schedules_through_the_service(tmp_path, monkeypatch):
+    from kat_core.platform.service import Invalid, Service
+    from tests.kfp_server import FakeKFP
+
+    with FakeKFP(token="t0ken") as server:
+        monkeypatch.setenv("KFP_TOKEN", "t0ken")
+        svc = Service(tmp_path, kfp_host=server.url)
+        assert svc.backends() == {"local": None, "kubeflow": None}
+        run = svc.submit_run("smoke", ["train.steps=5"], "kubeflow", name="nightly", who="tester")
+        assert run["backend"] == "kubeflow" and run["status"] == "pending" and run["submitted_by"] == "tester"
+        assert server.runs[run["run_id"]]["runtime_config"]["parameters"] == {"profile": "smoke",
+                                                                              "overrides": ["train.steps=5"]}
+        local = svc.submit_run("smoke", [], "local")
+        listed = svc.list_runs()
+        assert {(r["run_id"], r["backend"]) for r in listed["runs"]} == {(run["run_id"], "kubeflow"),
+                                                                        (local["run_id"], "local")}
+        assert listed["warnings"] == []
+        assert svc.cancel_run(run["run_id"])["backend"] == "kubeflow"
+        assert server.runs[run["run_id"]]["state"] == "CANCELING"
+        created = svc.create_schedule("0 3 * * *", "smoke", [], backend="kubeflow", name="kfp nightly")
+        assert server.recurring[created["schedule_id"]]["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * *"
+        assert [s["backend"] for s in svc.list_schedules()["schedules"]] == ["kubeflow"]
+        with pytest.raises(Invalid, match="Kubeflow Pipelines UI"):
+            svc.pause_schedule(created["schedule_id"])
+        with pytest.raises(Invalid, match="needs the local scheduler"):
+            svc.create_schedule("0 3 * * *", "smoke", [], backend="kubeflow", only_if_data_changed=True)
+        svc.delete_schedule(created["schedule_id"])
+        assert server.recurring == {}
+    # the cluster gone: the local runs still list, with a warning saying why the others do not
+    listed = Service(tmp_path, kfp_host=server.url).list_runs()
+    assert [r["run_id"] for r in listed["runs"]] == [local["run_id"]]
+    assert listed["warnings"] and listed["warnings"][0].startswith("kubeflow: cannot reach Kubeflow Pipelines at")
+
+
+def _wait(condition, timeout: float, what: str):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.3)
+    return result
+
+
+def test_kat_scheduler_fires_what_the_cli_triggers(tmp_path):
+    """`kat scheduler` alone: it holds the scheduler lock (a second one is refused) and fires a schedule
+    that another process (the CLI) triggers, within its heartbeat; the run it submits is queued for its
+    worker."""
+    from kat_core.platform import schedules
+    from kat_core.platform.service import Service
+
+    env = {**os.environ, "KAT_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([sys.executable, "-m", "kat_core.cli", "scheduler"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    svc = Service(tmp_path)
+    try:
+        _wait(svc._scheduler_running, 60, "kat scheduler did not start")
+        with pytest.raises(KatError, match=f"a scheduler already runs for {tmp_path} \\(pid {proc.pid}\\)"):
+            schedules.start_live(tmp_path)
+        r = kat("schedule", "create", "--cron", "0 3 * * *", "--profile", "smoke", "--set", "train.steps=2",
+                home=tmp_path)
+        assert r.returncode == 0, r.stderr
+        sid = r.stdout.strip()
+        r = kat("schedule", "trigger", sid, home=tmp_path)
+        assert r.returncode == 0 and r.stderr.strip() == f"schedule {sid} triggered", r.stderr
+        (event,) = _wait(lambda: svc.get_schedule(sid)["events"], 30, "the trigger did not fire")
+        assert event["trigger"] == "manual" and event["outcome"] == f"submitted run {event['run_id']}"
+        run = svc.get_run(event["run_id"])
+        assert run["schedule_id"] == sid and run["overrides"] == ["train.steps=2"]
+        assert svc.cancel_run(run["run_id"])["status"] == "cancelled"
+        assert svc.get_schedule(sid)["next_fire"]  # the cron schedule itself is untouched
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+    assert not svc._scheduler_running()
+
+
+def test_open_reads_still_guard_changes(tmp_path):
+    import socket
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "KAT_HOME": str(tmp_path)}
+    for key in ("KAT_API_TOKEN", "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+    proc = subprocess.Popen([sys.executable, "-m", "kat_core.cli", "serve", "--port", str(port), "--open-reads"],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2):
+                return True
+        except OSError:
+            return False
+
+    try:
+        _wait(up, 60, "kat serve did not start")
+        with urllib.request.urlopen(f"{url}/api/runs") as r:
+            assert json.loads(r.read()) == {"runs": [], "warnings": []}
+        with urllib.request.urlopen(f"{url}/runs") as r:
+            assert r.url == f"{url}/runs" and b"No runs yet" in r.read()  # no detour to the sign-in page
+        request = urllib.request.Request(f"{url}/api/runs", data=b'{"profile": "smoke"}', method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request)
+        assert e.value.code == 401
+    finally:
+        os.killpg(proc.pid, 15)
+        _, err = proc.communicate(timeout=30)
+    # the token was made on this first start, printed once on the terminal, kept private
+    token = (tmp_path / "api_token").read_text().strip()
+    assert stat.S_IMODE((tmp_path / "api_token").stat().st_mode) == 0o600
+    assert "generated an API token" in err and err.count(token) == 1

@@ -98,6 +98,15 @@ def redact_config(value: Any, key: str = "") -> Any:
     return value
 
 
+def redact_overrides(overrides: list[str]) -> list[str]:
+    """`key=value` overrides with the values of secret keys (synth.openai.api_key=...) masked."""
+    out = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        out.append(f"{key}={MASK}" if sep and value and secret_name(key.rsplit(".", 1)[-1]) else item)
+    return out
+
+
 def _secret_values(extra: tuple[str, ...]) -> list[str]:
     values = [v for k, v in os.environ.items() if secret_name(k) and len(v) >= 6]
     values += [v for v in extra if v and len(v) >= 6]

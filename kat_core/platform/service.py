@@ -28,7 +28,7 @@ from typing import Any
 from kat_core.errors import KatError
 from kat_core.platform import kat_home
 from kat_core.platform.jobs import DONE, QUEUED, JobQueue
-from kat_core.platform.security import redact_config, redact_text, secret_name
+from kat_core.platform.security import redact_config, redact_overrides, redact_text, secret_name
 
 BACKENDS = ("local", "kubeflow")
 RUN_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,127}$")
@@ -234,6 +234,7 @@ class Service:
     def _view(self, info, job: dict[str, Any] | None = None) -> dict[str, Any]:
         data = info.to_dict()
         data.pop("pid", None)
+        data["overrides"] = redact_overrides(data["overrides"])
         if data.get("error"):
             data["error"] = redact_text(data["error"])
         start = _iso_to_epoch(info.started_at or info.created_at)
@@ -458,7 +459,7 @@ class Service:
         from kat_core.platform.tracking import EXPERIMENT, find_pipeline_run, pipeline_lineage
 
         info = self._info(run_id)
-        out: dict[str, Any] = {"run_id": run_id, "profile": info.profile, "overrides": info.overrides}
+        out: dict[str, Any] = {"run_id": run_id, "profile": info.profile, "overrides": redact_overrides(info.overrides)}
         try:
             config = load_config(info.profile or "demo", info.overrides)
             out["config"] = redact_config(config.model_dump(mode="json", by_alias=True))
@@ -737,7 +738,7 @@ class Service:
         if backend in (None, "local"):
             last = self.queue.last_events()
             for s in schedules.list_all(home=self.home):
-                item = s.to_dict()
+                item = {**s.to_dict(), "overrides": redact_overrides(s.overrides)}
                 event = last.get(s.schedule_id)
                 item["last"] = None if event is None else {
                     "at": datetime.fromtimestamp(event["at"], UTC).strftime("%Y-%m-%d %H:%M:%SZ"),
@@ -747,7 +748,7 @@ class Service:
             try:
                 for s in self._kubeflow().list_schedules():
                     out.append({"schedule_id": s.schedule_id, "cron": s.cron, "profile": s.profile,
-                                "overrides": s.overrides, "name": s.name, "backend": "kubeflow",
+                                "overrides": redact_overrides(s.overrides), "name": s.name, "backend": "kubeflow",
                                 "only_if_data_changed": False, "paused": not s.enabled, "next_fire": None,
                                 "created_at": s.created_at, "who": None, "last": None})
             except KatError as e:
@@ -792,9 +793,10 @@ class Service:
                                   "KFP recurring runs fire unconditionally")
                 schedule_id = self._kubeflow().schedule(cron, profile, overrides, name=name)
                 return {"schedule_id": schedule_id, "backend": "kubeflow", "cron": cron, "profile": profile,
-                        "overrides": overrides, "name": name}
-            return schedules.create(cron, profile, overrides, name=name, only_if_data_changed=only_if_data_changed,
-                                    who=who, home=self.home).to_dict()
+                        "overrides": redact_overrides(overrides), "name": name}
+            created = schedules.create(cron, profile, overrides, name=name, only_if_data_changed=only_if_data_changed,
+                                       who=who, home=self.home)
+            return {**created.to_dict(), "overrides": redact_overrides(created.overrides)}
         except Invalid:
             raise
         except KatError as e:
@@ -813,7 +815,8 @@ class Service:
     def get_schedule(self, schedule_id: str) -> dict[str, Any]:
         from kat_core.platform import schedules
 
-        item = self._local_schedule(schedule_id, schedules.get).to_dict()
+        found = self._local_schedule(schedule_id, schedules.get)
+        item = {**found.to_dict(), "overrides": redact_overrides(found.overrides)}
         item["events"] = [{**e, "at": datetime.fromtimestamp(e["at"], UTC).strftime("%Y-%m-%d %H:%M:%SZ")}
                           for e in self.queue.events(schedule_id, 20)]
         return item
@@ -822,13 +825,15 @@ class Service:
         from kat_core.platform import schedules
 
         self._require_local_schedule(schedule_id)
-        return self._local_schedule(schedule_id, schedules.pause).to_dict()
+        found = self._local_schedule(schedule_id, schedules.pause)
+        return {**found.to_dict(), "overrides": redact_overrides(found.overrides)}
 
     def resume_schedule(self, schedule_id: str) -> dict[str, Any]:
         from kat_core.platform import schedules
 
         self._require_local_schedule(schedule_id)
-        return self._local_schedule(schedule_id, schedules.resume).to_dict()
+        found = self._local_schedule(schedule_id, schedules.resume)
+        return {**found.to_dict(), "overrides": redact_overrides(found.overrides)}
 
     def trigger_schedule(self, schedule_id: str) -> dict[str, Any]:
         from kat_core.platform import schedules
