@@ -32,14 +32,25 @@ def _fmt(v: float) -> str:
 
 def line_chart(series: dict[str, list[list[float]]], title: str, *, width: int = 460, height: int = 220,
                y_range: tuple[float, float] | None = None) -> str:
-    """An SVG line chart: one polyline per series of [x, y] points, axes with a few ticks, a legend."""
+    """An SVG line chart: one polyline per series of [x, y] points, axes with a few ticks, and a legend (each
+    series with its last value) in rows under the title."""
     series = {k: [p for p in v if all(math.isfinite(c) for c in p)] for k, v in series.items()}
     series = {k: v for k, v in series.items() if v}
-    left, right, top, bottom = 52, 12, 26, 34
+    left, right, bottom = 52, 12, 34
+    legend, lx, row = [], float(left), 0
+    for name, points in series.items():
+        label = f"{name} {_fmt(points[-1][1])}"
+        span = 22 + 6.2 * len(label)  # about 6.2 px per character at this size
+        if legend and lx + span > width - right:
+            lx, row = float(left), row + 1
+        legend.append((lx, row, label))
+        lx += span
+    top = 24 + 14 * (row + 1) if series else 26
+    height += 14 * row
     w, h = width - left - right, height - top - bottom
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">',
-             f'<text x="{left}" y="16" class="chart-title">{escape(title)}</text>']
+             f'<text x="{left}" y="15" class="chart-title">{escape(title)}</text>']
     if not series:
         parts.append(f'<text x="{left + w / 2}" y="{top + h / 2}" text-anchor="middle" class="chart-empty">no data'
                      '</text></svg>')
@@ -67,16 +78,15 @@ def line_chart(series: dict[str, list[list[float]]], title: str, *, width: int =
         parts.append(f'<text x="{sx(t):.1f}" y="{top + h + 14}" text-anchor="middle" class="chart-tick">'
                      f'{_fmt(t)}</text>')
     parts.append(f'<text x="{left + w / 2}" y="{height - 4}" text-anchor="middle" class="chart-tick">step</text>')
-    for i, (name, points) in enumerate(series.items()):
+    for i, ((_name, points), (gx, grow, label)) in enumerate(zip(series.items(), legend, strict=True)):
         color = COLORS[i % len(COLORS)]
         coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
         parts.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="1.6"/>')
         if len(points) == 1:
             parts.append(f'<circle cx="{sx(points[0][0]):.1f}" cy="{sy(points[0][1]):.1f}" r="3" fill="{color}"/>')
-        lx = left + w - 8 - 110 * (len(series) - 1 - i)
-        parts.append(f'<line x1="{lx - 28}" x2="{lx - 14}" y1="16" y2="16" stroke="{color}" stroke-width="2"/>'
-                     f'<text x="{lx - 10}" y="20" class="chart-legend">{escape(name)} '
-                     f'{_fmt(points[-1][1])}</text>')
+        ly = 30 + 14 * grow
+        parts.append(f'<line x1="{gx:.1f}" x2="{gx + 14:.1f}" y1="{ly - 4}" y2="{ly - 4}" stroke="{color}" '
+                     f'stroke-width="2"/><text x="{gx + 18:.1f}" y="{ly}" class="chart-legend">{escape(label)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
