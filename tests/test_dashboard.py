@@ -303,6 +303,7 @@ def test_browser_submit_watch_report_schedule_compare_promote(server, browser):
     page.goto(f"{server.url}/data")
     expect(page.locator("table.datasets tbody tr")).to_have_count(1)
     expect(page.locator("table.datasets")).to_contain_text("passed 23/23")
+    expect(page.locator("table.datasets")).to_contain_text("300 items")
     for run_id in (run_a, run_b):
         expect(page.locator("table.datasets")).to_contain_text(run_id)
     shot(page, "13-data")
