@@ -5,7 +5,9 @@ One step = sample a group of G responses for each of P prompts, verify them, com
 optimizer step with the KL to a frozen reference (beta = 0.02 in both; TRL's default is 0, which would skip its
 reference forward pass and make the comparison unequal). TRL generates with `model.generate` (HF's
 DynamicCache, finished rows computed until the batch ends); ours samples with kat_core.rollout (rows leave
-the batch when they finish, preallocated KV cache) and trains through the kat training engine. Both stop a
+the batch when they finish, preallocated KV cache) and trains through the kat training engine. Both train
+on micro-batches of `srpo.train.micro_batch_size` (32) with accumulation up to the P x G samples of the
+step; ours groups rows of similar length into a micro-batch, TRL keeps the sampled order. Both stop a
 row at `</answer>` or EOS and sample at temperature 1, top-p 1, no top-k. The reward TRL optimises is the
 answer reward of our verifier (1 correct, 0 wrong, -1 malformed); ours is Step-SRPO's (mode + answer
 rewards): the work per step is the same, the objective is each trainer's own.
@@ -99,12 +101,16 @@ def trl_step_times(config, model_dir: Path, data: Path, steps: int, out: Path) -
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t0)
 
+    micro = min(s.train.micro_batch_size, s.prompts_per_step * s.group_size)
+    if (s.prompts_per_step * s.group_size) % micro:
+        raise SystemExit(f"P x G must be a multiple of srpo.train.micro_batch_size ({micro}) for TRL")
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     stops = [tok.eos_token_id, tok.convert_tokens_to_ids(ANSWER_CLOSE)]
     model.generation_config.eos_token_id = stops  # TRL ends each completion's mask at these
     args = GRPOConfig(
-        output_dir=str(out), max_steps=steps, per_device_train_batch_size=s.prompts_per_step * s.group_size,
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=micro,
+        gradient_accumulation_steps=s.prompts_per_step * s.group_size // micro,
         num_generations=s.group_size, max_completion_length=s.max_new_tokens, temperature=s.temperature,
         top_p=1.0, top_k=0, beta=BETA, epsilon=s.clip_eps, learning_rate=s.train.lr, num_iterations=1,
         use_cpu=True, bf16=False, report_to="none", save_strategy="no", logging_steps=1, seed=config.seed,
@@ -144,8 +150,7 @@ def main() -> None:
         config = load_config("demo", [
             "synth.families={arith: 400}", f"srpo.prompts_per_step={args.prompts}", f"srpo.group_size={args.group}",
             f"srpo.max_new_tokens={args.max_new}", "srpo.explore_floor=0", "srpo.updates_per_rollout=1",
-            f"srpo.kl_beta={BETA}", f"srpo.train.steps={args.steps}",
-            f"srpo.train.micro_batch_size={args.prompts * args.group}", f"srpo.train.checkpoint_every={args.steps}"])
+            f"srpo.kl_beta={BETA}", f"srpo.train.steps={args.steps}", f"srpo.train.checkpoint_every={args.steps}"])
         ours, trl = [], []
         runs = [("warm-up", 1)] + [("timed", r) for r in range(args.repeats)]
         for kind, r in runs:
@@ -158,7 +163,8 @@ def main() -> None:
                   flush=True)
 
     ours_med, trl_med = statistics.median(ours), statistics.median(trl)
-    print(f"\nP={args.prompts} prompts x G={args.group}, <= {args.max_new} new tokens, beta {BETA}, "
+    print(f"\nP={args.prompts} prompts x G={args.group}, micro-batches of {config.srpo.train.micro_batch_size}, "
+          f"<= {args.max_new} new tokens, beta {BETA}, "
           f"{torch.get_num_threads()} threads, {len(ours)} timed steps each")
     print(f"{'trainer':<28}{'median step s':>14}")
     print(f"{'ours (step_srpo, kat engine)':<28}{ours_med:>14.3f}")

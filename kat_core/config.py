@@ -152,7 +152,7 @@ class SrpoConfig(_Strict):
     max_new_tokens: int = Field(160, ge=8)
     prompts: int | None = Field(None, ge=1, description="size of the prompt pool (None: every training prompt)")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(
-        steps=40, lr=2e-5, warmup_steps=2, min_lr_ratio=1.0, micro_batch_size=64, checkpoint_every=10,
+        steps=40, lr=2e-5, warmup_steps=2, min_lr_ratio=1.0, micro_batch_size=32, checkpoint_every=10,
         log_every=2))
 
 

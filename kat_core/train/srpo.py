@@ -47,6 +47,7 @@ import json
 import logging
 import math
 import shutil
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -352,7 +353,9 @@ def _micro_batches(samples, scored: list[Scored], advantages, stats: dict[str, f
     n_resp = total - n_judge
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
-    for part in np.array_split(np.arange(len(rows)), chunks):
+    # micro-batches of similar lengths: a padded batch costs its longest row times its size
+    by_length = np.argsort([len(ctx) + len(s.token_ids) for ctx, s, _ in rows], kind="stable")
+    for part in np.array_split(by_length, chunks):
         width = max(len(rows[i][0]) + len(rows[i][1].token_ids) for i in part)
         b = len(part)
         input_ids = torch.full((b, width), pad, dtype=torch.long)
@@ -434,8 +437,10 @@ def srpo(config: KatConfig, checkpoint: str | Path, data_dir: str | Path, out_di
         if key not in cache:
             cache.clear()
             chosen = [pairs[j] for j in pick(key[0] * world + rank)]
+            t0 = time.perf_counter()
             samples, scored, advantages, stats = rollout(model, tokenizer, chosen, prior, cfg,
                                                          seed=config.seed * 1_000_003 + key[0] * world + rank)
+            stats["rollout_s"] = time.perf_counter() - t0  # sampling and scoring, in the step's step_time_s
             cache[key] = _micro_batches(samples, scored, advantages, stats, tokenizer, ref_model, cfg, mode_ids,
                                         chosen, group, chunks)
         return cache[key][micro]
