@@ -32,6 +32,7 @@ from typing import Any
 
 from components.runtime import code_digest
 from kat_core.errors import KatError
+from kat_core.platform.jobs import pid_alive
 
 BACKENDS = ("local", "kubeflow")
 
@@ -181,18 +182,6 @@ def _write_json(path: Path, data: Any) -> None:
         f.write("\n")
     os.chmod(tmp, 0o644)  # mkstemp makes it private; run records are meant to be read
     os.replace(tmp, path)
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 Event = Callable[[str, StageInfo], None]  # (kind: "start" | "end", stage)
@@ -350,7 +339,7 @@ class LocalBackend(RunBackend):
         if not re.fullmatch(r"[\w.-]+", run_id) or not path.is_file():
             raise KatError(f"unknown run id {run_id!r} on the local back end ({self.home / 'runs'})")
         info = RunInfo.from_dict(json.loads(path.read_text()))
-        if info.status == "running" and not _pid_alive(info.pid):
+        if info.status == "running" and not pid_alive(info.pid):
             info.status, info.error = "failed", "its process ended without recording a result (killed?)"
         return info
 

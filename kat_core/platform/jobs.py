@@ -57,7 +57,8 @@ CREATE INDEX IF NOT EXISTS events_schedule ON schedule_events(schedule_id, at);
 """
 
 
-def _pid_alive(pid: int | None) -> bool:
+def pid_alive(pid: int | None) -> bool:
+    """Whether process `pid` still runs (a zombie child of ours counts as ended)."""
     if not pid:
         return False
     try:
@@ -266,7 +267,7 @@ class RunWorker(threading.Thread):
         for job in self.queue.with_state(RUNNING):
             if job["run_id"] in self.procs or job["backend"] != "local":
                 continue
-            if _pid_alive(job["pid"]):
+            if pid_alive(job["pid"]):
                 running += 1  # started by an earlier service (or another one sharing KAT_HOME)
             elif job["pid"] is None and self._record_status(job["run_id"]) == "pending" \
                     and time.time() - (job["started_at"] or 0) > 30:
