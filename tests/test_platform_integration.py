@@ -127,7 +127,7 @@ def test_pipeline_through_mlflow_server_and_s3(s3, mlflow_server, tiny_tokenizer
 @pytest.mark.slow
 def test_smoke_pipeline_runs_against_the_tracking_server_and_s3(s3, mlflow_server, tmp_path):
     """The whole smoke pipeline (`kat run`, kfp.local) tracked on the server: a parent run with one child per
-    stage, the model registered, its files in the bucket, and `models:/kat@champion` loading back."""
+    stage, the model registered, its files in the bucket, and `models:/kat-smoke@champion` loading back."""
     import json
 
     import mlflow
@@ -139,8 +139,9 @@ def test_smoke_pipeline_runs_against_the_tracking_server_and_s3(s3, mlflow_serve
            "OMP_NUM_THREADS": "1"}
     for var in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         env.pop(var, None)  # the pipeline talks only to the tracking server; the server writes to S3
-    r = subprocess.run([sys.executable, "-m", "kat_core.cli", "run", "--profile", "smoke"], env=env,
-                       capture_output=True, text=True, timeout=600)
+    # its own registered model name: the server is shared with the test above, which registers "kat"
+    r = subprocess.run([sys.executable, "-m", "kat_core.cli", "run", "--profile", "smoke",
+                        "--set", "registry.model_name=kat-smoke"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.loads(r.stdout.strip().splitlines()[-1])
     assert record["status"] == "succeeded"
@@ -148,17 +149,18 @@ def test_smoke_pipeline_runs_against_the_tracking_server_and_s3(s3, mlflow_serve
     client = mlflow.MlflowClient(mlflow_server)
     (experiment,) = [e for e in client.search_experiments() if e.name == "kat-autothink"]
     runs = client.search_runs([experiment.experiment_id])
-    parents = [x for x in runs if "mlflow.parentRunId" not in x.data.tags]
+    parents = [x for x in runs if "mlflow.parentRunId" not in x.data.tags
+               and x.data.tags.get("kat.kfp_run_id") == record["run_id"]]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = {x.info.run_name for x in runs if x.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     assert {"synthesize", "validate", "pretrain", "coldstart", "srpo", "evaluate"} <= children
 
-    info = show_version("kat", "champion", tracking_uri=mlflow_server)
-    assert info["version"] == 1 and "synthesize" in info["data"]
+    info = show_version("kat-smoke", "champion", tracking_uri=mlflow_server)
+    assert info["version"] == 1 and info["kfp_run_id"] == record["run_id"] and "synthesize" in info["data"]
     store = ObjectStore(s3["endpoint"], s3["access_key"], s3["secret_key"], region="us-east-1")
     keys = {o.object_name for o in store._client().list_objects(BUCKET, prefix="mlartifacts/", recursive=True)}
     assert any(k.endswith("/model.safetensors") for k in keys) and any(k.endswith("/MLmodel") for k in keys)
 
     mlflow.set_tracking_uri(mlflow_server)
-    loaded = mlflow.pyfunc.load_model("models:/kat@champion")
+    loaded = mlflow.pyfunc.load_model("models:/kat-smoke@champion")
     assert isinstance(loaded.predict(["What is 2+3?"], params={"max_new_tokens": 8})[0], str)
