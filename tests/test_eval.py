@@ -15,12 +15,7 @@ from tests.tiny_autothink import tiny_checkpoint
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def o(mode, correct, total, *, think=0, well_formed=True, finish="stop"):

@@ -26,13 +26,7 @@ from kat_core.model import (  # noqa: E402
 TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_seq_len=64, mtp_depth=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Ops this small run fastest on one thread, and far more predictably on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

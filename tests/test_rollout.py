@@ -8,54 +8,24 @@ torch = pytest.importorskip("torch")
 
 from kat_core.config import ModelConfig  # noqa: E402
 from kat_core.data.judge import judge_text  # noqa: E402
-from kat_core.format import ANSWER_CLOSE, count_tokens, forced_prefix, parse, prompt_text, render  # noqa: E402
-from kat_core.model.lm import build_model  # noqa: E402
+from kat_core.format import ANSWER_CLOSE, count_tokens, forced_prefix, parse, prompt_text  # noqa: E402
 from kat_core.rollout import generate  # noqa: E402
 from kat_core.tasks.arith import ArithTask  # noqa: E402
+from tests.tiny_autothink import train_tiny  # noqa: E402
 
 TINY = ModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_seq_len=256)
 TASK = ArithTask()
 STEPS = 150
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Ops this small run fastest on one thread, and far more predictably on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def lm(tiny_tokenizer):
     """A tiny Llama trained 150 Adam steps on both regimes of arith items: enough for tags, stops and lengths
     that vary, far from correct arithmetic (which these tests do not need)."""
-    tok = tiny_tokenizer
-    rows = []
-    for it in TASK.examples("train", n=120):
-        for mode in ("off", "on"):
-            think = "\n".join(it.steps) if mode == "on" else None
-            text = render(judge_text(TASK.intent_features(it), mode), mode, TASK.answer_text(it), think=think)
-            rows.append(tok(prompt_text(it.prompt) + text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-    rows.sort(key=len)  # batches of neighbours: little padding
-    model = build_model(TINY, tok, seed=0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / STEPS)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(STEPS):
-        lo = int(torch.randint(0, len(rows) - 16, (1,), generator=g))
-        batch = rows[lo : lo + 16]
-        x = torch.full((16, max(map(len, batch))), tok.pad_token_id)
-        y = torch.full_like(x, -100)
-        for r, ids in enumerate(batch):
-            x[r, : len(ids)] = y[r, : len(ids)] = torch.tensor(ids)
-        loss = model(input_ids=x, labels=y).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    return model.eval(), tok
+    return train_tiny(tiny_tokenizer, TINY, TASK, restate=True, steps=STEPS), tiny_tokenizer
 
 
 def _workload(n_items: int = 9):
