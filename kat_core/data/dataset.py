@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,6 +96,16 @@ def atomic_output_dir(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; outputs are meant to be shared
+    swap_into_place(tmp, out)
+
+
+def swap_into_place(tmp: Path, out: Path) -> None:
+    """Put a finished temp dir at `out`. os.replace cannot replace a non-empty dir, so the old one moves
+    aside first and is dropped after: `out` is never missing and never half-written."""
+    old = None
     if out.exists():
-        shutil.rmtree(out)
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
     os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -13,13 +13,13 @@ reader never sees a half-written checkpoint under the final name.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kat_core.data.dataset import swap_into_place
 from kat_core.errors import KatError
 from kat_core.manifest import write_manifest
 
@@ -61,7 +61,7 @@ def save_checkpoint(
         if write_more is not None:
             write_more(tmp)
         write_manifest(tmp, **(manifest or {"stage": "checkpoint"}))
-        _swap_into_place(tmp, out)
+        swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -122,13 +122,3 @@ def _why_not(path: Path) -> str | None:
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """os.replace cannot replace a non-empty dir: move the old one aside first, then drop it."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

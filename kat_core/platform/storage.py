@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+from kat_core.data.dataset import swap_into_place
 from kat_core.errors import KatError
 from kat_core.manifest import sha256_file
 
@@ -124,7 +125,7 @@ class ObjectStore:
                                lambda k=key, t=target: self._client().fget_object(bucket, k, str(t)))
                     _check_digest(target, digest, f"s3://{bucket}/{key}")
                 _write_index(tmp, index)
-                _swap_into_place(tmp, dst)
+                swap_into_place(tmp, dst)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         else:
@@ -285,7 +286,7 @@ class ObjectStore:
                     raise KatError(f"{where}: indexed file {rel} is missing") from None
                 _check_digest(target, digest, f"{where}/{rel}")
             _write_index(tmp, index)
-            _swap_into_place(tmp, dst)
+            swap_into_place(tmp, dst)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -304,17 +305,6 @@ def _check_digest(path: Path, digest: str, where: str) -> None:
         raise KatError(f"sha256 mismatch for {where}: expected {digest[:12]}…, got {actual[:12]}… "
                        "(the stored object was changed or corrupted)")
 
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Put a finished temp dir at `out`; os.replace cannot replace a non-empty dir, so the old one moves
-    aside first. (kat_core.model.checkpoint does the same, but importing it loads torch.)"""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_index(directory: Path, index: dict[str, Any]) -> None:
