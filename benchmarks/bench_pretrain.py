@@ -4,6 +4,7 @@
   (b) ours, D=1 MTP module                                          target (b)/(a) <= 1.35
   (c) ours, D=2
   (d) ours, D=1 + KD from a teacher checkpoint (teacher forward included)
+  (d') ours, D=1 + KD from the teacher's top-k, computed once over the rows (pretrain.teacher_once, the default)
   (e) the engine: DeepSpeed back end vs plain torch back end      target <= 1.15 (see also bench_engine.py)
 
 (a)-(d) alternate step by step after a warm-up (so machine noise hits all alike); each figure is the median
@@ -41,7 +42,7 @@ def main() -> None:
     from kat_core.model.lm import build_model
     from kat_core.model.mtp import LMWithMTP, build_mtp
     from kat_core.tokenizer import train_tokenizer
-    from kat_core.train.pretrain import corpus, make_loss_fn, packed_rows
+    from kat_core.train.pretrain import corpus, make_loss_fn, packed_rows, teacher_topk
 
     cfg = load_config(args.profile, ["synth.families={arith: 600}"])
     tmp = Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
@@ -55,14 +56,14 @@ def main() -> None:
     batch = {k: v[:bs] for k, v in rows.items()}
     labels = batch["input_ids"].masked_fill(batch["weights"] == 0, -100)
 
-    def ours(depth: int, teacher=None):
+    def ours(depth: int, teacher=None, data=batch):
         model = LMWithMTP(build_model(cfg.model, tok), None)
         model.mtp = build_mtp(model.lm, depth)
         loss_fn = make_loss_fn(cfg, teacher)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step():
-            loss, _ = loss_fn(model, batch)
+            loss, _ = loss_fn(model, data)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -83,8 +84,10 @@ def main() -> None:
     teacher = build_model(cfg.model.model_copy(update={"hidden_size": cfg.model.hidden_size * 2,
                                                        "intermediate_size": cfg.model.intermediate_size * 2}), tok)
     teacher.eval().requires_grad_(False)
+    top = teacher_topk(teacher, batch, cfg.pretrain.teacher_top_k, cfg.pretrain.kd_temperature, progress=False)
+    with_topk = {**batch, **{f"teacher_{k}": v for k, v in top.items()}}
     runs = {"(a) hf plain": hf_plain(), "(b) ours D=1": ours(1), "(c) ours D=2": ours(2),
-            "(d) ours D=1 + KD": ours(1, teacher)}
+            "(d) ours D=1 + KD": ours(1, teacher), "(d') D=1 + KD top-k once": ours(1, data=with_topk)}
     times: dict[str, list[float]] = {k: [] for k in runs}
     for i in range(args.warmup + args.steps):
         for name, step in runs.items():

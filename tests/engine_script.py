@@ -93,7 +93,8 @@ def main() -> None:
     torch.set_num_threads(1)  # two processes on two cores
     cfg = TrainConfig(backend=args.backend, zero_stage=args.zero_stage, steps=args.steps, lr=args.lr,
                       warmup_steps=3, micro_batch_size=args.micro_batch, grad_accum=args.grad_accum,
-                      checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep, log_every=5)
+                      checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep, log_every=5,
+                      bf16=False)  # fp32: the tests compare curves across launchers to 1e-4
     batches = make_batches(args.micro_batch, args.seed, args.sleep)
     model = make_model(args.seed, args.dropout)
     result = train(model, loss_fn, batches, cfg, args.out, progress=False, seed=args.seed)

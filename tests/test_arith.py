@@ -3,7 +3,7 @@ import random
 import pytest
 
 from kat_core.errors import KatError
-from kat_core.tasks.arith import LEVELS, ArithTask, _level_expression, check_step, solve, split_of
+from kat_core.tasks.arith import LEVELS, ArithTask, _level_expression, carries, check_step, solve, split_of
 
 
 def test_traces_are_right_and_end_in_the_answer():
@@ -17,23 +17,41 @@ def test_traces_are_right_and_end_in_the_answer():
             assert steps[-1].endswith(f"={value}")
 
 
-def test_levels_grade_in_trace_length():
+def test_levels_grade_in_what_a_direct_answer_must_do_silently():
     task = ArithTask()
     items = task.examples("train", n=500)
-    mean_steps = {
-        lvl: sum(len(i.steps) for i in items if i.difficulty == lvl) / sum(i.difficulty == lvl for i in items)
-        for lvl in LEVELS
-    }
-    # level 1 is one fact; level 5 chains a carried product into a carried sum
-    assert mean_steps[1] == 1
+    by_level = {lvl: [i for i in items if i.difficulty == lvl] for lvl in LEVELS}
+    # levels 1-2 carry nothing (every digit is one fact), level 3 always carries, level 5 is the longest
+    assert all(carries(i.steps) == 0 for lvl in (1, 2) for i in by_level[lvl])
+    assert all(carries(i.steps) > 0 for i in by_level[3])
+    mean_steps = {lvl: sum(len(i.steps) for i in its) / len(its) for lvl, its in by_level.items()}
+    assert all(mean_steps[lvl] >= 3 for lvl in LEVELS)  # thinking costs tokens at every level
     assert mean_steps[5] > max(mean_steps[lvl] for lvl in (1, 2, 3, 4))
-    assert all(mean_steps[1] < mean_steps[lvl] for lvl in (2, 3, 4, 5))
 
 
-def test_level_1_is_one_operation_on_digits():
+def test_level_operands():
     for item in ArithTask(levels=[1]).examples("train", n=50):
         a, b = item.meta["operands"]
-        assert a < 10 and b < 10 and len(item.meta["ops"]) == 1
+        assert 10 <= a < 100 and b < 10 and item.meta["ops"] in (["+"], ["-"])
+    for item in ArithTask(levels=[2]).examples("train", n=50):
+        a, b = item.meta["operands"]
+        assert 10 <= a < 100 and 10 <= b < 100 and item.meta["ops"] in (["+"], ["-"])
+    for item in ArithTask(levels=[4]).examples("train", n=50):
+        assert sorted(len(str(x)) for x in item.meta["operands"]) == [1, 2] and item.meta["ops"] == ["*"]
+
+
+def test_the_answer_is_the_value_and_the_judge_names_the_carry():
+    from kat_core.data.judge import judge_text
+
+    task = ArithTask()
+    plain = task.examples("test", n=50)
+    for item in plain:
+        assert task.answer_text(item) == item.answer
+    carried = next(i for i in plain if i.difficulty == 3)
+    no_carry = next(i for i in plain if i.difficulty == 1)
+    assert "carries" in judge_text(task.intent_features(carried), "on")
+    assert "carries" not in judge_text(task.intent_features(no_carry), "off")
+    assert judge_text(task.intent_features(no_carry), "off").endswith(": direct")
 
 
 def test_splits_are_disjoint_and_deterministic():

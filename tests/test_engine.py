@@ -29,8 +29,9 @@ DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADD
 
 
 def cfg(**kw) -> TrainConfig:
+    # fp32: these tests compare loss curves across back ends and restarts to 1e-4 or closer
     base = dict(steps=30, lr=1e-2, warmup_steps=3, micro_batch_size=8, checkpoint_every=10,
-                keep_checkpoints=2, log_every=5)
+                keep_checkpoints=2, log_every=5, bf16=False)
     return TrainConfig(**{**base, **kw})
 
 
@@ -266,3 +267,12 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_bf16_auto_follows_the_hardware():
+    from kat_core.train.engine import _cpu_has_native_bf16, _use_bf16
+
+    assert _use_bf16("auto", "cpu", "torch") == _cpu_has_native_bf16()
+    assert not _use_bf16("auto", "cpu", "deepspeed")  # DeepSpeed's CPU path stays fp32
+    assert _use_bf16(True, "cpu", "deepspeed") and not _use_bf16(False, "cuda", "torch")
+

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def lm(tiny_tokenizer):
     """A tiny Llama trained 150 Adam steps on both regimes of arith items: enough for tags, stops and lengths
     that vary, far from correct arithmetic (which these tests do not need)."""
-    return train_tiny(tiny_tokenizer, TINY, TASK, restate=True, steps=STEPS), tiny_tokenizer
+    return train_tiny(tiny_tokenizer, TINY, TASK, steps=STEPS), tiny_tokenizer
 
 
 def _workload(n_items: int = 9):

@@ -11,9 +11,9 @@ from pathlib import Path
 TINY_STEPS = 150
 
 
-def train_tiny(tokenizer, cfg, task, *, restate: bool = False, steps: int = TINY_STEPS):
-    """A fresh Llama of `cfg` trained `steps` Adam steps on both regimes of 120 of `task`'s train items (answers
-    as the bare value, or restating the expression with `restate`); returned in eval mode."""
+def train_tiny(tokenizer, cfg, task, *, steps: int = TINY_STEPS):
+    """A fresh Llama of `cfg` trained `steps` Adam steps on both regimes of 120 of `task`'s train items;
+    returned in eval mode."""
     import torch
 
     from kat_core.data.judge import judge_text
@@ -24,8 +24,7 @@ def train_tiny(tokenizer, cfg, task, *, restate: bool = False, steps: int = TINY
     for it in task.examples("train", n=120):
         for mode in ("off", "on"):
             think = "\n".join(it.steps) if mode == "on" else None
-            answer = task.answer_text(it) if restate else it.answer
-            text = render(judge_text(task.intent_features(it), mode), mode, answer, think=think)
+            text = render(judge_text(task.intent_features(it), mode), mode, task.answer_text(it), think=think)
             ids = tokenizer(prompt_text(it.prompt) + text, add_special_tokens=False)["input_ids"]
             rows.append(ids + [tokenizer.eos_token_id])
     rows.sort(key=len)  # batches of neighbours: little padding
@@ -59,5 +58,5 @@ def tiny_checkpoint(base: Path, tokenizer) -> Path:
     from kat_core.tasks.arith import ArithTask
 
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_seq_len=256, mtp_depth=0)
-    # levels 1-3: short traces, the tiny model learns their shape quickly
+    # levels 1-3: three-step traces, the tiny model learns their shape quickly
     return save_checkpoint(out, train_tiny(tokenizer, cfg, ArithTask(levels=[1, 2, 3])), tokenizer)

@@ -90,13 +90,15 @@ class ProgrammaticAgents(Agents):
 
 
 def _corrupt_last_number(answer: str, rng: random.Random) -> str:
-    """A wrong final answer: the last number moved by a small amount (`47*6+38=320` -> `...=321`)."""
+    """A wrong final answer: the last number moved by a small amount (`320` -> `321`), never below zero (a
+    negative shift folded back could land on the right value, an "error" no critic can catch)."""
     numbers = list(re.finditer(r"\d+", answer))
     if not numbers:
         return answer + "0"
     m = numbers[-1]
-    wrong = int(m[0]) + rng.choice([-10, -2, -1, 1, 2, 10])
-    return answer[: m.start()] + str(abs(wrong) if wrong != int(m[0]) else wrong + 1) + answer[m.end():]
+    value = int(m[0])
+    wrong = rng.choice([value + d for d in (-10, -2, -1, 1, 2, 10) if value + d >= 0])
+    return answer[: m.start()] + str(wrong) + answer[m.end():]
 
 
 def _corrupt_number(step: str, rng: random.Random) -> str:

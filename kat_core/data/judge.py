@@ -13,12 +13,14 @@ _OP_WORDS = {"+": "sum", "-": "difference", "*": "product"}
 
 
 def describe(features: dict[str, Any]) -> str:
-    """A few words on what the request is, e.g. "2-digit product plus sum, 7 steps"."""
+    """A few words on what the request is, e.g. "product plus sum, 7 steps, carries"."""
     if features.get("family") == "arith":
         ops = features.get("op_kinds") or []
         what = " plus ".join(_OP_WORDS.get(o, o) for o in ops) or "arithmetic"
         steps = features.get("steps", 0)
-        return f"{features.get('max_digits', 1)}-digit {what}, {steps} step{'s' if steps != 1 else ''}"
+        # the carry is what a direct answer cannot do silently: the one feature the mode hinges on
+        carried = ", carries" if features.get("carries") else ""
+        return f"{what}, {steps} step{'s' if steps != 1 else ''}{carried}"
     parts = [str(features.get("family", "task"))]
     if features.get("difficulty"):
         parts.append(f"level {features['difficulty']}")

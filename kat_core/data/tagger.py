@@ -18,15 +18,16 @@ def _clip(x: float) -> float:
 def feature_complexity(features: dict[str, Any]) -> float:
     """Complexity from intent features alone.
 
-    Weights: trace length dominates (each step is work a direct answer must do silently); operand size
-    and multi-digit products add because they are where direct answers of small models break first.
-    A level-1 fact scores 0; a two-digit by two-digit product plus a sum scores 1."""
+    Weights: trace length counts (each step is work a direct answer must do silently); a carry and a
+    multi-digit product each add more, because they are where direct answers of small models break
+    first. A one-digit fact scores 0; a carried sum about 0.35; a carried product plus a sum about 0.8."""
     steps_term = _clip((features.get("steps", 0) - 2) / 10)
     digits_term = _clip((features.get("max_digits", 1) - 1) / 2)
     product_term = 1.0 if features.get("has_product") and features.get("max_digits", 1) > 1 else 0.0
+    carry_term = 1.0 if features.get("carries", 0) > 0 else 0.0
     if "max_digits" not in features:  # non-arith families: difficulty level is the best feature we have
         return _clip(0.5 * steps_term + 0.5 * (features.get("difficulty", 3) - 1) / 4)
-    return _clip(0.5 * steps_term + 0.3 * digits_term + 0.2 * product_term)
+    return _clip(0.4 * steps_term + 0.2 * digits_term + 0.2 * product_term + 0.2 * carry_term)
 
 
 @dataclass

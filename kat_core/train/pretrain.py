@@ -227,6 +227,13 @@ def pretrain(
         if float(teacher_cache["temperature"]) != config.pretrain.kd_temperature:
             raise KatError(f"teacher cache {teacher} was made at kd_temperature {float(teacher_cache['temperature'])}, "
                            f"not {config.pretrain.kd_temperature}; rebuild it")
+    elif teacher_model is not None and config.pretrain.teacher_once:
+        log.info("teacher pass over the %d packed rows (top-%d logits)", rows["input_ids"].shape[0],
+                 config.pretrain.teacher_top_k)
+        teacher_cache = teacher_topk(teacher_model, rows, config.pretrain.teacher_top_k,
+                                     config.pretrain.kd_temperature, progress=progress)
+        teacher_model = None  # distil from the top-k from here on; the teacher's memory can go
+    if teacher_cache is not None:
         rows["teacher_values"] = teacher_cache["values"]
         rows["teacher_indices"] = teacher_cache["indices"]
         rows["teacher_lse"] = teacher_cache["lse"]
@@ -279,14 +286,33 @@ def _inputs(data_dir: Path, teacher, base: str | None) -> dict[str, Path]:
     return inputs
 
 
+def teacher_topk(model, rows: dict[str, Any], k: int, temperature: float, *, batch_size: int = 16,
+                 progress: bool = True) -> dict[str, Any]:
+    """One teacher pass over the packed rows: its top-k logits and its logsumexp at `temperature` per
+    position, the form `kd_loss` takes. Over several epochs this is far cheaper than a teacher forward
+    pass every step, and top-32 of a small vocabulary keeps nearly all of the teacher's probability."""
+    import torch
+    from tqdm import tqdm
+
+    values, indices, lse = [], [], []
+    with torch.no_grad():
+        for i in tqdm(range(0, rows["input_ids"].shape[0], batch_size), desc="teacher top-k", disable=not progress):
+            logits = model(input_ids=rows["input_ids"][i:i + batch_size],
+                           position_ids=rows["position_ids"][i:i + batch_size], use_cache=False).logits
+            top = logits.float().topk(k, dim=-1)
+            values.append(top.values)
+            indices.append(top.indices.int())
+            lse.append(torch.logsumexp(logits.float() / temperature, dim=-1))
+    return {"values": torch.cat(values), "indices": torch.cat(indices), "lse": torch.cat(lse)}
+
+
 def cache_teacher(config: KatConfig, teacher_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
                   *, batch_size: int = 16, progress: bool = True) -> Path:
-    """Run the teacher once over the packed rows and keep its top-k logits, so distillation need not hold
-    the teacher in memory or pay its forward pass every step. The student must pack the same way (same
-    dataset, profile and seed); `pretrain` checks that the rows match."""
+    """Run the teacher once over the packed rows and keep its top-k logits in a file, so distillation need
+    not hold the teacher in memory at all. The student must pack the same way (same dataset, profile and
+    seed); `pretrain` checks that the rows match."""
     import torch
     from safetensors.torch import save_file
-    from tqdm import tqdm
 
     from kat_core.data.dataset import atomic_output_dir
     from kat_core.manifest import write_manifest
@@ -298,18 +324,10 @@ def cache_teacher(config: KatConfig, teacher_dir: str | Path, data_dir: str | Pa
     rows = packed_rows(check_dataset(data_dir), tokenizer, config.model.max_seq_len,
                        config.pretrain.mode_token_weight, config.seed)
     k, temperature = config.pretrain.teacher_top_k, config.pretrain.kd_temperature
-    values, indices, lse = [], [], []
-    with torch.no_grad():
-        for i in tqdm(range(0, rows["input_ids"].shape[0], batch_size), desc="teacher top-k", disable=not progress):
-            logits = model(input_ids=rows["input_ids"][i:i + batch_size],
-                           position_ids=rows["position_ids"][i:i + batch_size], use_cache=False).logits
-            top = logits.float().topk(k, dim=-1)
-            values.append(top.values)
-            indices.append(top.indices.int())
-            lse.append(torch.logsumexp(logits.float() / temperature, dim=-1))
+    top = teacher_topk(model, rows, k, temperature, batch_size=batch_size, progress=progress)
     with atomic_output_dir(Path(out_dir)) as tmp:
-        save_file({"input_ids": rows["input_ids"], "values": torch.cat(values), "indices": torch.cat(indices),
-                   "lse": torch.cat(lse), "temperature": torch.tensor(temperature)}, str(tmp / TEACHER_CACHE))
+        save_file({"input_ids": rows["input_ids"], **top, "temperature": torch.tensor(temperature)},
+                  str(tmp / TEACHER_CACHE))
         tokenizer.save_pretrained(tmp)
         write_manifest(tmp, stage="cache-teacher", config=config,
                        inputs={"teacher": teacher_dir, "data": data_dir},
