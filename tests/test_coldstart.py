@@ -9,10 +9,12 @@ import pytest
 
 from kat_core.train.coldstart import label_items, majority_vote, summarize
 
-# a smoke-sized model that learns enough in about a minute to make the vote meaningful: levels 1 and 5 only
+# a smoke-sized model that learns enough in two minutes to make the vote meaningful: levels 1 and 5 only, on
+# enough items that it cannot simply memorise the training prompts the cold start labels
 SETTINGS = [
-    "synth.levels=[1,5]", "synth.families={arith: 300}", "model.hidden_size=128", "model.num_heads=4",
-    "model.intermediate_size=256", "train.steps=300", "train.lr=3e-3", "train.micro_batch_size=16",
+    "synth.levels=[1,5]", "synth.families={arith: 1000}", "model.hidden_size=128", "model.num_heads=4",
+    "model.intermediate_size=256", "train.steps=400", "train.lr=3e-3", "train.weight_decay=0.1",
+    "train.micro_batch_size=16",
     "train.checkpoint_every=300", "coldstart.prompts=60", "coldstart.temperature=0.3", "coldstart.train.steps=10",
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TINY_STEPS = 150
+TINY_STEPS = 300
 
 
 def train_tiny(tokenizer, cfg, task, *, steps: int = TINY_STEPS):
