@@ -20,7 +20,8 @@ def feature_complexity(features: dict[str, Any]) -> float:
 
     Weights: trace length counts (each step is work a direct answer must do silently); a carry and a
     multi-digit product each add more, because they are where direct answers of small models break
-    first. A one-digit fact scores 0; a carried sum about 0.35; a carried product plus a sum about 0.8."""
+    first. A one-digit fact scores 0; a two-digit sum without a carry about 0.14, with one about 0.34; a
+    carried product plus a sum 0.7."""
     steps_term = _clip((features.get("steps", 0) - 2) / 10)
     digits_term = _clip((features.get("max_digits", 1) - 1) / 2)
     product_term = 1.0 if features.get("has_product") and features.get("max_digits", 1) > 1 else 0.0
