@@ -116,9 +116,9 @@ def carries(steps: list[str]) -> int:
 
 def _plus_minus(rng: random.Random, b_digits: int, carried: bool) -> tuple[str, list[int]]:
     """Two-digit a plus or minus a `b_digits`-digit b, with or without a carry (or borrow)."""
+    b_low = 1 if b_digits == 1 else 10 ** (b_digits - 1)
     while True:
-        a, b, op = rng.randint(10, 99), rng.randint(10 ** (b_digits - 1) if b_digits > 1 else 1, 10**b_digits - 1), \
-            rng.choice("+-")
+        a, b, op = rng.randint(10, 99), rng.randint(b_low, 10**b_digits - 1), rng.choice("+-")
         if op == "-" and a < b:
             a, b = b, a
         expr = f"{a}{op}{b}"
