@@ -143,7 +143,10 @@ class SrpoConfig(_Strict):
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip range for the importance ratio")
     kl_beta: float = Field(0.02, ge=0, description="weight of the k3 KL estimate to the reference (0: no reference)")
     explore_floor: float = Field(0.25, ge=0, lt=1, description="share of each group sampled in a forced mode "
-                                 "(half each); they inform the group's accuracies, never the mode policy's gradient")
+                                 "(half each); they inform the group's accuracies and train their mode's answers")
+    explore_mode_weight: float = Field(0.0, ge=0, description="step_srpo: > 0 lets forced samples into the mode "
+                                       "step (their pre-filled judge segment trained with their mode advantage, at "
+                                       "this weight; they join the mode baseline); 0: they stay out of it")
     prior_strength: float = Field(1.0, ge=0, description="pseudo-count of the cold-start prior in a group's "
                                   "accuracy per mode; with none of a mode sampled the prior alone decides")
     control_weight: float = Field(1.0, ge=0, description="decoupled: weight of the control-token loss")

@@ -50,6 +50,9 @@ def test_think_off_right():
     assert info["right"] == "off"
     # policy samples' mode rewards 1, 1, 0, 0: mean 0.5, std 0.5 -> +1, +1, -1, -1; forced samples get 0
     assert close(a_mode, [1, 1, -1, -1, 0, 0])
+    # with explore_mode_weight > 0 the forced samples take part: rewards 1, 1, 0, 0, 1, 0 -> +-1
+    a_mode, *_ = step_srpo_advantages(group, (0.5, 0.5), PLAIN.model_copy(update={"explore_mode_weight": 1.0}))
+    assert close(a_mode, [1, 1, -1, -1, 1, -1])
     # every subgroup all correct: nothing to learn about the answers
     assert close(a_ans, [0] * 6)
 
@@ -61,6 +64,16 @@ def test_think_on_needed():
     a_mode, a_ans, info = step_srpo_advantages(group, (0.5, 0.5), PLAIN)
     assert info["right"] == "on"
     assert close(a_mode, [-1, -1, 1, 1, 0, 0, 0])  # rewards 0, 0, 1, 1
+    # forced samples in the mode step: rewards 0, 0, 1, 1, 0, 1, 0; mean 3/7, std sqrt(12)/7
+    joined = PLAIN.model_copy(update={"explore_mode_weight": 1.0})
+    s = math.sqrt(12) / 7
+    assert close(step_srpo_advantages(group, (0.5, 0.5), joined)[0],
+                 [-3 / 7 / s, -3 / 7 / s, 4 / 7 / s, 4 / 7 / s, -3 / 7 / s, 4 / 7 / s, -3 / 7 / s])
+    # a saturated policy (all its own samples chose off) gets a mode signal only from the forced pair
+    group = [off(False), off(False), off(True), off(False), on(True, forced=True), off(False, forced=True)]
+    assert close(step_srpo_advantages(group, (0.5, 0.5), PLAIN)[0], [0] * 6)
+    a_mode = step_srpo_advantages(group, (0.5, 0.5), joined)[0]
+    assert a_mode[4] > 2 and all(a < 0 for i, a in enumerate(a_mode) if i != 4)
     # off subgroup (samples 0, 1, 4, 6): rewards 0, 1, 0, 0; mean 0.25, std sqrt(3)/4
     s = math.sqrt(3) / 4
     assert close(a_ans, [-0.25 / s, 0.75 / s, 0, 0, -0.25 / s, 0, -0.25 / s])
@@ -143,10 +156,14 @@ def test_k3_kl_is_an_unbiased_kl_estimate():
     assert float(k3_kl(p.log(), p.log()).abs().max()) == 0.0
 
 
-def test_judge_tokens_get_the_mode_advantage_and_response_tokens_the_answer_advantage(tiny_tokenizer):
+def test_judge_tokens_get_the_mode_advantage_and_response_tokens_the_answer_advantage(tiny_tokenizer,
+                                                                                        tmp_path_factory):
     from kat_core.format import THINK_OFF, THINK_ON, forced_prefix, render
+    from kat_core.model.checkpoint import load_checkpoint
+    from kat_core.train.srpo import _token_logp
 
     tok = tiny_tokenizer
+    model = load_checkpoint(tiny_checkpoint(tmp_path_factory.getbasetemp(), tok))[0]
     mode_ids = (tok.convert_tokens_to_ids(THINK_ON), tok.convert_tokens_to_ids(THINK_OFF))
 
     def ids(text: str) -> list[int]:
@@ -163,30 +180,75 @@ def test_judge_tokens_get_the_mode_advantage_and_response_tokens_the_answer_adva
         Sample(0, 1, "", forced_gen, [-0.2] * len(forced_gen), "stop", forced_ids=forced_pre, forced_mode="on"),
     ]
     split = chosen.index(mode_ids[1]) + 1  # judge segment: up to and including <think_off>
-    for algo in ("step_srpo", "decoupled"):
-        cfg = SrpoConfig(algo=algo, kl_beta=0.0)
-        batch = _micro_batches(samples, [off(True), on(True, forced=True)], [(0.7, -0.3), (0.0, 0.4)], {}, tok,
-                               None, cfg, mode_ids, [(None, Pair())], 2, 1)[0]
+    for algo, weight in (("step_srpo", 1.0), ("step_srpo", 0.0), ("decoupled", 1.0)):
+        cfg = SrpoConfig(algo=algo, kl_beta=0.0, explore_mode_weight=weight)
+        stats: dict[str, float] = {}
+        batch = _micro_batches(samples, [off(True), on(True, forced=True)], [(0.7, -0.3), (-0.5, 0.4)], stats,
+                               tok, model, None, cfg, mode_ids, [(None, Pair())], 2, 1)[0]
         prompt_len = len(ids(Pair.prompt.strip() + "\n"))
         lo = prompt_len - 1  # target index of the first generated token
         adv, weights = batch["adv"], batch["weights"]
         assert torch.allclose(adv[0, lo:lo + split], torch.tensor(0.7))
         assert torch.allclose(adv[0, lo + split:lo + len(chosen)], torch.tensor(-0.3))
         assert (weights[0, :lo] == 0).all() and (weights[0, lo + len(chosen):] == 0).all()
-        assert batch["mode_pos"][0] == lo + split - 1
         assert torch.allclose(batch["old_logp"][0, lo:lo + len(chosen)], torch.tensor(-0.1))
-        # the forced sample: its pre-filled judge is context (no weight); generated tokens get the answer advantage
+        # the forced sample: generated tokens get the answer advantage; its pre-filled judge segment (lo..lo2)
+        # is trained with its mode advantage only by step_srpo with explore_mode_weight > 0
         lo2 = prompt_len + len(forced_pre) - 1
-        assert (weights[1, :lo2] == 0).all()
+        assert (weights[1, :lo] == 0).all()
         assert torch.allclose(adv[1, lo2:lo2 + len(forced_gen)], torch.tensor(0.4))
-        assert batch["mode_pos"][1] == -1
-        if algo == "step_srpo":  # token-level: every generated token weighs the same
-            total = len(chosen) + len(forced_gen)
-            assert torch.allclose(weights[weights > 0], torch.tensor(1 / total))
+        trained_prefix = algo == "step_srpo" and weight > 0
+        if algo == "step_srpo":  # token-level: every trained token weighs the same (forced judge: x its weight)
+            total = len(chosen) + len(forced_gen) + (len(forced_pre) if trained_prefix else 0)
+            assert torch.allclose(weights[0, :lo2 + len(forced_gen)][weights[0, :lo2 + len(forced_gen)] > 0],
+                                  torch.tensor(1 / total))
+            assert torch.allclose(weights[1, lo2:lo2 + len(forced_gen)], torch.tensor(1 / total))
         else:  # decoupled: control tokens per sample (weight / (samples * its control tokens)), response apart
             assert torch.allclose(weights[0, lo:lo + split], torch.tensor(1 / (2 * split)))
             n_resp = len(chosen) - split + len(forced_gen)
             assert torch.allclose(weights[1, lo2:lo2 + len(forced_gen)], torch.tensor(1 / n_resp))
+        if trained_prefix:
+            assert torch.allclose(weights[1, lo:lo2], torch.tensor(weight / total))
+            assert torch.allclose(adv[1, lo:lo2], torch.tensor(-0.5))
+            # its old log-probs are the policy's own (the rollout did not sample them): ratio 1 at the start
+            policy = _token_logp(model, batch["input_ids"], batch["attention_mask"], batch["targets"])
+            assert torch.allclose(batch["old_logp"][1, lo:lo2], policy[1, lo:lo2])
+        else:
+            assert (weights[1, :lo2] == 0).all()
+        assert "mode_entropy" not in stats  # one forced sample: no on/off pair to compare
+
+
+def test_mode_entropy_compares_the_forced_pair(tiny_tokenizer, tmp_path_factory):
+    from kat_core.format import forced_prefix
+    from kat_core.model.checkpoint import load_checkpoint
+    from kat_core.train.srpo import _token_logp, binary_entropy
+
+    tok = tiny_tokenizer
+    model = load_checkpoint(tiny_checkpoint(tmp_path_factory.getbasetemp(), tok))[0]
+
+    class Pair:
+        prompt = "What is 43+5?"
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    answer = ids("<answer>48</answer>")
+    pre = {m: ids(forced_prefix(f"sum, 3 steps: {'think' if m == 'on' else 'direct'}", m)) for m in ("on", "off")}
+    samples = [Sample(0, i, "", answer, [-0.1] * len(answer), "stop", forced_ids=pre[m], forced_mode=m)
+               for i, m in enumerate(("on", "off"))]
+    stats: dict[str, float] = {}
+    _micro_batches(samples, [on(True, forced=True), off(True, forced=True)], [(0.0, 0.0)] * 2, stats, tok, model,
+                   None, SrpoConfig(), (0, 1), [(None, Pair())], 2, 1)
+    judge = []
+    for m in ("on", "off"):
+        seq = ids(Pair.prompt + "\n") + pre[m] + answer
+        x = torch.tensor([seq])
+        lp = _token_logp(model, x, torch.ones_like(x), x[:, 1:])[0]
+        p0 = len(ids(Pair.prompt + "\n")) - 1
+        judge.append(float(lp[p0:p0 + len(pre[m])].sum()))
+    p_on = 1 / (1 + math.exp(judge[1] - judge[0]))
+    assert math.isclose(stats["mode_entropy"], binary_entropy(p_on), rel_tol=1e-4)
+    assert binary_entropy(0.5) == pytest.approx(math.log(2)) and binary_entropy(1.0) == 0
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,18 @@ answer). Then, per group (DESIGN.md, "Step-SRPO"):
     advantages      A_mode = normalise r_mode over the group's policy-chosen samples -> judge tokens
                     A_ans  = normalise r_ans within the same-mode subgroup            -> response tokens
 
-`normalise(x) = (x - mean) / (max(std, adv_std_floor) + eps)` with the population std. Forced (exploration)
-samples count in the group accuracies and in their mode's subgroup, but their judge segment was not
-sampled: it gets no gradient and they are left out of the mode baseline, so exploration cannot bias the mode
-policy. What they buy: every group measures both modes (the mode reward rests on evidence, not only on the
-prior), and the mode the policy rarely picks keeps training its answers, so it stays a live option.
+`normalise(x) = (x - mean) / (max(std, adv_std_floor) + eps)` with the population std.
+
+Forced (exploration) samples count in the group accuracies and in their mode's subgroup, so every group
+measures both modes (the mode reward rests on evidence, not only on the prior) and the mode the policy rarely
+picks keeps training its answers. By default (`explore_mode_weight = 0`) their judge segment was not sampled,
+gets no gradient and stays out of the mode baseline, so exploration cannot bias the mode policy.
+`explore_mode_weight > 0` lets them into the mode step: they join the mode baseline and their pre-filled
+judge segment is trained with their mode advantage at that weight (its old log-probs are the policy's own).
+The idea: a saturated mode choice, whose own samples never try the other mode, can still be moved by the
+forced pair, scored by the same group verdict. Measured (issue 6's note): on the demo model the choice is
+not saturated (its `mode_entropy` metric is 0.2-0.35 nats during RL), weight 1 changed no decision, and on the
+smoke test's tiny model it stopped the run from raising its reward; hence off by default.
 
 Baselines: `grpo` gives every token of a sample one advantage, its group-normalised scalar reward
 `r_ans - token_cost * tokens / max_new_tokens`; `decoupled` uses that same advantage but weights the
@@ -129,13 +136,13 @@ def token_penalty(s: Scored, cfg: SrpoConfig) -> float:
 
 def step_srpo_advantages(group: Sequence[Scored], prior: tuple[float, float], cfg: SrpoConfig
                          ) -> tuple[list[float], list[float], dict[str, Any]]:
-    """-> (mode advantage, answer advantage, info) per sample of one prompt's group. Forced samples get mode
-    advantage 0 (their judge segment carries no gradient anyway)."""
+    """-> (mode advantage, answer advantage, info) per sample of one prompt's group. With
+    `explore_mode_weight == 0` forced samples are outside the mode baseline and get mode advantage 0."""
     right = right_mode(group, prior, cfg)
     r_mode = [mode_reward(s, right) - token_penalty(s, cfg) for s in group]
-    policy = [i for i, s in enumerate(group) if not s.forced]
+    in_mode_step = [i for i, s in enumerate(group) if cfg.explore_mode_weight > 0 or not s.forced]
     a_mode = [0.0] * len(group)
-    for i, a in zip(policy, normalise([r_mode[i] for i in policy], cfg.adv_std_floor), strict=True):
+    for i, a in zip(in_mode_step, normalise([r_mode[i] for i in in_mode_step], cfg.adv_std_floor), strict=True):
         a_mode[i] = a
     r_ans = [answer_reward(s) for s in group]
     a_ans = [0.0] * len(group)
@@ -176,18 +183,14 @@ def k3_kl(logp, ref_logp):
     return torch.exp(q) - q - 1
 
 
-def make_loss_fn(cfg: SrpoConfig, mode_ids: tuple[int, int]) -> Callable:
+def make_loss_fn(cfg: SrpoConfig) -> Callable:
     """The engine's loss for one micro-batch of a rollout (see `_micro_batches` for the tensors)."""
     import torch
-    import torch.nn.functional as F
-
-    on_id, off_id = mode_ids
 
     def loss_fn(model, batch):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        use_cache=False).logits[:, :-1].float()
-        logp_all = F.log_softmax(logits, dim=-1)
-        logp = logp_all.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
         mask = batch["weights"] > 0
         per_token, clipped = ppo_token_loss(logp, batch["old_logp"], batch["adv"], cfg.clip_eps)
         parts: dict[str, float] = {}
@@ -196,16 +199,14 @@ def make_loss_fn(cfg: SrpoConfig, mode_ids: tuple[int, int]) -> Callable:
             per_token = per_token + cfg.kl_beta * kl
             parts["kl"] = float((kl.detach() * mask).sum() / mask.sum().clamp(min=1))
         loss = (per_token * batch["weights"]).sum()
-        with torch.no_grad():
-            parts["clip_frac"] = float((clipped & mask).sum() / mask.sum().clamp(min=1))
-            rows = (batch["mode_pos"] >= 0).nonzero()[:, 0]
-            if len(rows):  # entropy of the policy's mode choice, restricted to the two mode tokens
-                at = logp_all[rows, batch["mode_pos"][rows]][:, [on_id, off_id]]
-                q = torch.softmax(at, dim=-1)
-                parts["mode_entropy"] = float(-(q * q.clamp(min=1e-12).log()).sum(-1).mean())
+        parts["clip_frac"] = float((clipped & mask).sum() / mask.sum().clamp(min=1))
         return loss, {**parts, **batch["stats"]}
 
     return loss_fn
+
+
+def binary_entropy(p: float) -> float:
+    return -sum(q * math.log(q) for q in (p, 1 - p) if q > 0)
 
 
 # -------------------------------------------------------------------------------- prompts and priors
@@ -326,10 +327,16 @@ def _rollout_stats(pairs, plan, scored: list[Scored], rewards_mode, rewards_answ
     return stats
 
 
-def _micro_batches(samples, scored: list[Scored], advantages, stats: dict[str, float], tokenizer, ref_model,
+def _micro_batches(samples, scored: list[Scored], advantages, stats: dict[str, float], tokenizer, model, ref_model,
                    cfg: SrpoConfig, mode_ids: tuple[int, int], pairs, group: int, chunks: int) -> list[dict[str, Any]]:
     """The rollout as `chunks` micro-batches of right-padded tensors aligned with the next-token targets:
-    input_ids/attention_mask (B, L); targets, old_logp, ref_logp, adv, weights (B, L-1); mode_pos (B,)."""
+    input_ids/attention_mask (B, L); targets, old_logp, ref_logp, adv, weights (B, L-1).
+
+    Trained tokens: every generated token; for step_srpo with `explore_mode_weight > 0` also a forced
+    sample's pre-filled judge segment (its old log-probs are the policy's, computed here: the rollout engine
+    did not sample them). Adds `mode_entropy` to `stats`: per group, the policy's probability of the forced
+    think-on judge segment against the forced think-off one (they differ in the decision), as a binary
+    entropy; the mode token itself is ~deterministic once the judge has said "think" or "direct"."""
     import numpy as np
     import torch
 
@@ -338,6 +345,7 @@ def _micro_batches(samples, scored: list[Scored], advantages, stats: dict[str, f
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    train_prefix = cfg.algo == "step_srpo" and cfg.explore_mode_weight > 0
     rows = []
     for i, s in enumerate(samples):
         ctx = encode(prompt_text(pairs[i // group][1].prompt)) + s.forced_ids
@@ -346,31 +354,30 @@ def _micro_batches(samples, scored: list[Scored], advantages, stats: dict[str, f
         split = 0
         if not s.forced_ids:
             split = next((j + 1 for j, t in enumerate(s.token_ids) if t in mode_ids), len(s.token_ids))
-        rows.append((ctx, s, split))
+        rows.append((ctx, s, split, len(s.forced_ids) if train_prefix else 0))
 
-    total = sum(len(s.token_ids) for _, s, _ in rows)
-    n_judge = sum(split for *_, split in rows)
-    n_resp = total - n_judge
+    total = sum(len(s.token_ids) + prefix for _, s, _, prefix in rows)
+    n_resp = sum(len(s.token_ids) - split for _, s, split, _ in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    judge_logp: dict[int, float] = {}  # forced sample -> the policy's log-prob of its pre-filled judge segment
     out = []
     # micro-batches of similar lengths: a padded batch costs its longest row times its size
-    by_length = np.argsort([len(ctx) + len(s.token_ids) for ctx, s, _ in rows], kind="stable")
+    by_length = np.argsort([len(ctx) + len(s.token_ids) for ctx, s, *_ in rows], kind="stable")
     for part in np.array_split(by_length, chunks):
         width = max(len(rows[i][0]) + len(rows[i][1].token_ids) for i in part)
         b = len(part)
         input_ids = torch.full((b, width), pad, dtype=torch.long)
         attention = torch.zeros((b, width), dtype=torch.long)
         old, adv, weights = (torch.zeros((b, width - 1)) for _ in range(3))
-        mode_pos = torch.full((b,), -1, dtype=torch.long)
         for r, i in enumerate(part):
-            ctx, s, split = rows[i]
+            ctx, s, split, prefix = rows[i]
             seq = ctx + s.token_ids
             input_ids[r, :len(seq)] = torch.tensor(seq)
             attention[r, :len(seq)] = 1
             lo, n = len(ctx) - 1, len(s.token_ids)  # target index of the first generated token
             old[r, lo:lo + n] = torch.tensor(s.logprobs)
             a_mode, a_ans = advantages[i]
-            adv[r, lo:lo + split] = a_mode
+            adv[r, lo - prefix:lo + split] = a_mode
             adv[r, lo + split:lo + n] = a_ans
             if cfg.algo == "decoupled":  # control tokens: per sample, weighted apart; response: token-level
                 if split:
@@ -378,18 +385,46 @@ def _micro_batches(samples, scored: list[Scored], advantages, stats: dict[str, f
                 weights[r, lo + split:lo + n] = 1 / max(n_resp, 1)
             else:
                 weights[r, lo:lo + n] = 1 / total
-            if split and s.token_ids[split - 1] in mode_ids:
-                mode_pos[r] = lo + split - 1
-        batch = {"input_ids": input_ids, "attention_mask": attention, "targets": input_ids[:, 1:].clone(),
+                weights[r, lo - prefix:lo] = cfg.explore_mode_weight / total
+        targets = input_ids[:, 1:].clone()
+        forced_rows = [(r, i) for r, i in enumerate(part) if rows[i][1].forced_ids]
+        if forced_rows:
+            policy_logp = _token_logp(model, input_ids, attention, targets)
+            for r, i in forced_rows:
+                ctx, s, *_ = rows[i]
+                lo, k = len(ctx) - 1, len(s.forced_ids)
+                old[r, lo - k:lo] = policy_logp[r, lo - k:lo]
+                judge_logp[int(i)] = float(policy_logp[r, lo - k:lo].sum())
+        batch = {"input_ids": input_ids, "attention_mask": attention, "targets": targets,
                  "old_logp": old, "adv": adv, "weights": weights * chunks,  # the engine divides by grad_accum
-                 "mode_pos": mode_pos, "stats": stats, "num_tokens": int((weights > 0).sum())}
+                 "stats": stats, "num_tokens": int((weights > 0).sum())}
         if ref_model is not None:
-            with torch.no_grad():
-                logits = ref_model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[:, :-1]
-                batch["ref_logp"] = torch.log_softmax(logits.float(), -1).gather(
-                    -1, batch["targets"].unsqueeze(-1)).squeeze(-1)
+            batch["ref_logp"] = _token_logp(ref_model, input_ids, attention, targets)
         out.append(batch)
+
+    entropies = []
+    for g in range(len(samples) // group):
+        by_mode = {samples[i].forced_mode: judge_logp[i] for i in range(g * group, (g + 1) * group) if i in judge_logp}
+        if "on" in by_mode and "off" in by_mode:
+            p_on = 1 / (1 + math.exp(max(-50.0, min(50.0, by_mode["off"] - by_mode["on"]))))
+            entropies.append(binary_entropy(p_on))
+    if entropies:
+        stats["mode_entropy"] = sum(entropies) / len(entropies)
     return out
+
+
+def _token_logp(model, input_ids, attention, targets):
+    """log p(target) per position under `model`, without gradient and in eval mode (no dropout)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[:, :-1]
+            return torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    finally:
+        model.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------- the stage
@@ -441,14 +476,14 @@ def srpo(config: KatConfig, checkpoint: str | Path, data_dir: str | Path, out_di
             samples, scored, advantages, stats = rollout(model, tokenizer, chosen, prior, cfg,
                                                          seed=config.seed * 1_000_003 + key[0] * world + rank)
             stats["rollout_s"] = time.perf_counter() - t0  # sampling and scoring, in the step's step_time_s
-            cache[key] = _micro_batches(samples, scored, advantages, stats, tokenizer, ref_model, cfg, mode_ids,
-                                        chosen, group, chunks)
+            cache[key] = _micro_batches(samples, scored, advantages, stats, tokenizer, model, ref_model, cfg,
+                                        mode_ids, chosen, group, chunks)
         return cache[key][micro]
 
     work = out_dir.parent / f".{out_dir.name}.work"
     log.info("%s: %d prompts, %d per rollout x G=%d (%d forced), %d steps -> %s", cfg.algo, len(pairs), per_rollout,
              group, sum(m is not None for m in plan_group(cfg)), train_cfg.steps, out_dir)
-    result = train(model, make_loss_fn(cfg, mode_ids), batches, train_cfg, work, progress=progress, seed=config.seed)
+    result = train(model, make_loss_fn(cfg), batches, train_cfg, work, progress=progress, seed=config.seed)
     if result.rank != 0:
         return result.metrics
     summary = {"algo": cfg.algo, "steps": result.step, "final": result.metrics,
