@@ -388,13 +388,14 @@ def _micro_batches(samples, scored: list[Scored], advantages, stats: dict[str, f
                 weights[r, lo - prefix:lo] = cfg.explore_mode_weight / total
         targets = input_ids[:, 1:].clone()
         forced_rows = [(r, i) for r, i in enumerate(part) if rows[i][1].forced_ids]
-        if forced_rows:
-            policy_logp = _token_logp(model, input_ids, attention, targets)
-            for r, i in forced_rows:
+        if forced_rows:  # a forward pass over the forced rows only
+            at = torch.tensor([r for r, _ in forced_rows])
+            policy_logp = _token_logp(model, input_ids[at], attention[at], targets[at])
+            for j, (r, i) in enumerate(forced_rows):
                 ctx, s, *_ = rows[i]
                 lo, k = len(ctx) - 1, len(s.forced_ids)
-                old[r, lo - k:lo] = policy_logp[r, lo - k:lo]
-                judge_logp[int(i)] = float(policy_logp[r, lo - k:lo].sum())
+                old[r, lo - k:lo] = policy_logp[j, lo - k:lo]
+                judge_logp[int(i)] = float(policy_logp[j, lo - k:lo].sum())
         batch = {"input_ids": input_ids, "attention_mask": attention, "targets": targets,
                  "old_logp": old, "adv": adv, "weights": weights * chunks,  # the engine divides by grad_accum
                  "stats": stats, "num_tokens": int((weights > 0).sum())}
