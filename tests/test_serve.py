@@ -139,7 +139,7 @@ def test_thinking_in_chat_template_kwargs(client):
 
 def test_n_choices_and_the_last_user_message(client, server):
     r = client.chat.completions.create(
-        model="tiny", n=3, max_tokens=96, temperature=1.0, seed=1, extra_body={"thinking": "off"},
+        model="tiny", n=3, max_tokens=48, temperature=1.0, seed=1, extra_body={"thinking": "off"},
         messages=[{"role": "system", "content": "ignored"}, {"role": "user", "content": "Compute 1+1."},
                   {"role": "assistant", "content": "2"},
                   {"role": "user", "content": [{"type": "text", "text": PROMPT}]}])
@@ -150,7 +150,7 @@ def test_n_choices_and_the_last_user_message(client, server):
     judge = server.tokenizer(r.choices[0].message.reasoning_content, add_special_tokens=False)["input_ids"]
     assert r.usage.completion_tokens_details.reasoning_tokens >= 3 * len(judge)
     again = client.chat.completions.create(
-        model="tiny", n=3, max_tokens=96, temperature=1.0, seed=1, extra_body={"thinking": "off"},
+        model="tiny", n=3, max_tokens=48, temperature=1.0, seed=1, extra_body={"thinking": "off"},
         messages=[{"role": "user", "content": PROMPT}])
     assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]  # seeded
 
@@ -197,7 +197,7 @@ def test_concurrent_requests_are_batched(client, server):
 
     def ask(i):
         try:
-            results[i] = chat(client, ["on", "off"][i % 2], max_tokens=80 + 4 * i)
+            results[i] = chat(client, ["on", "off"][i % 2], max_tokens=48 + 4 * i)
         except Exception as e:  # surfaced below
             errors.append(e)
 
@@ -209,7 +209,7 @@ def test_concurrent_requests_are_batched(client, server):
     assert not errors
     assert server.engine.stats["max_rows"] >= 2  # some requests shared a generate call
     for i, r in enumerate(results):  # each got its own budget and mode back, though they ran together
-        assert r.usage.completion_tokens <= 80 + 4 * i and r.choices[0].thinking_mode == ["on", "off"][i % 2]
+        assert r.usage.completion_tokens <= 48 + 4 * i and r.choices[0].thinking_mode == ["on", "off"][i % 2]
     server.engine.stats["max_rows"] = max(before, server.engine.stats["max_rows"])
 
 
