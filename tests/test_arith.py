@@ -52,14 +52,6 @@ def test_the_answer_is_the_value_and_the_judge_names_the_carry():
     assert "carries" in judge_text(task.intent_features(carried), "on")
     assert "carries" not in judge_text(task.intent_features(no_carry), "off")
     assert judge_text(task.intent_features(no_carry), "off").endswith(": direct")
-    # the judge names the operand sizes, so level 1 (43+5) and level 2 (43+25) read differently
-    level_2 = next(i for i in plain if i.difficulty == 2)
-    assert " of 2+1 digits" in judge_text(task.intent_features(no_carry), "off") or \
-        " of 2-1 digits" in judge_text(task.intent_features(no_carry), "off")
-    assert " of 2+2 digits" in judge_text(task.intent_features(level_2), "off") or \
-        " of 2-2 digits" in judge_text(task.intent_features(level_2), "off")
-    level_5 = next(i for i in plain if i.difficulty == 5)
-    assert judge_text(task.intent_features(level_5), "on").startswith("product plus sum of 2*1+2 digits, ")
 
 
 def test_splits_are_disjoint_and_deterministic():

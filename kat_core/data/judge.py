@@ -13,14 +13,10 @@ _OP_WORDS = {"+": "sum", "-": "difference", "*": "product"}
 
 
 def describe(features: dict[str, Any]) -> str:
-    """A few words on what the request is, e.g. "product plus sum of 2*1+2 digits, 7 steps, carries"."""
+    """A few words on what the request is, e.g. "product plus sum, 7 steps, carries"."""
     if features.get("family") == "arith":
         ops = features.get("op_kinds") or []
         what = " plus ".join(_OP_WORDS.get(o, o) for o in ops) or "arithmetic"
-        # the operand sizes tell 43+5 from 43+25: without them both read "sum, 3 steps", and a mode learned
-        # for one level leaks into the other (measured in RL: level 1 followed level 2 to think-on)
-        if features.get("shape"):
-            what += f" of {features['shape']} digits"
         steps = features.get("steps", 0)
         # the carry is what a direct answer cannot do silently: the one feature the mode hinges on
         carried = ", carries" if features.get("carries") else ""

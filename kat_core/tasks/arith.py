@@ -290,8 +290,6 @@ class ArithTask(Task):
             "has_product": "*" in ops,
             "op_kinds": list(dict.fromkeys(ops)),
             "max_digits": max((len(str(x)) for x in operands), default=0),
-            # operand sizes in the expression's shape, "2*1+2" for 47*6+38: what a request shows before any work
-            "shape": "".join(f"{op}{len(str(x))}" for op, x in zip(["", *ops], operands, strict=False)),
             "carries": carries(item.steps),
             "operands": operands,
         }
