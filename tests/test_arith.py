@@ -3,7 +3,17 @@ import random
 import pytest
 
 from kat_core.errors import KatError
-from kat_core.tasks.arith import LEVELS, ArithTask, _level_expression, carries, check_step, solve, split_of
+from kat_core.tasks.arith import (
+    LEVELS,
+    ArithTask,
+    _level_expression,
+    carries,
+    check_step,
+    make_item,
+    solve,
+    split_of,
+    work_steps,
+)
 
 
 def test_traces_are_right_and_end_in_the_answer():
@@ -52,6 +62,21 @@ def test_the_answer_is_the_value_and_the_judge_names_the_carry():
     assert "carries" in judge_text(task.intent_features(carried), "on")
     assert "carries" not in judge_text(task.intent_features(no_carry), "off")
     assert judge_text(task.intent_features(no_carry), "off").endswith(": direct")
+
+
+def test_the_judge_counts_only_steps_that_compute():
+    from kat_core.data.judge import describe
+
+    task = ArithTask()
+
+    def judged(expression: str, level: int) -> str:
+        return describe(task.intent_features(make_item(expression, level)))
+
+    # the tens of 47+2 only copies the 4 down: level 1 reads 2 steps, level 2 (47+21) 3
+    assert judged("47+2", 1) == "sum, 2 steps" and judged("47-3", 1) == "difference, 2 steps"
+    assert judged("47+21", 2) == "sum, 3 steps" and judged("47-23", 2) == "difference, 3 steps"
+    assert work_steps(solve("48+5")[1]) == 3  # a carry into the tens is work, not a copy
+    assert work_steps(solve("43+50")[1]) == 2  # a copied units column is not work either
 
 
 def test_splits_are_disjoint_and_deterministic():

@@ -114,6 +114,16 @@ def carries(steps: list[str]) -> int:
     return sum(1 for s in steps if re.search(r" [cb]\d+$", s))
 
 
+_COPY_STEP = re.compile(r"(\d)[+-]0=\1 w\1")
+
+
+def work_steps(steps: list[str]) -> int:
+    """Steps that compute something: a column that only copies a digit down (`4+0=4 w4`, the tens of
+    47+2) is not work. This is what tells level 1 (2 steps) from level 2 (3 steps) in the judge, at no
+    extra tokens: both are carry-free sums or differences of the same shape otherwise."""
+    return sum(1 for s in steps if not _COPY_STEP.fullmatch(s))
+
+
 def _plus_minus(rng: random.Random, b_digits: int, carried: bool) -> tuple[str, list[int]]:
     """Two-digit a plus or minus a `b_digits`-digit b, with or without a carry (or borrow)."""
     b_low = 1 if b_digits == 1 else 10 ** (b_digits - 1)
@@ -285,7 +295,7 @@ class ArithTask(Task):
         return {
             "family": "arith",
             "difficulty": item.difficulty,
-            "steps": len(item.steps),
+            "steps": work_steps(item.steps),
             "ops": len(ops),
             "has_product": "*" in ops,
             "op_kinds": list(dict.fromkeys(ops)),
