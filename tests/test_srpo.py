@@ -289,7 +289,7 @@ def test_short_run_raises_mean_reward(smoke_setup, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 40
     for key in ("reward_mode", "reward_answer", "accuracy", "mean_tokens", "think_on_rate", "clip_frac",
-                "mode_entropy", "think_on_L1"):
+                "mode_entropy", "think_on_L1", "right_off_share", "right_off_L1"):
         assert key in lines[-1], key
     assert summary["algo"] == "step_srpo"
     # a checkpoint plain transformers loads

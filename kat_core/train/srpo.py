@@ -297,7 +297,7 @@ def rollout(model, tokenizer, pairs: list[tuple[Task, Item]], prior: Callable[[I
             advantages += list(zip(a_mode, a_ans, strict=True))
             rewards_mode += [r for r, s in zip(info["r_mode"], group, strict=True) if not s.forced]
             rewards_answer += info["r_ans"]
-            right_off.append(info["right"] == "off")
+            right_off.append((item.difficulty, info["right"] == "off"))
         else:
             adv, reward = scalar_advantages(group, cfg)
             advantages += [(a, a) for a in adv]
@@ -317,8 +317,13 @@ def _rollout_stats(pairs, plan, scored: list[Scored], rewards_mode, rewards_answ
         "think_on_rate": sum(s.mode == "on" for _, s in chosen) / len(chosen),
         "malformed_rate": sum(s.mode is None or not s.well_formed for _, s in chosen) / len(chosen),
     }
-    if right_off:
-        stats["right_off_share"] = sum(right_off) / len(right_off)
+    if right_off:  # the groups' verdicts: where the mode reward is pushing each level
+        stats["right_off_share"] = sum(off for _, off in right_off) / len(right_off)
+        verdicts: dict[int, list[bool]] = defaultdict(list)
+        for level, off in right_off:
+            verdicts[level].append(off)
+        for level, offs in sorted(verdicts.items()):
+            stats[f"right_off_L{level}"] = sum(offs) / len(offs)
     by_level: dict[int, list[Scored]] = defaultdict(list)
     for level, s in chosen:
         by_level[level].append(s)
