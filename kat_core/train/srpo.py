@@ -306,6 +306,14 @@ def rollout(model, tokenizer, pairs: list[tuple[Task, Item]], prior: Callable[[I
     return samples, scored, advantages, _rollout_stats(pairs, plan, scored, rewards_mode, rewards_answer, right_off)
 
 
+def _share_by_level(flags: list[tuple[int, bool]], prefix: str) -> dict[str, float]:
+    """{prefix + level: share of True} over (difficulty level, flag) pairs."""
+    by_level: dict[int, list[bool]] = defaultdict(list)
+    for level, flag in flags:
+        by_level[level].append(flag)
+    return {f"{prefix}{level}": sum(v) / len(v) for level, v in sorted(by_level.items())}
+
+
 def _rollout_stats(pairs, plan, scored: list[Scored], rewards_mode, rewards_answer, right_off) -> dict[str, float]:
     """What the policy did (its own choices only; forced samples excluded)."""
     chosen = [(pairs[i // len(plan)][1].difficulty, s) for i, s in enumerate(scored) if not s.forced]
@@ -319,16 +327,8 @@ def _rollout_stats(pairs, plan, scored: list[Scored], rewards_mode, rewards_answ
     }
     if right_off:  # the groups' verdicts: where the mode reward is pushing each level
         stats["right_off_share"] = sum(off for _, off in right_off) / len(right_off)
-        verdicts: dict[int, list[bool]] = defaultdict(list)
-        for level, off in right_off:
-            verdicts[level].append(off)
-        for level, offs in sorted(verdicts.items()):
-            stats[f"right_off_L{level}"] = sum(offs) / len(offs)
-    by_level: dict[int, list[Scored]] = defaultdict(list)
-    for level, s in chosen:
-        by_level[level].append(s)
-    for level, group in sorted(by_level.items()):
-        stats[f"think_on_L{level}"] = sum(s.mode == "on" for s in group) / len(group)
+        stats.update(_share_by_level(right_off, "right_off_L"))
+    stats.update(_share_by_level([(level, s.mode == "on") for level, s in chosen], "think_on_L"))
     return stats
 
 
