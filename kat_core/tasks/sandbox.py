@@ -11,30 +11,47 @@ Layers, strongest first; `isolation()` probes once which of them this machine al
   /tmp, /var/tmp, /dev/shm and /run/lock are fresh size-capped tmpfs, and the working directory lives in
   that private /tmp, so it vanishes with the run. The interpreter is bind-mounted read-only into the
   private /tmp too, because it may sit where the unprivileged uid cannot reach (pyenv under /root).
+- **Landlock** (Linux >= 5.13, any uid): the child may read and execute only the interpreter, the system
+  libraries and a few /dev nodes, and write only in its working directory. So it cannot read the
+  benchmark files or our virtual environment (the answer key), /proc (its parent's or the judge's state),
+  or write anywhere else; with ABI >= 4 it cannot make TCP connections, with ABI >= 6 it cannot signal
+  processes outside the sandbox, and it can never ptrace one.
+- **seccomp** (x86_64, aarch64): `socket()` for any family but AF_UNIX fails (UDP and raw sockets too,
+  which Landlock does not cover), and so does io_uring, which could open sockets behind its back.
 - **Always**: own session and process group, `python -I -S -B` (isolated mode: no environment
   variables, user site or script directory on sys.path; no `site`, so only the standard library is
   importable (not our virtual environment) and startup is quicker, but site's `exit()`/`quit()` helpers
   are absent: use `sys.exit()`), a minimal environment (no parent secrets), rlimits on CPU time, address space, file
   size, open files and core dumps, a wall-clock timeout, capped output, PR_SET_NO_NEW_PRIVS, a parent
   death signal, and the whole process group killed when the call returns.
-- **Without namespaces**, a prelude replaces `socket.socket` so that network use fails (best effort: code
-  that means to get around it can) and the working directory is a temporary directory on the host that
-  is removed afterwards.
 
-run_tests() decides pass/fail with a per-run random nonce printed after the last test, so a program that
-exits early with status 0 (`sys.exit(0)`, `os._exit(0)`) does not pass.
+**Without namespaces** (unavailable, or `KAT_SANDBOX_NAMESPACES=0`) the working directory is a temporary
+directory on the host (mode 0700, owned by the run's uid) that is removed afterwards, and Landlock and
+seccomp carry the file and network containment. **As root, untrusted code never runs as root**: without
+namespaces the child drops to the per-run uid with an interpreter that uid can execute (ours, else
+/usr/bin/python3 or /usr/local/bin/python3, which must be Python >= 3.8); if no such interpreter works the
+sandbox refuses with one line, unless `KAT_SANDBOX_UNSAFE_ROOT=1` says to run it as root anyway (then only
+Landlock, seccomp and the rlimits stand between the code and the machine). `configure()` sets both from
+code.
+
+run_tests() keeps the verdict out of the candidate's reach: the tests run in a second sandboxed process
+(the judge, under another uid) and call the candidate's functions over a pipe, receiving plain data
+(kat_core.tasks.judge); only the judge's output, which the candidate cannot write, says whether the tests
+passed.
 """
 
 from __future__ import annotations
 
+import ast
 import ctypes
+import errno
 import json
 import logging
 import math
 import os
+import platform
 import queue
 import resource
-import secrets
 import selectors
 import shutil
 import signal
@@ -43,9 +60,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from kat_core.errors import KatError
+from kat_core.tasks import judge as _judge
 
 # Linux constants (sched.h, mount.h, prctl.h); Python 3.11 has no os.unshare / os.mount.
 _CLONE_NEWNS = 0x00020000
@@ -55,7 +76,12 @@ _MS_BIND, _MS_REC, _MS_PRIVATE = 4096, 16384, 1 << 18
 _AT_FDCWD, _AT_RECURSIVE = -100, 0x8000
 _MOUNT_ATTR_RDONLY = 0x1
 _SYS_MOUNT_SETATTR = 442  # the same number on every architecture (new syscalls share one table)
-_PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS = 1, 38
+_PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 1, 38, 22, 2
+_SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+_LANDLOCK_RULE_PATH_BENEATH = 1
+# landlock access rights (linux/landlock.h): what a read-only tree, a plain file and the workdir may do
+_LL_EXECUTE, _LL_WRITE_FILE, _LL_READ_FILE, _LL_READ_DIR = 1, 2, 4, 8
+_LL_TRUNCATE = 1 << 14
 
 log = logging.getLogger(__name__)
 
@@ -75,25 +101,27 @@ _SANDBOX_PYTHON = "/tmp/.kat-python"  # where the interpreter is bind-mounted in
 _SANDBOX_WORKDIR = "/tmp/sandbox"  # the working directory inside the mount namespace
 # the base interpreter (relative to sys.base_prefix), not the virtual environment's
 _BASE_PYTHON = os.path.join("bin", f"python{sys.version_info.major}.{sys.version_info.minor}")
+# read-only for the child under Landlock (besides the interpreter's own prefix): the system libraries
+_SYSTEM_LIB_DIRS = ("/lib", "/lib64", "/usr/lib", "/usr/lib64")
+_DEVICE_FILES = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
+_LOADER_FILES = ("/etc/ld.so.cache",)
+# interpreters an unprivileged uid may be able to run, when ours sits where it cannot reach (/root)
+_FALLBACK_PYTHONS = ("/usr/local/bin/python3", "/usr/bin/python3")
 _TMPFS_MB = 64
 _FILE_SIZE_MB = 64
 _MAX_OPEN_FILES = 256
 
 STATUSES = ("ok", "error", "timeout", "killed", "output_limit")
 
-# The fallback network guard (only without a network namespace), run before the program.
-_NO_NETWORK_PRELUDE = """\
-import socket as _socket_module
-
-class _NoNetworkSocket(_socket_module.socket):
-    def __init__(self, *args, **kwargs):
-        raise OSError("network access is disabled in the sandbox")
-
-_socket_module.socket = _NoNetworkSocket
-_socket_module.create_connection = _NoNetworkSocket
-del _socket_module, _NoNetworkSocket
-import runpy
-runpy.run_path("main.py", run_name="__main__")
+# The judge's start: unreadable by other processes of its uid (PR_SET_DUMPABLE 0 bars ptrace and
+# /proc/<pid>/mem, which matters when the candidate shares our uid), then read its program and delete it.
+_JUDGE_BOOT = """\
+import ctypes
+ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)
+with open("main.py", "rb") as f:
+    source = f.read()
+__import__("os").unlink("main.py")
+exec(compile(source, "judge.py", "exec"), {"__name__": "__main__"})
 """
 
 
@@ -123,18 +151,24 @@ class Isolation:
     network_namespace: bool
     mount_namespace: bool
     readonly_root: bool
+    landlock: bool = False  # the probe could not read a file outside the allowed trees
+    seccomp: bool = False  # the probe could not open an AF_INET socket (seccomp, or no network at all)
+    runs_as_root: bool = False  # only with KAT_SANDBOX_UNSAFE_ROOT=1
+    interpreter: str = ""
     notes: tuple[str, ...] = field(default=())
 
     def describe(self) -> str:
-        on = [name for name in ("uid_switch", "network_namespace", "mount_namespace", "readonly_root")
-              if getattr(self, name)]
-        return "sandbox isolation: " + (", ".join(on) or "rlimits and process group only")
+        on = [name for name in ("uid_switch", "network_namespace", "mount_namespace", "readonly_root", "landlock",
+                                "seccomp") if getattr(self, name)]
+        text = "sandbox isolation: " + (", ".join(on) or "rlimits and process group only")
+        return text + (" (UNSAFE: untrusted code runs as root)" if self.runs_as_root else "")
 
 
 @dataclass(frozen=True)
 class _Plan:
     namespaces: bool
     switch_uid: bool
+    executable: str = ""  # the interpreter on the host (namespaces: bind-mounted from sys.base_prefix)
 
 
 _slots: queue.Queue[int] = queue.Queue()
@@ -142,6 +176,24 @@ for _slot in range(_UID_SLOTS):
     _slots.put(_slot)
 _probe_lock = threading.Lock()
 _probed: tuple[_Plan, Isolation] | None = None
+_settings: dict[str, bool | None] = {"namespaces": None, "unsafe_root": None}
+
+
+def configure(*, namespaces: bool | None = None, unsafe_root: bool | None = None) -> None:
+    """Choose the plan from code (None: from the environment, KAT_SANDBOX_NAMESPACES=0 and
+    KAT_SANDBOX_UNSAFE_ROOT=1); the next run probes again."""
+    global _probed
+    with _probe_lock:
+        _settings.update(namespaces=namespaces, unsafe_root=unsafe_root)
+        _probed = None
+
+
+def _setting(name: str, env: str, default: bool) -> bool:
+    value = _settings[name]
+    if value is not None:
+        return value
+    raw = os.environ.get(env, "").strip().lower()
+    return default if not raw else raw not in ("0", "false", "no", "off")
 
 
 def isolation() -> Isolation:
@@ -166,23 +218,84 @@ def run_python(
     return _run(plan, code, timeout_s, cpu_s, memory_mb, max_output_bytes, max_processes)
 
 
-def run_tests(program: str, tests: str, **limits: float | int | None) -> SandboxResult:
-    """Run `program` followed by `tests` (asserts); passed only if the tests ran to their end.
+def run_tests(program: str, tests: str, *, functions: Sequence[str] | None = None, setup: str = "",
+              **limits: float | int | None) -> SandboxResult:
+    """Run `tests` against the functions `program` defines; passed only if every test ran and passed.
 
-    The pass sentinel is a random nonce the harness prints after the last test: an early exit with
-    status 0 never prints it. (A program that reads its own source could find it; this guards against
-    accidents, not a determined adversary, who gains nothing but a wrong reward.)
+    The program runs in one sandboxed process (the candidate), the tests in another (the judge, under
+    its own uid), after `setup` (trusted code the tests need, e.g. a HumanEval prompt's helpers). In the
+    judge each name in `functions` (default: every top-level function the program defines) is a stub
+    that calls the candidate's function over a pipe and gets its result back as plain data
+    (kat_core.tasks.judge). The verdict is the judge's alone, so whatever the candidate does inside its
+    own interpreter (lying `__eq__`, patched builtins, early exits, printed markers) cannot reach it.
+
+    The result: the judge's status; stdout is the candidate's; stderr the candidate's, then the judge's
+    (a failed assert's traceback, or why the candidate could not be called).
     """
-    nonce = secrets.token_hex(16)
-    script = (
-        f"{program}\n\n\n# --- tests ---\n{tests}\n\n\n"
-        f"__import__('os').write(1, b'\\n{nonce}\\n')\n"
+    if functions is None:
+        functions = _top_level_functions(program)
+    req_r, req_w = os.pipe()  # judge -> candidate: calls
+    resp_r, resp_w = os.pipe()  # candidate -> judge: results
+    candidate_code = (
+        f"{program}\n\n\n# --- kat: answer the judge's calls ---\n"
+        f"__kat_wire = {{'__name__': 'kat_wire'}}\n"
+        f"exec(compile({_WIRE_SOURCE!r}, 'kat_wire', 'exec'), __kat_wire)\n"
+        f"__kat_wire['serve']({req_r}, {resp_w}, globals())\n"
     )
-    result = run_python(script, **limits)  # type: ignore[arg-type]
-    seen = nonce in result.stdout
-    result.stdout = result.stdout.replace(f"\n{nonce}\n", "")
-    result.passed = result.status == "ok" and seen
-    return result
+    judge_code = (
+        f"wire = {{'__name__': 'kat_wire'}}\n"
+        f"exec(compile({_WIRE_SOURCE!r}, 'kat_wire', 'exec'), wire)\n"
+        f"wire['judge']({req_w}, {resp_r}, {setup!r}, {tests!r}, {list(functions)!r})\n"
+    )
+    plan, _ = _plan_and_isolation()
+    kwargs = _limits(**limits)
+    cancel = threading.Event()
+    outcome: dict[str, SandboxResult | BaseException] = {}
+
+    def run_candidate() -> None:
+        try:
+            outcome["candidate"] = _run(plan, candidate_code, **kwargs, pass_fds=(req_r, resp_w), cancel=cancel)
+        except BaseException as exc:  # re-raised below, in the caller's thread
+            outcome["candidate"] = exc
+
+    thread = threading.Thread(target=run_candidate, name="kat-sandbox-candidate", daemon=True)
+    thread.start()
+    try:
+        verdict = _run(plan, judge_code, **kwargs, pass_fds=(req_w, resp_r), boot=_JUDGE_BOOT)
+    finally:
+        cancel.set()  # the judge is done: a candidate still running has nothing left to answer
+        thread.join()
+    candidate = outcome["candidate"]
+    if isinstance(candidate, BaseException):
+        raise candidate
+    lines = verdict.stdout.rstrip("\n").splitlines()
+    return SandboxResult(
+        status=verdict.status,
+        returncode=verdict.returncode,
+        stdout=candidate.stdout,
+        stderr=candidate.stderr + verdict.stderr,
+        duration_s=max(verdict.duration_s, candidate.duration_s),
+        truncated=verdict.truncated or candidate.truncated,
+        passed=verdict.status == "ok" and bool(lines) and lines[-1].startswith(_judge.VERDICT_PASS),
+    )
+
+
+def _limits(timeout_s: float = 10, cpu_s: int | None = None, memory_mb: int = 512, max_output_bytes: int = 64_000,
+            max_processes: int = 32) -> dict[str, Any]:
+    return {"timeout_s": timeout_s, "cpu_s": cpu_s, "memory_mb": memory_mb, "max_output_bytes": max_output_bytes,
+            "max_processes": max_processes}
+
+
+def _top_level_functions(program: str) -> list[str]:
+    try:
+        tree = ast.parse(program)
+    except (SyntaxError, ValueError):
+        return []  # the candidate fails to start; the judge reports that
+    return [node.name for node in tree.body if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)]
+
+
+# the judge module's own source, pasted into both programs (they cannot import kat_core)
+_WIRE_SOURCE = Path(_judge.__file__).read_text(encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -194,27 +307,56 @@ def _plan_and_isolation() -> tuple[_Plan, Isolation]:
     with _probe_lock:
         if _probed is None:
             _probed = _probe()
-            if not (_probed[1].uid_switch and _probed[1].network_namespace):
-                log.warning("%s (weaker than full isolation: %s)", _probed[1].describe(),
-                            "; ".join(_probed[1].notes) or "not running as root")
+            iso = _probed[1]
+            if iso.runs_as_root:
+                log.warning("%s (KAT_SANDBOX_UNSAFE_ROOT is set)", iso.describe())
+            elif not (iso.uid_switch and iso.network_namespace):
+                log.warning("%s (weaker than full isolation: %s)", iso.describe(),
+                            "; ".join(iso.notes) or "not running as root")
         return _probed
 
 
+_PROBE_FILE = "/etc/passwd"  # world-readable everywhere, and outside what Landlock lets the child read
 _PROBE_CODE = f"""\
-import json, os, socket
+import json, os, socket, sys
+def readable(path):
+    try:
+        open(path, "rb").close()
+        return True
+    except OSError:
+        return False
+def inet():
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()
+        return True
+    except OSError:
+        return False
 print(json.dumps({{
     "uid": os.getuid(),
-    "interfaces": [name for _, name in socket.if_nameindex()],
+    "version": list(sys.version_info[:2]),
     "readonly_root": bool(os.statvfs("/").f_flag & os.ST_RDONLY),
     "private_tmp": os.getcwd() == {_SANDBOX_WORKDIR!r},
+    "reads_host": readable({_PROBE_FILE!r}),
+    "inet": inet(),
 }}))
 """
 
 
 def _probe() -> tuple[_Plan, Isolation]:
     root = os.geteuid() == 0
-    plans = [_Plan(True, True), _Plan(False, True)] if root else []
-    plans.append(_Plan(False, False))
+    base = os.path.join(sys.base_prefix, _BASE_PYTHON)
+    base = base if os.path.exists(base) else os.path.realpath(sys.executable)
+    unsafe_root = _setting("unsafe_root", "KAT_SANDBOX_UNSAFE_ROOT", False)
+    plans = []
+    if root:
+        if _setting("namespaces", "KAT_SANDBOX_NAMESPACES", True):
+            plans.append(_Plan(True, True, base))
+        # without namespaces the uid must reach the interpreter itself: ours, else a system one
+        plans += [_Plan(False, True, exe) for exe in dict.fromkeys([base, *_FALLBACK_PYTHONS]) if os.path.exists(exe)]
+        if unsafe_root:
+            plans.append(_Plan(False, False, base))
+    else:
+        plans.append(_Plan(False, False, base))
     notes: list[str] = []
     for plan in plans:
         try:
@@ -223,20 +365,39 @@ def _probe() -> tuple[_Plan, Isolation]:
                 raise RuntimeError(result.summary())
             facts = json.loads(result.stdout)
         except (RuntimeError, KatError, ValueError, OSError) as exc:
-            notes.append(f"{plan} unavailable: {exc}")
+            notes.append(f"{_plan_name(plan)} unavailable: {exc}")
             continue
         uid_switch = facts["uid"] != os.geteuid()
         if plan.switch_uid and not uid_switch:
-            notes.append(f"{plan} did not switch uid")
+            notes.append(f"{_plan_name(plan)} did not switch uid")
+            continue
+        if tuple(facts["version"]) < (3, 8):
+            notes.append(f"{_plan_name(plan)}: Python {facts['version']} is older than 3.8")
             continue
         return plan, Isolation(
             uid_switch=uid_switch,
-            network_namespace=plan.namespaces and set(facts["interfaces"]) <= {"lo"},
+            network_namespace=plan.namespaces,
             mount_namespace=plan.namespaces and facts["private_tmp"],
             readonly_root=facts["readonly_root"],
+            landlock=not facts["reads_host"],
+            seccomp=not facts["inet"],
+            runs_as_root=root and not uid_switch,
+            interpreter=plan.executable,
             notes=tuple(notes),
         )
+    if root and not unsafe_root:
+        raise KatError(
+            "the code sandbox refuses to run untrusted code as root and no unprivileged uid could run a Python "
+            f"interpreter here ({'; '.join(notes)}); allow namespaces (CAP_SYS_ADMIN), install a Python the uid can "
+            "reach (/usr/bin/python3), or set KAT_SANDBOX_UNSAFE_ROOT=1 to run it as root anyway"
+        )
     raise KatError("the code sandbox cannot start a Python child on this machine: " + "; ".join(notes))
+
+
+def _plan_name(plan: _Plan) -> str:
+    how = "namespaces" if plan.namespaces else "no namespaces"
+    who = "own uid" if plan.switch_uid else "our uid"
+    return f"{how}, {who}, {plan.executable}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -251,7 +412,14 @@ def _run(
     memory_mb: int,
     max_output_bytes: int,
     max_processes: int,
+    pass_fds: tuple[int, ...] = (),
+    cancel: threading.Event | None = None,
+    boot: str | None = None,
 ) -> SandboxResult:
+    """One sandboxed run of `code` (as main.py). `pass_fds` are handed to the child and closed here once it
+    has them (always: the caller must not touch them again); `cancel` kills the run early; `boot`, if
+    given, is run with `-c` instead of main.py (it reads main.py itself)."""
+    open_fds = list(pass_fds)
     slot = _slots.get() if plan.switch_uid else None
     uid = None if slot is None else _UID_BASE + (os.getpid() % 2**22) * _UID_SLOTS + slot
     host_dir = None if plan.namespaces else tempfile.mkdtemp(prefix="kat-sandbox-")
@@ -263,16 +431,18 @@ def _run(
                 os.chown(host_dir, uid, uid)
         if plan.namespaces:
             workdir, executable = _SANDBOX_WORKDIR, os.path.join(_SANDBOX_PYTHON, _BASE_PYTHON)
-        elif os.path.exists(os.path.join(sys.base_prefix, _BASE_PYTHON)):
-            workdir, executable = host_dir, os.path.join(sys.base_prefix, _BASE_PYTHON)
+            read_dirs, read_files = [_SANDBOX_PYTHON], []
         else:
-            workdir, executable = host_dir, os.path.realpath(sys.executable)
+            workdir, executable = host_dir, plan.executable
+            # the interpreter's own installation: its stdlib and libpython live in <prefix>/lib
+            prefix = os.path.dirname(os.path.dirname(os.path.realpath(executable)))
+            read_dirs, read_files = [os.path.join(prefix, "lib")], [executable, os.path.realpath(executable)]
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8"}
         if plan.namespaces:
             # the interpreter may carry an absolute RUNPATH to its libpython that the new uid cannot reach
             env["LD_LIBRARY_PATH"] = os.path.join(_SANDBOX_PYTHON, "lib")
         args = [executable, "-I", "-S", "-B"]
-        args += ["main.py"] if plan.namespaces else ["-c", _NO_NETWORK_PRELUDE]
+        args += ["-c", boot] if boot is not None else ["main.py"]
         cpu = cpu_s if cpu_s is not None else max(1, math.ceil(timeout_s))
         limits = [
             (resource.RLIMIT_CORE, 0),
@@ -286,9 +456,13 @@ def _run(
         elif os.geteuid() != 0:
             # our own uid: the kernel counts all its tasks, ours included, so grant the budget on top
             limits.insert(0, (resource.RLIMIT_NPROC, _count_tasks(os.getuid()) + max_processes))
-        preexec = _Preexec(plan, uid, workdir, program, limits)
-        return _execute(args, env, preexec, uid, timeout_s, max_output_bytes)
+        landlock = _Landlock.prepare(read_dirs + list(_SYSTEM_LIB_DIRS), read_files + list(_LOADER_FILES),
+                                     list(_DEVICE_FILES), workdir)
+        preexec = _Preexec(plan, uid, workdir, program, limits, landlock, _SECCOMP)
+        return _execute(args, env, preexec, uid, timeout_s, max_output_bytes, open_fds, cancel)
     finally:
+        for fd in open_fds:  # not handed over (we failed before the child started)
+            os.close(fd)
         if host_dir is not None:
             shutil.rmtree(host_dir, ignore_errors=True)
         if slot is not None:
@@ -314,8 +488,9 @@ class _Preexec:
     """
 
     def __init__(self, plan: _Plan, uid: int | None, workdir: str, program: bytes,
-                 limits: list[tuple[int, int]]) -> None:
+                 limits: list[tuple[int, int]], landlock: _Landlock | None, seccomp: _Seccomp | None) -> None:
         self.plan, self.uid, self.workdir, self.program, self.limits = plan, uid, workdir, program, limits
+        self.landlock, self.seccomp = landlock, seccomp
 
     def __call__(self) -> None:
         _write_file("/proc/self/oom_score_adj", b"1000")  # the OOM killer takes the sandbox first
@@ -328,6 +503,11 @@ class _Preexec:
             os.setresuid(self.uid, self.uid, self.uid)
         _check(_LIBC.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")  # no setuid binaries
         _check(_LIBC.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0), "prctl(PDEATHSIG)")  # after setuid
+        # both need NO_NEW_PRIVS first (an unprivileged process may not confine itself otherwise)
+        if self.landlock is not None:
+            self.landlock.apply()
+        if self.seccomp is not None:
+            self.seccomp.apply()
         for kind, value in self.limits:
             resource.setrlimit(kind, (value, value + 1 if kind == resource.RLIMIT_CPU else value))
 
@@ -356,6 +536,101 @@ class _Preexec:
             os.chown(self.workdir, self.uid, self.uid)
 
 
+class _PathBeneath(ctypes.Structure):
+    _pack_ = 1  # struct landlock_path_beneath_attr is packed
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+class _Landlock:
+    """A Landlock ruleset, prepared in the parent (no allocation in the forked child) and applied there:
+    read and execute in `read_dirs`, read `read_files`, read and write `rw_files`, anything in `workdir`;
+    no TCP (ABI >= 4); no signals or abstract unix sockets beyond the sandbox (ABI >= 6)."""
+
+    _abi: int | None = None
+
+    @classmethod
+    def prepare(cls, read_dirs: list[str], read_files: list[str], rw_files: list[str],
+                workdir: str) -> _Landlock | None:
+        if cls._abi is None:
+            word = ctypes.c_long
+            cls._abi = max(0, int(_LIBC.syscall(word(_SYS_LANDLOCK_CREATE_RULESET), None, word(0), word(1))))
+        return cls(cls._abi, read_dirs, read_files, rw_files, workdir) if cls._abi else None
+
+    def __init__(self, abi: int, read_dirs: list[str], read_files: list[str], rw_files: list[str],
+                 workdir: str) -> None:
+        fs = (1 << 13) - 1  # ABI 1: execute .. make_sym
+        fs |= (1 << 13 if abi >= 2 else 0) | (_LL_TRUNCATE if abi >= 3 else 0) | (1 << 15 if abi >= 5 else 0)
+        self.attr = (ctypes.c_uint64 * 3)(fs, 3 if abi >= 4 else 0, 3 if abi >= 6 else 0)
+        self.attr_size = 8 if abi < 4 else 16 if abi < 6 else 24  # the fields this kernel knows
+        truncate = _LL_TRUNCATE if abi >= 3 else 0
+        read_tree = _LL_EXECUTE | _LL_READ_FILE | _LL_READ_DIR
+        self.rules = (
+            [(d.encode(), _PathBeneath(read_tree, -1)) for d in read_dirs]
+            + [(f.encode(), _PathBeneath(_LL_EXECUTE | _LL_READ_FILE, -1)) for f in read_files]
+            + [(f.encode(), _PathBeneath(_LL_READ_FILE | _LL_WRITE_FILE | truncate, -1)) for f in rw_files]
+            + [(workdir.encode(), _PathBeneath(fs, -1))]
+        )
+
+    def apply(self) -> None:
+        word = ctypes.c_long
+        ruleset = _LIBC.syscall(word(_SYS_LANDLOCK_CREATE_RULESET), ctypes.byref(self.attr),
+                                word(self.attr_size), word(0))
+        _check(0 if ruleset >= 0 else -1, "landlock_create_ruleset")
+        for path, rule in self.rules:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue  # not on this machine (/lib64, say): nothing to allow
+            rule.parent_fd = fd
+            rc = _LIBC.syscall(word(_SYS_LANDLOCK_ADD_RULE), word(ruleset), word(_LANDLOCK_RULE_PATH_BENEATH),
+                               ctypes.byref(rule), word(0))
+            os.close(fd)
+            _check(0 if rc == 0 else -1, "landlock_add_rule")
+        _check(0 if _LIBC.syscall(word(_SYS_LANDLOCK_RESTRICT_SELF), word(ruleset), word(0)) == 0 else -1,
+               "landlock_restrict_self")
+        os.close(ruleset)
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+class _Seccomp:
+    """A seccomp filter: socket() of any family but AF_UNIX, io_uring_setup, and any syscall of another
+    ABI (i386 through int 0x80, x32) fail with EACCES; everything else is allowed."""
+
+    # (AUDIT_ARCH, __NR_socket) per machine; io_uring_setup is 425 on both
+    _ARCH = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}
+
+    def __init__(self, audit_arch: int, nr_socket: int) -> None:
+        ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
+        allow, deny = 0x7FFF0000, 0x00050000 | errno.EACCES  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO
+        program = [
+            (ld, 0, 0, 4), (jeq, 1, 0, audit_arch), (ret, 0, 0, deny),  # seccomp_data.arch
+            (ld, 0, 0, 0), (jge, 0, 1, 0x40000000), (ret, 0, 0, deny),  # .nr; x32 numbers
+            (jeq, 0, 1, 425), (ret, 0, 0, deny),  # io_uring_setup
+            (jeq, 0, 3, nr_socket), (ld, 0, 0, 16), (jeq, 1, 0, 1), (ret, 0, 0, deny),  # .args[0] == AF_UNIX?
+            (ret, 0, 0, allow),
+        ]
+        self.filters = (_SockFilter * len(program))(*[_SockFilter(*insn) for insn in program])
+        self.prog = _SockFprog(len(program), self.filters)
+
+    @classmethod
+    def for_this_machine(cls) -> _Seccomp | None:
+        arch = cls._ARCH.get(platform.machine())
+        return cls(*arch) if arch else None
+
+    def apply(self) -> None:
+        _check(_LIBC.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(self.prog), 0, 0), "seccomp")
+
+
+_SECCOMP = _Seccomp.for_this_machine()
+
+
 def _mount(source: bytes | None, target: str, fstype: bytes | None, flags: int,
            data: bytes | None = None) -> None:
     _check(_LIBC.mount(source, target.encode(), fstype, flags, data), f"mount {target}")
@@ -381,18 +656,22 @@ def _write_file(path: str, data: bytes) -> None:
 
 
 def _execute(args: list[str], env: dict[str, str], preexec: _Preexec, uid: int | None, timeout_s: float,
-             max_output_bytes: int) -> SandboxResult:
+             max_output_bytes: int, pass_fds: list[int], cancel: threading.Event | None) -> SandboxResult:
     start = time.monotonic()
     try:
         proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-            start_new_session=True, preexec_fn=preexec, close_fds=True,
+            start_new_session=True, preexec_fn=preexec, close_fds=True, pass_fds=tuple(pass_fds),
         )
     except (subprocess.SubprocessError, OSError) as exc:
         raise KatError(f"the code sandbox could not start its child: {exc}") from exc
+    finally:
+        # the child has its copies now; ours must go, or the other end never sees end-of-file
+        while pass_fds:
+            os.close(pass_fds.pop())
     outcome = None
     try:
-        out, err, outcome = _collect(proc, start + timeout_s, max_output_bytes)
+        out, err, outcome = _collect(proc, start + timeout_s, max_output_bytes, cancel)
     finally:
         # kill before reaping the child, so its process-group id cannot have been reused yet
         _kill_everything(proc.pid, uid)
@@ -407,6 +686,8 @@ def _execute(args: list[str], env: dict[str, str], preexec: _Preexec, uid: int |
     rc = proc.returncode
     if outcome == "timeout":
         status = "timeout"
+    elif outcome == "cancelled":
+        status = "killed"
     elif truncated:
         status = "output_limit"
     elif rc == 0:
@@ -428,9 +709,10 @@ def _execute(args: list[str], env: dict[str, str], preexec: _Preexec, uid: int |
     )
 
 
-def _collect(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytearray, bytearray, str]:
-    """Read both pipes until the child exits ("exited"), the deadline passes ("timeout") or a stream goes
-    over the cap ("output_limit")."""
+def _collect(proc: subprocess.Popen, deadline: float, cap: int,
+             cancel: threading.Event | None = None) -> tuple[bytearray, bytearray, str]:
+    """Read both pipes until the child exits ("exited"), the deadline passes ("timeout"), a stream goes
+    over the cap ("output_limit") or `cancel` is set ("cancelled")."""
     bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}  # type: ignore[union-attr]
     out, err = bufs.values()
     with selectors.DefaultSelector() as sel:
@@ -442,6 +724,8 @@ def _collect(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytearr
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return out, err, "timeout"
+            if cancel is not None and cancel.is_set():
+                return out, err, "cancelled"
             if not sel.get_map():
                 # both pipes closed but the child still runs: wait for it without spinning
                 time.sleep(min(remaining, 0.002))
