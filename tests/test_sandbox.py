@@ -3,6 +3,7 @@
 import os
 import secrets
 import socket
+import sys
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kat_core.tasks.sandbox import isolation, run_python, run_tests
+from kat_core.tasks.sandbox import configure, isolation, run_python, run_tests
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -215,3 +216,134 @@ def test_a_bomb_does_not_disturb_concurrent_runs():
             lambda i: run_tests(f"def x():\n    return {i}", f"assert x() == {i}", timeout_s=10), range(12)))
         assert bombing.result().status == "timeout"
     assert all(r.passed for r in normal), [r.summary() for r in normal if not r.passed]
+
+
+# --- what a hostile program can reach, and the fallback without namespaces -----------------------------
+
+READ_ATTEMPTS = ["/proc/self/status", "/proc/1/cmdline", "/etc/passwd", str(PROJECT_ROOT / "pyproject.toml"),
+                 "/work/shared/benchmarks/gsm8k_test.jsonl"]
+
+
+def readable_in_sandbox() -> list[str]:
+    program = textwrap.dedent(f"""\
+        for path in {READ_ATTEMPTS!r}:
+            try:
+                open(path, "rb").read(1)
+                print(path)
+            except OSError:
+                pass
+        """)
+    r = run_python(program, timeout_s=5)
+    assert r.status == "ok", r.stderr
+    return r.stdout.split()
+
+
+@pytest.mark.skipif(not isolation().landlock, reason="needs Landlock (Linux >= 5.13)")
+def test_only_the_interpreter_and_system_libraries_are_readable():
+    # /proc (ours, the judge's), the project and the benchmark files (the answer key) stay out of reach
+    assert readable_in_sandbox() == []
+
+
+def reachable_by_others(path: str) -> bool:
+    """Whether a uid other than the owner can traverse to `path` (o+x on every directory above it)."""
+    parts = Path(path).resolve().parents
+    return all(p.stat().st_mode & 0o001 for p in parts)
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the root fallback is about running as root")
+
+
+@pytest.fixture
+def without_namespaces():
+    configure(namespaces=False)
+    try:
+        yield isolation()
+    finally:
+        configure()
+
+
+@needs_root
+def test_without_namespaces_root_still_drops_to_an_unprivileged_uid(without_namespaces):
+    iso = without_namespaces
+    assert iso.uid_switch and not iso.runs_as_root and not iso.mount_namespace and not iso.network_namespace
+    assert run_tests("def f(x):\n    return x + 1", "assert f(1) == 2", timeout_s=5).passed
+    hostile = "class Y(int):\n    def __eq__(s, o):\n        return True\ndef f(x):\n    return Y(0)"
+    assert not run_tests(hostile, "assert f(1) == 2", timeout_s=5).passed
+
+
+@needs_root
+def test_without_namespaces_the_listed_escapes_are_contained(without_namespaces):
+    name = f"kat-sandbox-escape-{secrets.token_hex(6)}"
+    targets = [Path("/tmp") / name, Path("/var/tmp") / name, Path("/dev/shm") / name, PROJECT_ROOT / name]
+    tcp, udp = socket.socket(), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for s in (tcp, udp):
+        s.bind(("127.0.0.1", 0))
+        s.setblocking(False)
+    tcp.listen()
+    program = textwrap.dedent(f"""\
+        import os, signal, time, _socket
+        print(os.getuid(), flush=True)
+        for attack in (lambda: os.kill(os.getppid(), signal.SIGKILL),
+                       lambda: os.killpg(os.getpgid(os.getppid()), signal.SIGKILL),
+                       lambda: os.kill(-1, signal.SIGKILL)):
+            try:
+                attack()
+            except OSError:
+                pass
+        for path in {[str(t) for t in targets]!r}:
+            try:
+                open(path, "w").write("escaped")
+            except OSError:
+                pass
+        for family, kind, send in ((_socket.AF_INET, _socket.SOCK_STREAM, "connect"),
+                                   (_socket.AF_INET, _socket.SOCK_DGRAM, "sendto"),
+                                   (_socket.AF_INET, _socket.SOCK_RAW, "sendto")):
+            try:
+                s = _socket.socket(family, kind, 255 if kind == _socket.SOCK_RAW else 0)
+                if send == "connect":
+                    s.connect(("127.0.0.1", {tcp.getsockname()[1]}))
+                    s.send(b"escaped")
+                else:
+                    s.sendto(b"escaped", ("127.0.0.1", {udp.getsockname()[1]}))
+                print("sent", kind)
+            except OSError:
+                pass
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                time.sleep(60)
+            os._exit(0)
+        """)
+    try:
+        r = run_python(program, timeout_s=5)
+        assert r.status == "ok", r.stderr
+        assert "sent" not in r.stdout
+        for s in (tcp, udp):
+            with pytest.raises(BlockingIOError):
+                s.accept() if s is tcp else s.recvfrom(100)
+    finally:
+        tcp.close()
+        udp.close()
+    for target in targets:
+        assert not target.exists(), target
+    assert live_processes_of(first_line_uid(r.stdout)) == []  # the daemon died with the run
+    assert os.getpid() > 0  # and we are still here
+
+
+@needs_root
+def test_as_root_without_a_reachable_interpreter_the_sandbox_refuses(without_namespaces, monkeypatch):
+    import kat_core.tasks.sandbox as sandbox
+    from kat_core.errors import KatError
+
+    if reachable_by_others(sys.base_prefix):
+        pytest.skip("our interpreter is reachable by other uids here, so nothing forces the refusal")
+    monkeypatch.setattr(sandbox, "_FALLBACK_PYTHONS", ())
+    configure(namespaces=False)
+    with pytest.raises(KatError, match="refuses to run untrusted code as root") as err:
+        run_python("print(1)", timeout_s=5)
+    assert "\n" not in str(err.value) and "KAT_SANDBOX_UNSAFE_ROOT=1" in str(err.value)
+    configure(namespaces=False, unsafe_root=True)  # the explicit opt-in: runs as root, still confined
+    iso = isolation()
+    assert iso.runs_as_root and "UNSAFE" in iso.describe()
+    if iso.landlock:
+        assert readable_in_sandbox() == []
