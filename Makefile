@@ -32,7 +32,7 @@ chromium:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
 lint: $(STAMP)
-	$(BIN)/ruff check kat_core components pipelines tests benchmarks
+	$(BIN)/ruff check kat_core kat_app components pipelines tests benchmarks
 
 clean:
 	rm -rf $(VENV) .kat build *.egg-info

@@ -49,7 +49,7 @@ def populate(home: Path) -> str:
     env = {**os.environ, "KAT_HOME": str(home), "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     t0 = time.perf_counter()
-    args = [sys.executable, "-m", "kat_core.cli", "run", "--profile", "smoke", "--out", str(home / "out")]
+    args = [sys.executable, "-m", "kat_app.cli", "run", "--profile", "smoke", "--out", str(home / "out")]
     for override in FAST:
         args += ["--set", override]
     r = subprocess.run(args, env=env, capture_output=True, text=True, cwd=ROOT)
@@ -121,7 +121,7 @@ def start_server(home: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "KAT_HOME": str(home), "KAT_API_TOKEN": TOKEN}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen([sys.executable, "-m", "kat_core.cli", "serve", "--port", str(port)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "kat_app.cli", "serve", "--port", str(port)], env=env,
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.backends import LocalBackend  # noqa: E402 (after the path fix, for a plain `python benchmarks/...`)
+from pipelines.local import LocalBackend  # noqa: E402 (after the path fix, for a plain `python benchmarks/...`)
 
 
 def one_run(home: Path, profile: str, overrides: list[str]) -> tuple[float, dict[str, tuple[str, float]]]:

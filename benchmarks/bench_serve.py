@@ -61,7 +61,7 @@ def free_port() -> int:
 
 
 def start_server(model: Path, port: int, threads: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "kat_core.cli", "serve-model", str(model), "--port", str(port), "--name", "bench",
+    cmd = [sys.executable, "-m", "kat_app.cli", "serve-model", str(model), "--port", str(port), "--name", "bench",
            "--threads", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180

@@ -29,8 +29,7 @@ def register(profile: str, overrides: list, model: dsl.Input[dsl.Model], report:
         evaluation = json.loads((Path(report.path) / "report.json").read_text())
         name = config.registry.model_name
         version = register_model(model.path, evaluation, parent, name)
-        promoted, reason = promote_if_better(name, version, Margins(config.registry.acc_margin,
-                                                                    config.registry.tok_margin))
+        promoted, reason = promote_if_better(name, version, Margins.from_config(config.registry))
     result = {"name": name, "version": version, "champion": promoted, "gate": reason, "parent_run": parent}
     Path(registered.path).write_text(json.dumps(result, indent=2) + "\n")
     registered.metadata.update(result)

@@ -26,6 +26,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kat_core.errors import Invalid
+from kat_core.util import pid_alive
+
 log = logging.getLogger(__name__)
 
 DB_FILE = "dashboard.db"
@@ -55,24 +58,6 @@ CREATE TABLE IF NOT EXISTS schedule_events (
 );
 CREATE INDEX IF NOT EXISTS events_schedule ON schedule_events(schedule_id, at);
 """
-
-
-def pid_alive(pid: int | None) -> bool:
-    """Whether process `pid` still runs (a zombie child of ours counts as ended)."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie child counts as ended
-    with contextlib.suppress(OSError, ChildProcessError):
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    return True
 
 
 class JobQueue:
@@ -198,9 +183,7 @@ class RunWorker(threading.Thread):
     def __init__(self, home: Path, concurrency: int = 1, poll_s: float = 0.5):
         super().__init__(name="kat-run-worker", daemon=True)
         if concurrency < 1:
-            from kat_core.errors import KatError
-
-            raise KatError(f"concurrency must be at least 1, got {concurrency}")
+            raise Invalid(f"concurrency must be at least 1, got {concurrency}")
         self.home = Path(home)
         self.queue = JobQueue(self.home)
         self.concurrency = concurrency

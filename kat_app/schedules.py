@@ -10,7 +10,7 @@ Who fires: the process running `kat serve` or `kat scheduler` (`start_live`); on
 lock. Others (the CLI) open the store with a paused scheduler, change it and close it; the live scheduler
 sees their changes within `HEARTBEAT_S` (an in-memory heartbeat job wakes it to re-read the store).
 
-Cron meaning: the classic 5 fields, checked by `pipelines.backends.check_cron`. APScheduler numbers the
+Cron meaning: the classic 5 fields, checked by `pipelines.cron.check_cron`. APScheduler numbers the
 days of the week from Monday = 0 where cron has Sunday = 0, so the weekday field is translated to names;
 and where cron fires when *either* day field matches, APScheduler wants both, so a schedule restricting
 both the day of the month and the day of the week is refused rather than run on other days.
@@ -32,13 +32,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from kat_core.errors import KatError
+from kat_core.config import load_config
+from kat_core.errors import Invalid, KatError, NotFound
+from kat_core.platform import kat_home
+from pipelines.cron import check_cron
+from pipelines.records import ScheduleInfo
 
 log = logging.getLogger(__name__)
 
 STORE_FILE = "scheduler.db"
 LEGACY_FILE = "schedules.json"
-FIRE = "kat_core.platform.schedules:fire"
+FIRE = "kat_app.firing:fire"
 HEARTBEAT_S = 10
 MANUAL_MARK = "--now-"  # one-off "trigger now" jobs: <schedule id>--now-<hex>
 
@@ -66,8 +70,6 @@ class Schedule:
 
 
 def _home(home: str | Path | None) -> Path:
-    from kat_core.platform import kat_home
-
     return Path(home).resolve() if home is not None else kat_home()
 
 
@@ -101,11 +103,9 @@ def cron_trigger(cron: str, timezone: Any = None):
     """The APScheduler CronTrigger of a checked 5-field cron expression (see the module docstring)."""
     from apscheduler.triggers.cron import CronTrigger
 
-    from pipelines.backends import check_cron
-
     minute, hour, dom, month, dow = check_cron(cron).split()
     if dom != "*" and dow != "*":
-        raise KatError(f"cron {cron!r} restricts both the day of the month and the day of the week; the local "
+        raise Invalid(f"cron {cron!r} restricts both the day of the month and the day of the week; the local "
                        "scheduler cannot fire on either one (cron's rule), so restrict only one of them")
     return CronTrigger(minute=minute, hour=hour, day=dom, month=month, day_of_week=weekday_names(dow),
                        timezone=timezone)
@@ -214,9 +214,6 @@ def _from_job(job: Any) -> Schedule:
 def create(cron: str, profile: str, overrides: list[str] | None = None, *, name: str | None = None,
            only_if_data_changed: bool = False, who: str | None = None, home: str | Path | None = None) -> Schedule:
     """Add a schedule (after checking its cron and its config: a schedule that could never run is refused)."""
-    from kat_core.config import load_config
-    from pipelines.backends import check_cron
-
     cron = check_cron(cron)
     cron_trigger(cron)
     load_config(profile, list(overrides or []))
@@ -243,7 +240,7 @@ def get(schedule_id: str, home: str | Path | None = None) -> Schedule:
 def _job(scheduler: Any, schedule_id: str) -> Any:
     job = scheduler.get_job(schedule_id, jobstore="default") if MANUAL_MARK not in schedule_id else None
     if job is None:
-        raise KatError(f"unknown schedule id {schedule_id!r} on the local back end")
+        raise NotFound(f"unknown schedule id {schedule_id!r} on the local back end")
     return job
 
 
@@ -276,16 +273,6 @@ def trigger(schedule_id: str, home: str | Path | None = None) -> None:
         scheduler.add_job(FIRE, "date", id=f"{schedule_id}{MANUAL_MARK}{secrets.token_hex(3)}",
                           name=f"{job.name} (now)", kwargs={**job.kwargs, "trigger": "manual"},
                           misfire_grace_time=None)
-
-
-def fire(schedule_id: str, home: str, trigger: str = "cron", **schedule: Any) -> None:
-    """What a schedule's job does when it fires (called by APScheduler in the live scheduler's process)."""
-    from kat_core.platform.service import Service
-
-    try:
-        Service(home=home).fire_schedule(schedule_id, trigger=trigger, **schedule)
-    except Exception:  # APScheduler would log it anyway; say which schedule
-        log.exception("schedule %s: firing failed", schedule_id)
 
 
 def _heartbeat() -> None:
@@ -335,3 +322,23 @@ def stop_live(home: str | Path | None = None) -> None:
 
 def is_live(home: str | Path | None = None) -> bool:
     return str(_home(home)) in _live
+
+
+class LocalSchedules:
+    """The local back end's schedule store (`pipelines.interface.ScheduleStore`) over this module."""
+
+    def __init__(self, home: str | Path | None = None):
+        self.home = _home(home)
+
+    def create(self, cron: str, profile: str, overrides: list[str], *, name: str | None = None,
+               only_if_data_changed: bool = False, who: str | None = None) -> str:
+        return create(cron, profile, overrides, name=name, only_if_data_changed=only_if_data_changed, who=who,
+                      home=self.home).schedule_id
+
+    def list_all(self) -> list[ScheduleInfo]:
+        return [ScheduleInfo(schedule_id=s.schedule_id, backend="local", cron=s.cron, profile=s.profile,
+                             overrides=s.overrides, name=s.name, enabled=not s.paused, created_at=s.created_at)
+                for s in list_all(home=self.home)]
+
+    def delete(self, schedule_id: str) -> None:
+        delete(schedule_id, home=self.home)

@@ -15,3 +15,19 @@ class ValidationFailed(KatError):
     def __init__(self, message: str, report_path: str | None = None):
         super().__init__(message)
         self.report_path = report_path
+
+
+class NotFound(KatError):
+    """Something named in the request does not exist (a web answer: 404)."""
+
+
+class Invalid(KatError):
+    """The request's values cannot be used; the message says which and why (422)."""
+
+
+class Conflict(KatError):
+    """The request is valid but the state does not allow it now (409)."""
+
+
+class GateRefused(Conflict):
+    """The promotion gate keeps the champion: the candidate is not better within the margins."""

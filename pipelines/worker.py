@@ -1,12 +1,12 @@
 """One local run in a process of its own: `python -m pipelines.worker RUN_ID` executes a run that
-`LocalBackend.prepare` recorded. The dashboard's run queue (kat_core/platform/jobs.py) starts these, so a
+`LocalBackend.prepare` recorded. The dashboard's run queue (kat_app/jobs.py) starts these, so a
 pipeline never runs inside the web server's process (kfp.local redirects stdout and patches the
 environment for the length of a run)."""
 
 import sys
 
 from kat_core.errors import KatError
-from pipelines.backends import LocalBackend
+from pipelines.local import LocalBackend
 
 
 def _progress(kind: str, stage) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-KAT = [sys.executable, "-m", "kat_core.cli"]
+KAT = [sys.executable, "-m", "kat_app.cli"]
 
 
 def kat(*args, cwd=None):
@@ -25,7 +25,7 @@ def test_help_is_fast():
 
 
 def test_no_heavy_imports_at_start():
-    code = "import sys, kat_core.cli; print(sorted(m for m in ('torch','transformers','great_expectations'," \
+    code = "import sys, kat_app.cli; print(sorted(m for m in ('torch','transformers','great_expectations'," \
            "'mlflow','deepspeed','kfp') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
 

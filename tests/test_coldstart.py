@@ -22,7 +22,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def kat(*args):
     sets = [x for s in SETTINGS for x in ("--set", s)]
-    return subprocess.run([sys.executable, "-m", "kat_core.cli", *map(str, args), "-q", *sets],
+    return subprocess.run([sys.executable, "-m", "kat_app.cli", *map(str, args), "-q", *sets],
                           capture_output=True, text=True, env=ENV, timeout=900)
 
 

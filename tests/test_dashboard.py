@@ -54,7 +54,7 @@ class Server:
         self.log = open(home / "serve.log", "a")
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "kat_core.cli", "serve", "--port", str(self.port)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "kat_app.cli", "serve", "--port", str(self.port)],
                                      env=self.env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + 60

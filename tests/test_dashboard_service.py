@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def kat(*args, home: Path):
     env = {**os.environ, "KAT_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "kat_core.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "kat_app.cli", *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=120)
 
 
@@ -28,7 +28,7 @@ def kat(*args, home: Path):
 
 
 def test_token_is_made_once_private_and_env_wins(tmp_path, monkeypatch):
-    from kat_core.platform.security import TOKEN_FILE, load_token
+    from kat_app.security import TOKEN_FILE, load_token
 
     monkeypatch.delenv("KAT_API_TOKEN", raising=False)
     token, created = load_token(tmp_path)
@@ -44,7 +44,7 @@ def test_token_is_made_once_private_and_env_wins(tmp_path, monkeypatch):
 
 
 def test_redaction_masks_secrets_but_not_token_counts(monkeypatch):
-    from kat_core.platform.security import redact_config, redact_text, secret_name
+    from kat_app.security import redact_config, redact_text, secret_name
 
     monkeypatch.setenv("KFP_TOKEN", "kfp-secret-value-42")
     assert not any(secret_name(k) for k in ("max_new_tokens", "mode_token_weight", "tok_margin", "tokenizer"))
@@ -69,13 +69,13 @@ def test_redaction_masks_secrets_but_not_token_counts(monkeypatch):
                                          ("*", "*"), ("mon,3", "mon,wed")])
 def test_cron_weekdays_mean_what_cron_means(field, names):
     # APScheduler counts weekdays from Monday = 0; cron from Sunday = 0
-    from kat_core.platform.schedules import weekday_names
+    from kat_app.schedules import weekday_names
 
     assert weekday_names(field) == names
 
 
 def test_next_fire_times_follow_cron_and_bad_cron_is_refused():
-    from kat_core.platform.schedules import next_fire_times
+    from kat_app.schedules import next_fire_times
 
     fires = [datetime.fromisoformat(t) for t in next_fire_times("30 3 * * 1-5", 6)]
     assert all(t.hour == 3 and t.minute == 30 and t.isoweekday() <= 5 for t in fires)
@@ -121,7 +121,7 @@ def test_schedules_move_from_schedules_json_and_are_managed_by_the_cli(tmp_path)
 
 
 def test_queued_runs_survive_a_restart_and_cancel_before_starting(tmp_path):
-    from kat_core.platform.service import Conflict, Invalid, Service
+    from kat_app.service import Conflict, Invalid, Service
 
     svc = Service(tmp_path)  # no worker: the runs stay queued
     first = svc.submit_run("smoke", ["train.steps=3"], name="first", who="tester")
@@ -149,7 +149,7 @@ def test_queued_runs_survive_a_restart_and_cancel_before_starting(tmp_path):
 
 
 def test_one_claimant_per_queued_run(tmp_path):
-    from kat_core.platform.jobs import JobQueue
+    from kat_app.jobs import JobQueue
 
     queue = JobQueue(tmp_path)
     for i in range(20):
@@ -172,7 +172,7 @@ def test_one_claimant_per_queued_run(tmp_path):
 
 
 def test_form_fields_show_the_profile_and_turn_changes_into_overrides(tmp_path):
-    from kat_core.platform.service import Invalid, NotFound, Service
+    from kat_app.service import Invalid, NotFound, Service
 
     svc = Service(tmp_path)
     fields = {f["key"]: f for f in svc.config_fields("smoke")}
@@ -194,8 +194,8 @@ def test_form_fields_show_the_profile_and_turn_changes_into_overrides(tmp_path):
 
 
 def test_secret_overrides_are_masked_in_every_answer(tmp_path, monkeypatch):
-    from kat_core.platform import schedules
-    from kat_core.platform.service import Service
+    from kat_app import schedules
+    from kat_app.service import Service
 
     monkeypatch.setenv("KAT_HOME", str(tmp_path))
     secret = "sk-live-0123456789abcdef"
@@ -216,7 +216,7 @@ def test_secret_overrides_are_masked_in_every_answer(tmp_path, monkeypatch):
 
 
 def test_kubeflow_runs_and_schedules_through_the_service(tmp_path, monkeypatch):
-    from kat_core.platform.service import Invalid, Service
+    from kat_app.service import Invalid, Service
     from tests.kfp_server import FakeKFP
 
     with FakeKFP(token="t0ken") as server:
@@ -263,12 +263,12 @@ def test_kat_scheduler_fires_what_the_cli_triggers(tmp_path):
     """`kat scheduler` alone: it holds the scheduler lock (a second one is refused) and fires a schedule
     that another process (the CLI) triggers, within its heartbeat; the run it submits is queued for its
     worker."""
-    from kat_core.platform import schedules
-    from kat_core.platform.service import Service
+    from kat_app import schedules
+    from kat_app.service import Service
 
     env = {**os.environ, "KAT_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen([sys.executable, "-m", "kat_core.cli", "scheduler"], env=env, cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "kat_app.cli", "scheduler"], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     svc = Service(tmp_path)
     try:
@@ -304,7 +304,7 @@ def test_open_reads_still_guard_changes(tmp_path):
     env = {**os.environ, "KAT_HOME": str(tmp_path)}
     for key in ("KAT_API_TOKEN", "MLFLOW_TRACKING_URI"):
         env.pop(key, None)
-    proc = subprocess.Popen([sys.executable, "-m", "kat_core.cli", "serve", "--port", str(port), "--open-reads"],
+    proc = subprocess.Popen([sys.executable, "-m", "kat_app.cli", "serve", "--port", str(port), "--open-reads"],
                             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"

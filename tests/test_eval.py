@@ -186,7 +186,7 @@ def test_compare_same_items_and_refuses_different_ones(evaluated, tmp_path):
 def test_kat_eval_command(ckpt, tmp_path):
     from typer.testing import CliRunner
 
-    from kat_core.cli import app
+    from kat_app.cli import app
 
     out = tmp_path / "cli"
     # `kat eval MODEL` is `kat eval run MODEL`

@@ -15,7 +15,7 @@ import yaml
 from kat_core.errors import KatError
 from tests.kfp_server import FakeKFP
 
-KAT = [sys.executable, "-m", "kat_core.cli"]
+KAT = [sys.executable, "-m", "kat_app.cli"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -126,7 +126,7 @@ def test_bad_profile_fails_compile_in_one_line(tmp_path):
 
 @pytest.mark.parametrize("cron", ["0 3 * * *", "*/15 * * * 1-5", "30 2 1,15 jan-jun sun", "0 0 * * 7"])
 def test_cron_accepted(cron):
-    from pipelines.backends import check_cron
+    from pipelines.cron import check_cron
 
     assert check_cron(cron) == cron
 
@@ -136,7 +136,7 @@ def test_cron_accepted(cron):
                                         ("0 0 * 13 *", "month"), ("*/0 * * * *", "minute"),
                                         ("0 5-2 * * *", "hour"), ("0 0 * * mon-xyz", "day of week")])
 def test_bad_cron_is_named(cron, field):
-    from pipelines.backends import check_cron
+    from pipelines.cron import check_cron
 
     with pytest.raises(KatError, match=field):
         check_cron(cron)
@@ -257,7 +257,8 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
 
 
 def test_local_schedules_are_recorded(tmp_path):
-    from pipelines.backends import LocalBackend
+    from kat_app.schedules import LocalSchedules
+    from pipelines.local import LocalBackend
 
     env = {"KAT_HOME": str(tmp_path)}
     r = kat("schedule", "create", "--cron", "0 3 * * *", "--profile", "smoke", "--set", "train.steps=5", env=env)
@@ -266,13 +267,13 @@ def test_local_schedules_are_recorded(tmp_path):
     listed = kat("schedule", "list", env=env).stdout
     assert schedule_id in listed and "0 3 * * *" in listed and "train.steps=5" in listed
     # kept in the scheduler's job store (kat serve / kat scheduler fire them), seen by the back end too
-    (entry,) = LocalBackend(home=tmp_path).list_schedules()
+    (entry,) = LocalBackend(home=tmp_path, schedules=LocalSchedules(tmp_path)).list_schedules()
     assert (entry.schedule_id, entry.profile, entry.overrides, entry.enabled) == (
         schedule_id, "smoke", ["train.steps=5"], True)
     r = kat("schedule", "create", "--cron", "0 3 * *", "--profile", "smoke", env=env)
     assert r.returncode == 1 and r.stderr.strip().startswith("error: bad cron '0 3 * *': expected 5 fields")
     assert kat("schedule", "delete", schedule_id, env=env).returncode == 0
-    assert LocalBackend(home=tmp_path).list_schedules() == []
+    assert LocalBackend(home=tmp_path, schedules=LocalSchedules(tmp_path)).list_schedules() == []
     r = kat("schedule", "delete", schedule_id, env=env)
     assert r.returncode == 1 and r.stderr.strip() == f"error: unknown schedule id {schedule_id!r} on the local back end"
     r = kat("runs", "show", "local-nope", env=env)
@@ -386,7 +387,7 @@ def test_kubeflow_errors_are_one_line(kfp_server):
 
 
 def test_cookie_auth(tmp_path):
-    from pipelines.backends import KubeflowBackend
+    from pipelines.kubeflow import KubeflowBackend
 
     with FakeKFP(cookie="authservice_session=abc") as server:
         backend = KubeflowBackend(host=server.url, cookie="authservice_session=abc")

@@ -140,7 +140,7 @@ def test_smoke_pipeline_runs_against_the_tracking_server_and_s3(s3, mlflow_serve
     for var in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         env.pop(var, None)  # the pipeline talks only to the tracking server; the server writes to S3
     # its own registered model name: the server is shared with the test above, which registers "kat"
-    r = subprocess.run([sys.executable, "-m", "kat_core.cli", "run", "--profile", "smoke",
+    r = subprocess.run([sys.executable, "-m", "kat_app.cli", "run", "--profile", "smoke",
                         "--set", "registry.model_name=kat-smoke"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.loads(r.stdout.strip().splitlines()[-1])

@@ -12,7 +12,7 @@ import pytest
 from kat_core.config import load_config
 from kat_core.data.synth import synthesize
 
-KAT = [sys.executable, "-m", "kat_core.cli"]
+KAT = [sys.executable, "-m", "kat_app.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

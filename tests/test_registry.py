@@ -256,7 +256,7 @@ def test_unknown_model_and_version_are_one_line_errors(registered):
 def test_cli_models(registered):
     from typer.testing import CliRunner
 
-    from kat_core.cli import app
+    from kat_app.cli import app
 
     runner = CliRunner()
 
@@ -280,7 +280,7 @@ def test_cli_models(registered):
     assert "carol: cli test" in kat("history", "kat").splitlines()[-2]
 
     # as a user runs it: the gate's refusal is one line and exit code 1
-    r = subprocess.run([sys.executable, "-m", "kat_core.cli", "models", "promote", "kat", "2", "-r", "try"],
+    r = subprocess.run([sys.executable, "-m", "kat_app.cli", "models", "promote", "kat", "2", "-r", "try"],
                        capture_output=True, text=True, timeout=120)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 1 and len(lines) == 1, r.stderr

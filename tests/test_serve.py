@@ -248,7 +248,7 @@ def test_synthesis_openai_backend_runs_against_the_server(server, tmp_path):
 def test_kat_generate_prints_the_parsed_response(ckpt):
     from typer.testing import CliRunner
 
-    from kat_core.cli import app
+    from kat_app.cli import app
 
     r = CliRunner().invoke(app, ["generate", str(ckpt), PROMPT, "--mode", "off", "--max-new-tokens", "24"])
     assert r.exit_code == 0, r.output
@@ -261,7 +261,7 @@ def test_kat_generate_prints_the_parsed_response(ckpt):
 
 
 def test_serve_model_that_does_not_load_fails_in_one_line(tmp_path, monkeypatch, capsys):
-    from kat_core.cli import main
+    from kat_app.cli import main
 
     broken = tmp_path / "broken"
     broken.mkdir()

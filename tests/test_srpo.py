@@ -300,7 +300,7 @@ def test_short_run_raises_mean_reward(smoke_setup, tmp_path):
 
 def test_cli_runs_each_algorithm_and_rejects_bad_input(smoke_setup, tmp_path):
     config, overrides, data, ckpt = smoke_setup
-    base = [sys.executable, "-m", "kat_core.cli", "train", "srpo", "--model", str(ckpt), "--data", str(data),
+    base = [sys.executable, "-m", "kat_app.cli", "train", "srpo", "--model", str(ckpt), "--data", str(data),
             "--profile", "smoke", "-q"]
     sets = [x for o in overrides if "steps" not in o for x in ("--set", o)] + ["--set", "srpo.train.steps=2"]
     for algo in ("grpo", "decoupled"):

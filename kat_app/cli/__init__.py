@@ -67,12 +67,10 @@ def run(
 
     Progress per stage; finished stages of an identical earlier run are served from the cache; a training
     stage killed mid-way resumes from its last checkpoint. Ends with where everything went."""
-    from pipelines.backends import LocalBackend
-
-    backend = LocalBackend(on_event=_stage_progress)
-    out = out or backend.home / "latest"
-    run_id = backend.submit(profile, overrides or [], out=out)
-    info = backend.status(run_id)
+    service = _service()
+    out = out or service.home / "latest"
+    info = service.run_here(profile, overrides or [], out=out, on_event=_stage_progress)
+    run_id = info.run_id
     _say(_run_summary(info))
     _say(f"outputs linked under {out}/ (run.json, one link per stage); log {info.log}")
     if info.status == "succeeded":
@@ -182,20 +180,23 @@ def train_pretrain(
 @train_app.command("coldstart")
 def train_coldstart(
     model: Annotated[Path, typer.Option("--model", "-m", help="pretrained checkpoint")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="dataset directory (its pool.jsonl holds the prompts)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="checkpoint directory to write")],
     profile: ProfileOpt = "smoke",
     overrides: SetOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
-    """Majority-vote cold start: label each prompt's mode from the model's own forced samples, then SFT.
+    """Cold start: label each held-out prompt's mode from the model's own forced answers (the `autothink`
+    decision criterion, per feature cell), then SFT.
 
-    Writes the checkpoint with labels.jsonl (accuracy per mode, label, reason) and coldstart.json."""
+    Writes the checkpoint with labels.jsonl (accuracy and tokens per mode, cell, label, reason) and
+    coldstart.json."""
     from kat_core.config import load_config
     from kat_core.train.coldstart import coldstart
 
     _setup_logging()
     config = load_config(profile, overrides)
-    result = coldstart(config, model, out, progress=not quiet)
+    result = coldstart(config, model, out, data_dir=data, progress=not quiet)
     levels = ", ".join(f"L{lvl} off {v['label_off']}/on {v['label_on']}" for lvl, v in result["per_level"].items())
     _say(f"cold start labelled {result['prompts']} prompts ({levels}); {result['in_sft']} in SFT; checkpoint {out}")
 
@@ -205,15 +206,17 @@ def train_srpo(
     model: Annotated[Path, typer.Option("--model", "-m", help="cold-start checkpoint (its labels.jsonl is the prior)")],
     data: Annotated[Path, typer.Option("--data", "-d", help="dataset directory whose prompts are used")],
     out: Annotated[Path, typer.Option("--out", "-o", help="checkpoint directory to write")],
-    algo: Annotated[str | None, typer.Option(help="step_srpo | grpo | decoupled (default: srpo.algo)")] = None,
+    algo: Annotated[str | None, typer.Option(help="step_srpo | grpo | decoupled | adaptthink (default: srpo.algo)")
+                    ] = None,
     profile: ProfileOpt = "smoke",
     overrides: SetOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
-    """Reinforcement learning after the cold start: Step-SRPO (segment-wise advantages), or the grpo and
-    decoupled baselines. Settings under `srpo.` (group size, delta, token cost, clip, KL, exploration floor,
-    srpo.train.steps/lr); per-step rewards, think-on rate per level, clip fraction, KL and mode-token entropy
-    go to metrics.jsonl in the checkpoint. Started again after a crash, it resumes."""
+    """Reinforcement learning after the cold start: paired-mode Step-SRPO, or the grpo, decoupled and
+    adaptthink baselines. Settings under `srpo.` (samples per mode, clip, KL, srpo.train.steps/lr) and the
+    decision criterion under `autothink.`; per-step rewards, the greedy decision and its regret per level on
+    a probe set, clip fraction and KL go to metrics.jsonl in the checkpoint. Started again after a crash, it
+    resumes."""
     from kat_core.config import load_config
     from kat_core.train.srpo import srpo
 
@@ -283,16 +286,6 @@ HostOpt = Annotated[str | None, typer.Option(
     help="Kubeflow Pipelines endpoint (default KFP_HOST); auth from KFP_TOKEN or KFP_COOKIE")]
 
 
-def _backend(name: str, host: str | None = None, **kwargs):
-    from pipelines.backends import get_backend
-
-    if name == "kubeflow":
-        kwargs["host"] = host
-    elif host:
-        raise KatError("--host is for the kubeflow back end")
-    return get_backend(name, **kwargs)
-
-
 def _stage_progress(kind: str, stage) -> None:
     if kind == "start":
         _say(f"  {stage.name:<18} running ...")
@@ -350,19 +343,25 @@ def pipeline_submit(
     ] = None,
 ) -> None:
     """Start a pipeline run; prints its run id (the local back end runs it to its end first)."""
-    kwargs = {"cluster": cluster} if backend == "kubeflow" else {"on_event": _stage_progress}
-    runner = _backend(backend, host, **kwargs)
-    run_id = runner.submit(profile, overrides or [], name=name)
-    info = runner.status(run_id)
-    _say(f"run {run_id} on {backend}: {info.status}")
+    if backend not in ("local", "kubeflow"):
+        raise KatError(f"unknown back end {backend!r}; known: local, kubeflow")
+    service = _service(backend, host)
+    if backend == "local":
+        info = service.run_here(profile, overrides or [], name=name, on_event=_stage_progress)
+        run_id, status, error = info.run_id, info.status, info.error
+    else:
+        run = service.submit_run(profile, overrides or [], backend, name=name, who="cli", cluster=cluster,
+                                 profile_files=True)
+        run_id, status, error = run["run_id"], run["status"], run["error"]
+    _say(f"run {run_id} on {backend}: {status}")
     typer.echo(run_id)
-    if info.status == "failed":
-        raise KatError(f"run {run_id} failed at {info.error}")
+    if status == "failed":
+        raise KatError(f"run {run_id} failed at {error}")
 
 
 def _service(backend: str | None = None, host: str | None = None, tracking_uri: str | None = None):
-    """The service layer the dashboard uses too (kat_core/platform/service.py)."""
-    from kat_core.platform.service import Service
+    """The service layer the dashboard uses too (kat_app/service/)."""
+    from kat_app.service import Service
 
     if host and backend != "kubeflow":
         raise KatError("--host is for the kubeflow back end")
@@ -496,7 +495,7 @@ def serve_dashboard(
 ) -> None:
     """The dashboard and REST API (runs, models, schedules, data), with the local run worker and the
     scheduler. Needs the API token (KAT_API_TOKEN, else $KAT_HOME/api_token: made and printed on first start)."""
-    from kat_core.platform.dashboard import serve
+    from kat_app.dashboard import serve
 
     _setup_logging()
     serve(host, port, open_reads=open_reads, concurrency=concurrency, access_log=access_log,
@@ -510,9 +509,10 @@ def scheduler_cmd(
     """Fire the local schedules and execute queued local runs, without the web service (Ctrl-C stops)."""
     import threading
 
-    from kat_core.platform import kat_home, schedules
-    from kat_core.platform.jobs import RunWorker
-    from kat_core.platform.service import Service
+    from kat_app import schedules
+    from kat_app.jobs import RunWorker
+    from kat_app.service import Service
+    from kat_core.platform import kat_home
 
     _setup_logging()
     home = kat_home()
@@ -703,9 +703,19 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, benchmarks_dir, device) -> dict:
+def _eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, token_cost, benchmarks_dir,
+                 device) -> dict:
+    from kat_core.config import AutoThinkConfig
+
+    criterion = AutoThinkConfig(delta=oracle_delta, token_cost=token_cost, token_budget=max_new_tokens)
     return {"limit": limit, "n_samples": samples, "temperature": temperature, "max_new_tokens": max_new_tokens,
-            "seed": seed, "oracle_delta": oracle_delta, "benchmarks_dir": benchmarks_dir, "device": device}
+            "seed": seed, "criterion": criterion, "benchmarks_dir": benchmarks_dir, "device": device}
+
+
+OracleDeltaOpt = Annotated[float, typer.Option(
+    help="the decision criterion's delta: think-off is right when V_off >= V_on - delta")]
+TokenCostOpt = Annotated[float, typer.Option(
+    help="the decision criterion's token cost: V = accuracy - token_cost * tokens / max_new_tokens")]
 
 
 @eval_app.command("run")
@@ -719,7 +729,8 @@ def eval_run(
     temperature: TemperatureOpt = 0.7,
     max_new_tokens: MaxNewOpt = 160,
     seed: int = 0,
-    oracle_delta: Annotated[float, typer.Option(help="accuracy think-off may give up and still be the oracle")] = 0.0,
+    oracle_delta: OracleDeltaOpt = 0.02,
+    token_cost: TokenCostOpt = 0.2,
     benchmarks_dir: Annotated[str | None, typer.Option(help="folder of the public benchmark files")] = None,
     threads: ThreadsOpt = 1,
     device: DeviceOpt = None,
@@ -732,8 +743,8 @@ def eval_run(
     _torch_threads(threads)
     out = out or Path(".kat/eval") / model.resolve().name
     report = evaluate(model, _csv(suites), _csv(modes), out_dir=out, progress=not quiet,
-                      **_eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, benchmarks_dir,
-                                    device))
+                      **_eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, token_cost,
+                                    benchmarks_dir, device))
     typer.echo(f"{'mode':6s} {'n':>5s} {'accuracy':>8s} {'pass@1':>7s} {'tokens':>7s} {'think-on':>8s}")
     for mode, b in report["overall"].items():
         p1 = b["accuracy"]["pass@1"]
@@ -742,8 +753,11 @@ def eval_run(
                    f"{b['think_on_rate'] or 0:>8.3f}")
     sel = report["mode_selection"]
     if sel:
-        typer.echo(f"mode selection: agreement with the oracle {sel['agreement']:.3f}, regret "
-                   f"{sel['regret']['accuracy']:+.3f} accuracy, {sel['regret']['tokens']:+.1f} tokens")
+        cell = sel["feature_cell"]
+        typer.echo(f"mode selection: feature-cell oracle {cell['oracle']['accuracy']:.3f} at "
+                   f"{cell['oracle']['mean_tokens']:.1f} tokens, auto's regret {cell['regret']['accuracy']:+.3f} "
+                   f"accuracy, {cell['regret']['tokens']:+.1f} tokens; hindsight oracle "
+                   f"{sel['oracle']['accuracy']:.3f} at {sel['oracle']['mean_tokens']:.1f} tokens")
     skipped = {s: v["skipped_too_long"] for s, v in report["suites"].items() if v["skipped_too_long"]}
     if skipped:
         _say(f"skipped (do not fit the model's context): {skipped}")
@@ -763,7 +777,8 @@ def eval_compare(
     temperature: TemperatureOpt = 0.7,
     max_new_tokens: MaxNewOpt = 160,
     seed: int = 0,
-    oracle_delta: Annotated[float, typer.Option(help="accuracy think-off may give up and still be the oracle")] = 0.0,
+    oracle_delta: OracleDeltaOpt = 0.02,
+    token_cost: TokenCostOpt = 0.2,
     benchmarks_dir: Annotated[str | None, typer.Option(help="folder of the public benchmark files")] = None,
     threads: ThreadsOpt = 1,
     device: DeviceOpt = None,
@@ -776,8 +791,8 @@ def eval_compare(
     _setup_logging()
     _torch_threads(threads)
     result = compare(a, b, out_dir=out, suites=_csv(suites), modes=_csv(modes), progress=not quiet,
-                     **_eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, benchmarks_dir,
-                                    device))
+                     **_eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, token_cost,
+                                    benchmarks_dir, device))
     typer.echo(render_comparison(result).split("\n![")[0].rstrip())
     _say(f"comparison {out}/compare.md, {out}/compare.json, plot {out}/compare.png")
 

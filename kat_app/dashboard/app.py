@@ -1,4 +1,4 @@
-"""The dashboard's web layer: routes only. Every answer comes from `Service` (kat_core/platform/service.py),
+"""The dashboard's web layer: routes only. Every answer comes from `Service` (kat_app/service/),
 which the CLI calls too; this module adds authentication, CSRF checks, forms and rendering.
 
 Authentication (see `security`): API clients send `Authorization: Bearer <token>`; browsers sign in once
@@ -25,19 +25,24 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict, Field
 
-from kat_core.errors import KatError
-from kat_core.platform.dashboard import charts
-from kat_core.platform.security import (
+from kat_app import schedules
+from kat_app.dashboard import charts
+from kat_app.jobs import RunWorker
+from kat_app.security import (
     CSRF_FIELD,
     CSRF_HEADER,
     SESSION_COOKIE,
+    TOKEN_ENV,
+    TOKEN_FILE,
     csrf_token,
     load_token,
     redact_text,
     same,
     session_value,
 )
-from kat_core.platform.service import Conflict, Invalid, NotFound, Service
+from kat_app.service import Service
+from kat_core.errors import Conflict, Invalid, KatError, NotFound
+from kat_core.platform import kat_home
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
@@ -132,9 +137,6 @@ def create_app(home: str | Path | None = None, *, token: str | None = None, open
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        from kat_core.platform import schedules
-        from kat_core.platform.jobs import RunWorker
-
         if worker:
             state["worker"] = RunWorker(svc.home, concurrency=concurrency)
             svc.worker = state["worker"]
@@ -591,8 +593,6 @@ def serve(host: str = "127.0.0.1", port: int = 8080, home: str | Path | None = N
     """Run the dashboard (and the run worker and the scheduler) until interrupted."""
     import uvicorn
 
-    from kat_core.platform import kat_home
-    from kat_core.platform.security import TOKEN_ENV, TOKEN_FILE
 
     home_dir = Path(home).resolve() if home else kat_home()
     token, created = load_token(home_dir)

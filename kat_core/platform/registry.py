@@ -36,7 +36,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kat_core.errors import KatError
+from kat_core.config import RegistryConfig
+from kat_core.errors import Conflict, GateRefused, KatError
 from kat_core.manifest import dir_digest, read_manifest, verify_manifest
 from kat_core.platform import file_lock
 from kat_core.platform.tracking import (
@@ -89,13 +90,12 @@ class Margins:
     tok_margin: float = 0.05
 
     @classmethod
-    def from_env(cls) -> Margins:
-        """KAT_GATE_ACC_MARGIN / KAT_GATE_TOK_MARGIN until the config has a registry section."""
-        default = cls()
-        return cls(
-            acc_margin=float(os.environ.get("KAT_GATE_ACC_MARGIN", default.acc_margin)),
-            tok_margin=float(os.environ.get("KAT_GATE_TOK_MARGIN", default.tok_margin)),
-        )
+    def from_config(cls, registry: RegistryConfig, *, acc_margin: float | None = None,
+                    tok_margin: float | None = None) -> Margins:
+        """The gate's one configuration: the config's `registry` section, either margin overridable per call.
+        The pipeline's register stage, the CLI and the dashboard all build their margins here."""
+        return cls(acc_margin=registry.acc_margin if acc_margin is None else float(acc_margin),
+                   tok_margin=registry.tok_margin if tok_margin is None else float(tok_margin))
 
 
 def summary_from_report(report: dict[str, Any] | EvalSummary, mode: str = "auto") -> EvalSummary:
@@ -310,7 +310,7 @@ def promote(name: str, version: int, reason: str, who: str | None = None, *, ali
         if gate_margins is not None and alias == CHAMPION:
             passed, why = _check_gate(client, name, int(version), gate_margins)
             if not passed:
-                raise KatError(f"the promotion gate keeps {name} v{version} out: {why}")
+                raise GateRefused(f"the promotion gate keeps {name} v{version} out: {why}")
             reason = f"{reason}; gate: {why}"
         return _move_alias(client, name, alias, int(version), "promote", reason, who)
 
@@ -345,13 +345,13 @@ def rollback(name: str, reason: str, who: str | None = None, *, tracking_uri: st
         chain = champion_chain(_history(client, name))
         current = _alias_target(client, name, CHAMPION)
         if not chain or chain[-1] != current:
-            raise KatError(f"{name}: champion is v{current} but its history ends at "
+            raise Conflict(f"{name}: champion is v{current} but its history ends at "
                            f"v{chain[-1] if chain else None} (moved outside kat?); promote a version explicitly")
         if len(chain) < 2:
-            raise KatError(f"{name}: no previous champion to roll back to (champion v{current} was the first)")
+            raise Conflict(f"{name}: no previous champion to roll back to (champion v{current} was the first)")
         event = _move_alias(client, name, CHAMPION, chain[-2], "rollback", reason, who)
         if event is None:  # cannot happen with a history written by kat: neighbours in the chain differ
-            raise KatError(f"{name}: history says the previous champion is the current one (v{current})")
+            raise Conflict(f"{name}: history says the previous champion is the current one (v{current})")
         return event
 
 

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from kat_core.data.dataset import swap_into_place
-from kat_core.errors import KatError
+from kat_core.errors import KatError, NotFound
 from kat_core.manifest import sha256_file
 
 log = logging.getLogger(__name__)
@@ -142,11 +142,11 @@ class ObjectStore:
             try:
                 text = self._call(f"read s3://{bucket}/{key}", lambda: self._get_bytes(bucket, key)).decode()
             except _NotFound:
-                raise KatError(f"no complete directory at {uri} (no {INDEX}; nothing uploaded or unfinished)") from None
+                raise NotFound(f"no complete directory at {uri} (no {INDEX}; nothing uploaded or unfinished)") from None
         else:
             path = Path(uri) / INDEX
             if not path.is_file():
-                raise KatError(f"no complete directory at {uri} (no {INDEX})")
+                raise NotFound(f"no complete directory at {uri} (no {INDEX})")
             text = path.read_text()
         try:
             return dict(json.loads(text)["files"])
@@ -158,10 +158,8 @@ class ObjectStore:
         try:
             self.read_index(uri)
             return True
-        except KatError as e:
-            if "no complete directory" in str(e):
-                return False
-            raise
+        except NotFound:
+            return False
 
     # ---- S3 --------------------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from kat_core.errors import KatError
+from kat_core.errors import KatError, NotFound
 from kat_core.manifest import MANIFEST, dir_digest, read_manifest
 from kat_core.platform import file_lock, kat_home
 
@@ -66,6 +66,8 @@ def mlflow_errors(uri: str) -> Iterator[None]:
             reason = next((m for m in ("Connection refused", "Name or service not known", "timed out",
                                        "Connection reset") if m in text), "no answer")
             raise KatError(f"cannot reach the MLflow tracking server at {uri} ({reason})") from None
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise NotFound(f"MLflow at {uri}: {_first_line(text)}") from None
         raise KatError(f"MLflow at {uri}: {_first_line(text)}") from None
 
 

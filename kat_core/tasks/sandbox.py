@@ -113,11 +113,11 @@ _MAX_OPEN_FILES = 256
 
 STATUSES = ("ok", "error", "timeout", "killed", "output_limit")
 
-# The judge's start: unreadable by other processes of its uid (PR_SET_DUMPABLE 0 bars ptrace and
-# /proc/<pid>/mem, which matters when the candidate shares our uid), then read its program and delete it.
+# The judge's start: read its program and delete it. When the candidate shares its uid (no uid switch),
+# first make itself non-dumpable (PR_SET_DUMPABLE 0 bars ptrace and /proc/<pid>/mem to same-uid
+# processes); with a uid of its own that is given, and importing ctypes costs ~15 ms per item.
+_JUDGE_NOT_DUMPABLE = "import ctypes\nctypes.CDLL(None).prctl(4, 0, 0, 0, 0)\n"
 _JUDGE_BOOT = """\
-import ctypes
-ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)
 with open("main.py", "rb") as f:
     source = f.read()
 __import__("os").unlink("main.py")
@@ -261,7 +261,8 @@ def run_tests(program: str, tests: str, *, functions: Sequence[str] | None = Non
     thread = threading.Thread(target=run_candidate, name="kat-sandbox-candidate", daemon=True)
     thread.start()
     try:
-        verdict = _run(plan, judge_code, **kwargs, pass_fds=(req_w, resp_r), boot=_JUDGE_BOOT)
+        boot = _JUDGE_BOOT if plan.switch_uid else _JUDGE_NOT_DUMPABLE + _JUDGE_BOOT
+        verdict = _run(plan, judge_code, **kwargs, pass_fds=(req_w, resp_r), boot=boot)
     finally:
         cancel.set()  # the judge is done: a candidate still running has nothing left to answer
         thread.join()

@@ -1,0 +1,3 @@
+from kat_app.cli import main
+
+main()

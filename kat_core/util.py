@@ -1,0 +1,70 @@
+"""Small helpers every layer shares: atomic file writes, a temporary environment, a process check.
+
+Nothing half-written is left where a reader would take it as complete: `atomic_write` writes a temp file
+beside the target and renames it over (a rename is atomic within a file system)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write(path: str | Path, data: str | bytes, *, mode: int = 0o644) -> Path:
+    """Write `data` to `path` through a temp file in the same directory, then rename it into place; the
+    file gets permissions `mode` (0o600 for secrets). Parent directories are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+        os.chmod(tmp, mode)  # mkstemp makes it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | Path, data: Any, *, indent: int | None = 2, **dump: Any) -> Path:
+    """`data` as JSON (one trailing newline) at `path`, written atomically."""
+    return atomic_write(path, json.dumps(data, indent=indent, **dump) + "\n")
+
+
+@contextlib.contextmanager
+def patched_env(env: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the length of a block (child processes inherit them); each is put
+    back as it was afterwards (removed if it was unset)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether process `pid` still runs (a zombie child of ours counts as ended)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError, ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    return True
