@@ -3,7 +3,8 @@ would read, so a hedge or a negated number never earns the reward (kat_core.task
 
 import pytest
 
-from kat_core.tasks.mathbench import final_answer, verify_math
+from kat_core.tasks.answers import final_answer
+from kat_core.tasks.mathbench import verify_math
 
 # gold 70: texts that do not state 70
 REJECTED = [
@@ -125,3 +126,13 @@ def test_every_aime_item_rejects_the_negated_gold_and_accepts_formatted_gold():
             assert not task.verify(item, text), (item.id, text)
         for text in (f"**{gold}**", f"`{gold}`", f"the answer is not {other}, it is {gold}"):
             assert task.verify(item, text), (item.id, text)
+
+
+def test_arithmetic_reads_the_stated_answer_too():
+    from kat_core.tasks.arith import ArithTask, make_item
+
+    task, item = ArithTask(), make_item("61-6", 3)  # 55
+    for text in ("55", "= 55.", "61-6=55", "The answer is 55", "**55**", "It is 55, not 54"):
+        assert task.verify(item, text), text
+    for text in ("It is 54, not 55", "the answer is not 55, it is 54", "not 55", "55 or 54", "54"):
+        assert not task.verify(item, text), text

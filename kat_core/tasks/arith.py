@@ -15,7 +15,8 @@ a few column steps, so thinking costs real tokens even where it is not needed (l
 
 Trace notation, per digit column (least significant first): `7+8=15 w5 c1` reads "write 5, carry 1";
 the last step of each operation states its result (`=85`). Train and test are disjoint by construction:
-an expression belongs to the test split iff a hash of its text falls in the test bucket.
+an expression belongs to the test split iff a hash of its text falls in the test bucket; a second bucket is the
+`pool` split, prompts for the cold start and RL that pretraining never sees.
 """
 
 from __future__ import annotations
@@ -25,10 +26,14 @@ import random
 import re
 from typing import Any
 
+from kat_core.tasks.answers import final_answer
 from kat_core.tasks.base import Item, Task, register
 
 LEVELS = (1, 2, 3, 4, 5)
 TEST_SHARE = 0.2  # share of the expression space that belongs to the test split
+# the next share is the `pool` split: prompts for the cold start and RL that pretraining never sees, so their
+# measured think-off accuracy is that of a new request, not of a memorised item
+POOL_SHARE = 0.12
 _DEFAULT_TEST_PER_LEVEL = 100
 
 
@@ -169,8 +174,11 @@ def solve(expression: str) -> tuple[int, list[str]]:
 
 
 def split_of(expression: str) -> str:
+    """test, pool or train, by a hash of the expression alone (so the three are disjoint whatever the seed)."""
     bucket = int(hashlib.sha256(expression.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "test" if bucket < TEST_SHARE else "train"
+    if bucket < TEST_SHARE:
+        return "test"
+    return "pool" if bucket < TEST_SHARE + POOL_SHARE else "train"
 
 
 def prompt_of(expression: str) -> str:
@@ -243,7 +251,7 @@ def extract_int(text: str) -> int | None:
 @register("arith")
 class ArithTask(Task):
     name = "arith"
-    splits = ("train", "test")
+    splits = ("train", "pool", "test")
 
     def __init__(self, levels: list[int] | None = None, **_: Any):
         self.levels = tuple(levels or LEVELS)
@@ -277,7 +285,10 @@ class ArithTask(Task):
         return out
 
     def verify(self, item: Item, answer_text: str) -> bool:
-        got = extract_int(answer_text)
+        # the one answer the text states (kat_core.tasks.answers), then its integer: "= 85." reads 85, but
+        # "It is 84, not 85" reads 84 (the last integer of the whole text would be the negated 85)
+        stated = final_answer(answer_text or "")
+        got = extract_int(stated) if stated is not None else None
         return got is not None and got == int(item.answer)
 
     def check_step(self, step: str) -> bool:
