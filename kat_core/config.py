@@ -64,6 +64,13 @@ class ValidateConfig(_Strict):
         description="evaluation sets whose prompts must not appear in training data",
     )
     ngram: int = Field(13, ge=3, description="n for n-gram overlap with evaluation prompts")
+    near_dup_n: int = Field(6, ge=3, description="character n for near-duplicates of evaluation prompts")
+    near_dup_threshold: float = Field(
+        0.6, gt=0, le=1, description="share of informative character n-grams shared that makes a near-duplicate"
+    )
+    verify_max: int = Field(
+        10_000, ge=0, description="records per family whose answers are re-verified (all if fewer; 0: none)"
+    )
 
 
 class ModelConfig(_Strict):

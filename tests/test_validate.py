@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from kat_core.data.dataset import write_shards
 from kat_core.errors import KatError, ValidationFailed
 from kat_core.format import render
 from kat_core.manifest import verify_manifest, write_manifest
+from kat_core.tasks.base import _REGISTRY, Item, Task
 
 # A fake evaluation suite: ten prompts sharing a long template (which must not count as overlap) and one
 # long distinctive question to copy from.
@@ -32,6 +34,30 @@ def fake_eval_suites(monkeypatch):
 @pytest.fixture
 def real_suites(monkeypatch):
     monkeypatch.undo()
+
+
+class ToyTask(Task):
+    """The family of make_records' items: "Add a and b." has the answer a + b."""
+
+    name = "toy"
+
+    def examples(self, split="test", n=None, seed=0):
+        return []
+
+    def verify(self, item, answer_text):
+        return answer_text.strip() == item.answer
+
+    def item_of(self, record):
+        m = re.search(r"Add (\d+) and (\d+)\.", record.get("prompt") or "", re.I)
+        return Item(id="toy", family="toy", prompt="", answer=str(int(m[1]) + int(m[2])), difficulty=1) if m else None
+
+
+@pytest.fixture(autouse=True)
+def toy_task():
+    """answers.verified re-verifies every record with its family's task: make_records' family is `toy`."""
+    with pytest.MonkeyPatch.context() as mp:  # its own context: real_suites undoes the other monkeypatch
+        mp.setitem(_REGISTRY, "toy", ToyTask)
+        yield
 
 
 def make_records(n_items: int = 30) -> list[dict]:
@@ -141,7 +167,8 @@ def test_duplicated_tagged_prompt_fails(tmp_path):
     on, off = (next(r for r in records if r["id"] == i) for i in ("item1-on", "item2-off"))  # not mirrored
     on["prompt"] = "  " + off["prompt"].upper()  # same prompt once normalised, in the other mode
     report, _ = failing(tmp_path, records)
-    assert report["failed"] == ["duplicates.tagged_prompt"]  # (prompt, mode) is still unique
+    # (prompt, mode) is still unique; and item 1's answer is wrong for item 2's prompt
+    assert report["failed"] == ["duplicates.tagged_prompt", "answers.verified"]
     assert {e["id"] for e in check(report, "duplicates.tagged_prompt")["examples"]} >= {on["id"], off["id"]}
 
 
@@ -161,7 +188,8 @@ def test_prompt_copied_from_an_evaluation_set_fails_overlap(tmp_path):
     # a paraphrase keeping 13 consecutive words of the question is caught by the n-gram check only
     records[2]["prompt"] = "Story: " + FAKE_EVAL["fake"][-1][1].replace("town", "the village") + " Be quick."
     report, message = failing(tmp_path, records)
-    assert set(report["failed"]) == {"overlap.exact", "overlap.ngram"}
+    # the copies are near-duplicates too, and the records' answers no longer fit their prompts
+    assert set(report["failed"]) == {"overlap.exact", "overlap.ngram", "overlap.near_duplicate", "answers.verified"}
     exact, ngram = check(report, "overlap.exact"), check(report, "overlap.ngram")
     assert exact["unexpected_count"] == 1 and exact["examples"][0]["value"] == "fake/long"
     assert ngram["unexpected_count"] == 2
@@ -174,7 +202,7 @@ def test_short_prompts_only_checked_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(V, "_load_eval_prompts", lambda suites, tasks_config: {"fake": [("a", "Compute 7*8.")]})
     records[1]["prompt"] = "compute   7*8."
     report, _ = failing(tmp_path, records)
-    assert report["failed"] == ["overlap.exact"]
+    assert report["failed"] == ["overlap.exact", "answers.verified"]  # not near: too short to judge
 
 
 def test_bad_mode_share_fails(tmp_path):
@@ -216,13 +244,17 @@ def test_wrong_types_and_domains_fail_schema(tmp_path):
 
 def test_malformed_json_line_fails_lines_check(tmp_path):
     report, message = failing(tmp_path, make_records(), raw_tail=b'{"id": "broken", \n[1, 2]\n\n{"id": "\xff"}\n')
-    assert report["failed"] == ["lines.json"]
+    assert report["failed"] == ["lines.utf8", "lines.json"]
     lines = check(report, "lines.json")
-    assert lines["unexpected_count"] == 3  # the blank line is skipped, not counted
-    at = ["train-00000.jsonl:26", "train-00000.jsonl:27", "train-00000.jsonl:29"]
-    assert [e["at"] for e in lines["examples"]] == at
+    assert lines["unexpected_count"] == 2  # the blank line is skipped, the bad byte is the encoding check's
+    assert [e["at"] for e in lines["examples"]] == ["train-00000.jsonl:26", "train-00000.jsonl:27"]
+    encoding = check(report, "lines.utf8")
+    assert encoding["unexpected_count"] == 1 and encoding["examples"][0]["at"] == "train-00000.jsonl:29"
     assert report["stats"]["records"] == 40  # the good lines were still validated
     assert "lines.json" in message
+    # the one-line reason says it is an encoding problem, and where
+    assert "lines.utf8 (1 rows, e.g. train-00000.jsonl:29: encoding error: not UTF-8 (byte 0xff at column 9))" \
+        in message
 
 
 def test_length_bounds(tmp_path):
@@ -276,12 +308,13 @@ def test_real_arith_test_prompt_is_caught(tmp_path, real_suites):
     records = make_records()
     records[0]["prompt"] = test_item.prompt
     report, _ = failing(tmp_path, records, ValidateConfig(overlap_suites=["arith"]))
-    assert report["failed"] == ["overlap.exact"]  # arith prompts are shorter than an n-gram
+    # arith prompts are shorter than an n-gram and too short to call near; the toy answer does not fit
+    assert report["failed"] == ["overlap.exact", "answers.verified"]
 
 
 def test_empty_dataset_fails_on_its_count(tmp_path):
     report, _ = failing(tmp_path, [])
-    assert report["failed"] == ["records.count", "mode.share"]
+    assert report["failed"] == ["files.nonempty", "records.count", "mode.share"]
 
 
 def test_unreadable_manifest_fails_without_crashing(tmp_path):
@@ -291,3 +324,83 @@ def test_unreadable_manifest_fails_without_crashing(tmp_path):
         V.validate_dataset(dataset)
     report = json.loads(Path(info.value.report_path).read_text())
     assert report["failed"] == ["files.manifest"]
+
+
+# --- broken data: what the validation let through before issue 17 -----------------------------------------
+
+def test_text_after_an_unclosed_answer_is_malformed(tmp_path):
+    records = make_records()
+    records[0]["completion"] = records[0]["completion"].removesuffix("</answer>") + " and then more text follows"
+    records[1]["completion"] = records[1]["completion"].removesuffix("</answer>")  # unclosed at the very end
+    report, message = failing(tmp_path, records)
+    # the parser tolerates both (a generation may stop before </answer>); training data may not. (The toy
+    # verifier also rejects "14 and then more text follows" as an answer.)
+    assert report["failed"] == ["grammar.answer_closed", "answers.verified"]
+    assert check(report, "grammar.answer_closed")["unexpected_count"] == 2
+    assert "grammar.answer_closed (2 rows" in message
+
+
+@pytest.mark.parametrize("content", [b"", b"   \n\n \t\n"])
+def test_an_empty_or_blank_shard_the_manifest_lists_fails(tmp_path, content):
+    dataset = tmp_path / "ds"
+    dataset.mkdir()
+    write_shards(dataset, make_records(), 100)
+    (dataset / "train-00001.jsonl").write_bytes(content)
+    write_manifest(dataset, stage="synthesize")  # listed, digest and all
+    with pytest.raises(ValidationFailed) as info:
+        V.validate_dataset(dataset)
+    report = json.loads(Path(info.value.report_path).read_text())
+    assert report["failed"] == ["files.nonempty"]
+    assert check(report, "files.nonempty")["examples"][0]["at"] == "train-00001.jsonl"
+
+
+def test_a_wrong_answer_fails_reverification(tmp_path):
+    records = make_records()
+    wrong = records[4]  # answer and completion agree with each other, not with the prompt
+    wrong["answer"] = str(int(wrong["answer"]) + 1)
+    wrong["completion"] = render("j", wrong["mode"], wrong["answer"], "t" if wrong["mode"] == "on" else None)
+    lying = records[5]  # right answer field, wrong answer in the completion
+    lying["completion"] = render("j", lying["mode"], "12345", "t" if lying["mode"] == "on" else None)
+    report, message = failing(tmp_path, records)
+    assert report["failed"] == ["answers.verified"]
+    found = {e["id"]: e["value"] for e in check(report, "answers.verified")["examples"]}
+    assert "is wrong for the prompt" in found[wrong["id"]] and "completion's answer" in found[lying["id"]]
+    assert report["stats"]["answers_checked"] == {"toy": 40} and report["stats"]["answers_wrong"] == 2
+
+
+def test_answers_of_a_large_family_are_sampled(tmp_path):
+    records = make_records()
+    records[4]["answer"] = "0"
+    dataset = write_dataset(tmp_path / "ds", records)
+    with pytest.raises(ValidationFailed):
+        V.validate_dataset(dataset, config=ValidateConfig(verify_max=40))
+    report = V.validate_dataset(dataset, config=ValidateConfig(verify_max=0), report_dir=tmp_path / "r")
+    assert report["stats"]["answers_checked"] == {"toy": 0}
+
+
+def test_an_unknown_family_cannot_be_verified(tmp_path):
+    records = make_records()
+    records[0]["family"] = "nosuchtask"
+    report, message = failing(tmp_path, records)
+    assert report["failed"] == ["answers.verified"] and "no task 'nosuchtask'" in message
+
+
+def test_a_near_duplicate_of_a_short_gsm8k_question_is_caught(tmp_path, real_suites):
+    from kat_core.tasks import get_task
+
+    def number_in_every_13_gram(words: list[str]) -> int | None:
+        """The index of a word that is a number and lies in every 13-word window, if there is one."""
+        return next((k for k, w in enumerate(words) if w.isdigit() and len(words) - 13 <= k <= 12), None)
+
+    questions = [item.prompt.split() for item in get_task("gsm8k").examples("test")]
+    words = next(q for q in questions if number_in_every_13_gram(q) is not None)
+    k = number_in_every_13_gram(words)
+    changed = " ".join(words[:k] + [str(int(words[k]) + 1)] + words[k + 1:])
+    dropped = " ".join(w for i, w in enumerate(words) if i % 8 != 7)
+    records = make_records()
+    records[0]["prompt"], records[2]["prompt"] = changed, dropped
+    report, _ = failing(tmp_path, records, ValidateConfig(overlap_suites=["gsm8k"]))
+    # no 13-word n-gram survives either edit of a question this short: only the near-duplicate check sees them
+    assert "overlap.ngram" not in report["failed"] and "overlap.exact" not in report["failed"]
+    near = check(report, "overlap.near_duplicate")
+    assert near["unexpected_count"] == 2 and near["examples"][0]["value"].startswith("gsm8k/")

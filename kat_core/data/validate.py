@@ -3,13 +3,21 @@
 Every check has a readable name; the report (`validation.json`) and the ValidationFailed message use it.
 
     files.manifest           the dataset's manifest.json is there, lists every shard, and its digests match
-    lines.json               every non-blank shard line is a JSON object
+    files.nonempty           every shard holds at least one record (an empty or whitespace-only shard that the
+                             manifest lists is a write that went wrong, not a shard)
+    lines.utf8               every shard line is UTF-8 (an encoding error is reported as one, not as bad JSON)
+    lines.json               every non-blank UTF-8 shard line is a JSON object
     records.count            at least one record
     schema.<field>           each field of the record schema (dataset.RECORD_FIELDS) is present, non-null, of
                              its type, and in its domain (mode on/off, regime tagged/mirror, difficulty 1..5,
                              complexity 0..1)
     records.unique_ids       record ids are unique
     grammar.well_formed      every completion parses under the response grammar (kat_core.format)
+    grammar.answer_closed    every well-formed completion ends with </answer>. The grammar's parser tolerates a
+                             missing </answer> at the end of a *generation* (decoding stops before it), and
+                             then the rest of the text is the answer; training data is rendered whole, so
+                             there an unclosed <answer> means the answer and whatever follows it ran together
+                             (`<answer>390 and then more text`) and is malformed
     grammar.mode_matches     the completion's mode token is the record's `mode`
     mode.share               the share of think-on records lies within [mode_share_min, mode_share_max], and
                              so does the share of think-off (the config bounds apply to *each* mode), over all
@@ -20,6 +28,14 @@ Every check has a readable name; the report (`validation.json`) and the Validati
     duplicates.tagged_prompt the prompt is unique over the tagged records
     overlap.exact            no prompt equals a test prompt of an evaluation suite (after normalising)
     overlap.ngram            no prompt shares a word n-gram (n = config.ngram) with a test prompt
+    overlap.near_duplicate   no prompt is a near-duplicate of a test prompt: character n-grams (n =
+                             config.near_dup_n) of the normalised texts, shared / the smaller set >=
+                             config.near_dup_threshold. Catches a short test question with a number changed
+                             or words dropped, which no long word n-gram survives
+    answers.verified         every record's `answer` and its completion's <answer> are right for its prompt,
+                             by its family's own verifier (Task.item_of rebuilds the item from the record:
+                             arith from the expression, benchmarks by source_id); all records of a family
+                             when it has at most config.verify_max of them, else a seeded sample of that many
 
 Duplicates: a mirror record repeats its item's prompt on purpose, in the *other* mode, so a prompt may appear
 twice in the dataset, but never twice in one mode (that would be the same lesson counted twice) and never in
@@ -30,6 +46,16 @@ Token counts are approximate, since validation must not need the trained tokeniz
 token, each digit is one token (our BPE splits digits individually), each run of letters is one token and
 each other non-space character is one token. A BPE splits rare long words further, so this slightly
 undercounts words and counts exactly on the digit-heavy arithmetic traces.
+
+Near-duplicates: a character n-gram (over the normalised prompt) that occurs in more than
+`_COMMON_CHARGRAM_PROMPTS` evaluation prompts (1% of them in a smaller index, at least 5) is shared wording
+("how many", a prompt template), not content, and counts on neither side; a prompt with fewer than
+`_MIN_CHARGRAMS` informative n-grams left (arith's "Compute 61-6.") is left to the exact check, since for
+such a prompt a changed number is a different question, not a copy. Measured false-positive rate: 0 on
+freshly synthesized demo data (`kat data synth --profile demo`); leave-one-out over the 1319 GSM8K test
+questions, the closest other question scores at most 0.44 except for four pairs of genuine near-duplicates
+inside GSM8K (0.64-0.81); a GSM8K question with one number changed (>= 0.84) or every 8th word dropped
+(>= 0.74) is caught, with n = 6 and threshold 0.6 (README, "Verification").
 
 Overlap: the evaluation prompts are the test split (`Task.examples("test")`) of every suite in
 `overlap_suites`. The n-gram check compares hashed word n-grams (words = `\\w+` runs of the normalised text)
@@ -53,6 +79,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import time
 import unicodedata
@@ -66,7 +93,7 @@ from typing import Any
 from kat_core.config import TasksConfig, ValidateConfig
 from kat_core.data.dataset import RECORD_FIELDS, atomic_output_dir, shard_paths
 from kat_core.errors import KatError, ValidationFailed
-from kat_core.format import SPECIAL_TOKENS, parse
+from kat_core.format import ANSWER_CLOSE, SPECIAL_TOKENS, parse
 from kat_core.manifest import read_manifest, sha256_file, write_manifest
 
 log = logging.getLogger(__name__)
@@ -74,6 +101,8 @@ log = logging.getLogger(__name__)
 REPORT = "validation.json"
 DOCS_DIR = "docs"
 _COMMON_NGRAM_PROMPTS = 5  # an n-gram in more evaluation prompts than this is template text
+_COMMON_CHARGRAM_PROMPTS = 20  # a character n-gram in more evaluation prompts than this is shared wording
+_MIN_CHARGRAMS = 30  # fewer informative character n-grams than this: too short to call a near-duplicate
 _EXAMPLES = 5  # offending examples kept per check
 _RESULT_FORMAT = {
     "result_format": "SUMMARY",
@@ -104,6 +133,12 @@ def _words(text: str) -> list[str]:
     return _WORD_RE.findall(normalize_prompt(text))
 
 
+def _char_grams(text: str, n: int) -> set[int]:
+    # hashed like the word n-grams (salted per process, never leaves it)
+    norm = normalize_prompt(text)
+    return {hash(norm[i : i + n]) for i in range(len(norm) - n + 1)}
+
+
 def _ngram_hashes(words: list[str], n: int) -> set[int]:
     # Python's str hash is salted per process, which is fine: the set never leaves this process
     return {hash(" ".join(words[i : i + n])) for i in range(len(words) - n + 1)}
@@ -131,15 +166,25 @@ class _EvalIndex:
     """Normalised evaluation prompts and their hashed n-grams, each pointing at one `suite/item id`."""
 
     n: int
+    char_n: int = 5
+    near_threshold: float = 0.5
     exact: dict[str, str] = field(default_factory=dict)
     ngrams: dict[int, str] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
     common_ngrams: int = 0
+    # near-duplicates: character n-gram -> evaluation prompts (by position in `refs`), informative n-grams
+    # per evaluation prompt, and the n-grams too common to count
+    postings: dict[int, list[int]] = field(default_factory=dict)
+    refs: list[str] = field(default_factory=list)
+    informative: list[int] = field(default_factory=list)
+    common_chargrams: set[int] = field(default_factory=set)
 
     @classmethod
-    def build(cls, prompts: dict[str, list[tuple[str, str]]], n: int) -> _EvalIndex:
-        index = cls(n=n)
+    def build(cls, prompts: dict[str, list[tuple[str, str]]], n: int, char_n: int = 5,
+              near_threshold: float = 0.5) -> _EvalIndex:
+        index = cls(n=n, char_n=char_n, near_threshold=near_threshold)
         seen_in: Counter[int] = Counter()
+        grams_of: list[set[int]] = []
         for suite, items in prompts.items():
             index.sizes[suite] = len(items)
             for item_id, prompt in items:
@@ -148,11 +193,37 @@ class _EvalIndex:
                 for h in _ngram_hashes(_words(prompt), n):
                     seen_in[h] += 1
                     index.ngrams.setdefault(h, ref)
+                grams = _char_grams(prompt, char_n)
+                for g in grams:
+                    index.postings.setdefault(g, []).append(len(index.refs))
+                index.refs.append(ref)
+                grams_of.append(grams)
         for h, count in seen_in.items():
             if count > _COMMON_NGRAM_PROMPTS:
                 del index.ngrams[h]
                 index.common_ngrams += 1
+        # a small index (a single short suite) cannot show 20 repeats of its template: 1% of it, at least 5
+        common = max(_COMMON_NGRAM_PROMPTS, min(_COMMON_CHARGRAM_PROMPTS, len(index.refs) // 100))
+        index.common_chargrams = {g for g, where in index.postings.items() if len(where) > common}
+        for g in index.common_chargrams:
+            del index.postings[g]
+        index.informative = [len(grams - index.common_chargrams) for grams in grams_of]
         return index
+
+    def near_match(self, prompt: str) -> str | None:
+        """The evaluation prompt this one is a near-duplicate of (see the module docstring), or None."""
+        grams = _char_grams(prompt, self.char_n) - self.common_chargrams
+        if len(grams) < _MIN_CHARGRAMS:
+            return None
+        shared: Counter[int] = Counter()
+        for g in grams:
+            for k in self.postings.get(g, ()):
+                shared[k] += 1
+        for k, count in shared.most_common(5):
+            smaller = min(len(grams), self.informative[k])
+            if smaller >= _MIN_CHARGRAMS and count / smaller >= self.near_threshold:
+                return self.refs[k]
+        return None
 
     def exact_match(self, prompt: str) -> str | None:
         return self.exact.get(normalize_prompt(prompt))
@@ -171,7 +242,8 @@ class _EvalIndex:
 # --- reading ------------------------------------------------------------------------------------------
 
 def _read_lines(shards: list[Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(one row per non-blank line: location and whether it is a JSON object, the records with their
+    """(one row per non-blank line: location, whether it is UTF-8 and whether it is a JSON object (None when
+    it is not UTF-8: that is the encoding check's finding, not the JSON check's), the records with their
     location). Unlike dataset.iter_jsonl this does not stop at the first bad line: the report lists them."""
     lines, records = [], []
     for shard in shards:
@@ -181,11 +253,19 @@ def _read_lines(shards: list[Path]) -> tuple[list[dict[str, Any]], list[dict[str
                     continue
                 location = f"{shard.name}:{lineno}"
                 try:
-                    record = json.loads(line.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError):
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    bad = line[e.start:e.start + 1].hex()
+                    lines.append({"location": location,
+                                  "utf8": f"encoding error: not UTF-8 (byte 0x{bad} at column {e.start + 1})",
+                                  "is_object": None})
+                    continue
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError:
                     record = None
                 is_object = isinstance(record, dict)
-                lines.append({"location": location, "is_object": is_object})
+                lines.append({"location": location, "utf8": None, "is_object": is_object})
                 if is_object:
                     records.append({**record, "location": location})
     return lines, records
@@ -195,28 +275,39 @@ def _file_rows(dataset_dir: Path, shards: list[Path]) -> list[dict[str, Any]]:
     """One row per file the manifest lists or shard on disk, with its integrity status."""
     manifest = read_manifest(dataset_dir)
     if manifest is None:
-        return [{"location": "manifest.json", "status": "missing or unreadable"}]
+        return [{"location": "manifest.json", "status": "missing or unreadable", "records": None}]
     listed = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    shard_names = {s.name for s in shards}
     rows = []
     for name, digest in sorted(listed.items()):
         path = dataset_dir / name
         status = "missing" if not path.is_file() else "ok" if sha256_file(path) == digest else "digest mismatch"
-        rows.append({"location": name, "status": status})
-    rows += [{"location": s.name, "status": "not in manifest"} for s in shards if s.name not in listed]
+        rows.append({"location": name, "status": status,
+                     "records": _nonblank_lines(path) if name in shard_names else None})
+    rows += [{"location": s.name, "status": "not in manifest", "records": _nonblank_lines(s)}
+             for s in shards if s.name not in listed]
     return rows
 
 
+def _nonblank_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
 DERIVED_COLUMNS = (  # the keys `_derive` gives each row
-    "well_formed", "completion_mode", "record_mode", "is_on", "completion_tokens", "total_tokens", "prompt_key",
-    "tagged_prompt_key", "complexity_value", "eval_exact", "eval_ngram",
+    "well_formed", "answer_closed", "completion_mode", "record_mode", "is_on", "completion_tokens", "total_tokens",
+    "prompt_key", "tagged_prompt_key", "complexity_value", "eval_exact", "eval_ngram", "eval_near", "answer_problem",
 )
 
 
-def _derive(records: list[dict[str, Any]], index: _EvalIndex) -> list[dict[str, Any]]:
+def _derive(records: list[dict[str, Any]], index: _EvalIndex, problems: dict[int, str] | None = None
+            ) -> list[dict[str, Any]]:
     """Columns the checks read, computed per record. A derived value is None when its input has the wrong
-    type, so a broken field fails its schema check only, not every check downstream of it."""
+    type, so a broken field fails its schema check only, not every check downstream of it. `problems`: what
+    answer re-verification found, by record position."""
+    problems = problems or {}
     rows = []
-    for r in records:
+    for position, r in enumerate(records):
         prompt, completion = r.get("prompt"), r.get("completion")
         mode = r.get("mode") if r.get("mode") in ("on", "off") else None
         parsed = parse(completion) if isinstance(completion, str) else None
@@ -226,6 +317,8 @@ def _derive(records: list[dict[str, Any]], index: _EvalIndex) -> list[dict[str, 
         complexity = r.get("complexity")
         rows.append({
             "well_formed": parsed.well_formed if parsed else None,
+            # only asked of well-formed completions, so a broken one fails grammar.well_formed alone
+            "answer_closed": completion.rstrip().endswith(ANSWER_CLOSE) if parsed and parsed.well_formed else None,
             "completion_mode": parsed.mode if parsed else None,
             "record_mode": mode,
             "is_on": None if mode is None else int(mode == "on"),
@@ -242,8 +335,58 @@ def _derive(records: list[dict[str, Any]], index: _EvalIndex) -> list[dict[str, 
             ),
             "eval_exact": index.exact_match(prompt) if isinstance(prompt, str) else None,
             "eval_ngram": index.ngram_match(prompt) if isinstance(prompt, str) else None,
+            "eval_near": index.near_match(prompt) if isinstance(prompt, str) else None,
+            "answer_problem": problems.get(position),
         })
     return rows
+
+
+def _verify_answers(records: list[dict[str, Any]], config: ValidateConfig, tasks_config: TasksConfig | None
+                    ) -> tuple[dict[int, str], dict[str, Any]]:
+    """Re-verify answers with each family's verifier: ({record position: what is wrong}, stats). Per family,
+    all records when there are at most `config.verify_max`, else a seeded sample of that many."""
+    from kat_core.tasks import get_task
+
+    options = {"benchmarks_dir": tasks_config.benchmarks_dir} if tasks_config and tasks_config.benchmarks_dir else {}
+    by_family: dict[str, list[int]] = {}
+    for position, r in enumerate(records):
+        if isinstance(r.get("family"), str):  # a missing family fails schema.family
+            by_family.setdefault(r["family"], []).append(position)
+    problems: dict[int, str] = {}
+    checked: dict[str, int] = {}
+    for family, positions in sorted(by_family.items()):
+        if len(positions) > config.verify_max:
+            positions = sorted(random.Random(f"validate:{family}").sample(positions, config.verify_max))
+        checked[family] = len(positions)
+        try:
+            task = get_task(family, **options)
+        except KatError:
+            problems.update({p: f"no task {family!r} to verify its answers with" for p in positions})
+            continue
+        for position in positions:
+            problem = _answer_problem(task, records[position])
+            if problem:
+                problems[position] = problem
+    return problems, {"answers_checked": checked, "answers_wrong": len(problems)}
+
+
+def _answer_problem(task, record: dict[str, Any]) -> str | None:
+    """What is wrong with a record's answers, or None: its `answer` and its completion's <answer> must both be
+    right for the item the task rebuilds from the record."""
+    try:
+        item = task.item_of(record)
+    except KatError as e:  # the task's data is missing: every record of the family says so
+        return f"cannot verify: {e}"
+    if item is None:
+        return f"no {task.name} item matches this record (prompt or source_id)"
+    answer = record.get("answer")
+    if isinstance(answer, str) and not task.verify(item, answer):
+        return f"answer {_clip(answer, 40)!r} is wrong for the prompt (expected {_clip(item.answer, 40)!r})"
+    completion = record.get("completion")
+    parsed = parse(completion) if isinstance(completion, str) else None
+    if parsed is not None and parsed.well_formed and not task.verify(item, parsed.answer or ""):
+        return f"the completion's answer {_clip(parsed.answer or '', 40)!r} is wrong for the prompt"
+    return None
 
 
 # --- expectations -------------------------------------------------------------------------------------
@@ -267,12 +410,16 @@ Check = tuple[str, str, Any]
 def _file_checks(gx) -> list[Check]:
     E = gx.expectations
     return [("files.manifest", "every manifest file is present with its digest, and every shard is listed",
-             E.ExpectColumnValuesToBeInSet(column="status", value_set=["ok"]))]
+             E.ExpectColumnValuesToBeInSet(column="status", value_set=["ok"])),
+            ("files.nonempty", "records (non-blank lines of a shard) >= 1",
+             E.ExpectColumnValuesToBeBetween(column="records", min_value=1))]
 
 
 def _line_checks(gx) -> list[Check]:
     E = gx.expectations
-    return [("lines.json", "every non-blank line is a JSON object",
+    return [("lines.utf8", "utf8 (what is wrong with a line's encoding) is always null",
+             E.ExpectColumnValuesToBeNull(column="utf8")),
+            ("lines.json", "every non-blank UTF-8 line is a JSON object",
              E.ExpectColumnValuesToBeInSet(column="is_object", value_set=[True]))]
 
 
@@ -298,6 +445,8 @@ def _record_checks(gx, config: ValidateConfig) -> list[Check]:
         ("records.unique_ids", "id values are unique", E.ExpectColumnValuesToBeUnique(column="id")),
         ("grammar.well_formed", "well_formed (the completion parses under the grammar) is always True",
          E.ExpectColumnValuesToBeInSet(column="well_formed", value_set=[True])),
+        ("grammar.answer_closed", "answer_closed (a well-formed completion ends with </answer>) is always True",
+         E.ExpectColumnValuesToBeInSet(column="answer_closed", value_set=[True])),
         ("grammar.mode_matches", "record_mode (a valid mode) equals completion_mode (the completion's mode token)",
          E.ExpectColumnPairValuesToBeEqual(
              column_A="record_mode", column_B="completion_mode", ignore_row_if="either_value_is_missing")),
@@ -317,16 +466,25 @@ def _record_checks(gx, config: ValidateConfig) -> list[Check]:
          E.ExpectColumnValuesToBeNull(column="eval_exact")),
         ("overlap.ngram", f"eval_ngram (an evaluation prompt sharing a {n}-gram) is always null",
          E.ExpectColumnValuesToBeNull(column="eval_ngram")),
+        ("overlap.near_duplicate",
+         f"eval_near (an evaluation prompt sharing >= {config.near_dup_threshold:g} of its informative character "
+         f"{config.near_dup_n}-grams) is always null",
+         E.ExpectColumnValuesToBeNull(column="eval_near")),
+        ("answers.verified", "answer_problem (what the family's verifier found wrong) is always null",
+         E.ExpectColumnValuesToBeNull(column="answer_problem")),
     ]
     return checks
 
 
 _DESCRIPTIONS = {
     "files.manifest": "the dataset's manifest.json lists every shard and its digests match",
-    "lines.json": "every non-blank shard line is a JSON object",
+    "files.nonempty": "every shard holds at least one record",
+    "lines.utf8": "every shard line is valid UTF-8 (an encoding error)",
+    "lines.json": "every non-blank UTF-8 shard line is a JSON object",
     "records.count": "the dataset has at least one record",
     "records.unique_ids": "record ids are unique",
     "grammar.well_formed": "every completion parses under the response grammar",
+    "grammar.answer_closed": "every completion closes its <answer> (no text after an unclosed <answer>)",
     "grammar.mode_matches": "the completion's mode token is the record's mode",
     "mode.share": "the share of each mode is within [mode_share_min, mode_share_max]",
     "length.completion_min": "completion has at least min_tokens (approximate) tokens",
@@ -335,6 +493,8 @@ _DESCRIPTIONS = {
     "duplicates.tagged_prompt": "no normalised prompt appears in two tagged records",
     "overlap.exact": "no prompt equals an evaluation test prompt (normalised)",
     "overlap.ngram": "no prompt shares a word n-gram with an evaluation test prompt",
+    "overlap.near_duplicate": "no prompt is a near-duplicate of an evaluation test prompt (character n-grams)",
+    "answers.verified": "every record's answers are right for its prompt, by its family's verifier",
 }
 
 
@@ -393,7 +553,7 @@ def _run_suite(context, source, name: str, checks: list[Check], rows: list[dict[
     # object dtype keeps the values as JSON gave them, so the type checks see str/int/float, not a
     # column dtype pandas inferred (or coerced) on the way in
     df = pd.DataFrame(rows, dtype=object) if rows else pd.DataFrame(columns=columns, dtype=object)
-    for column in ("is_on", "completion_tokens", "total_tokens", "complexity_value"):
+    for column in ("is_on", "completion_tokens", "total_tokens", "complexity_value", "records"):
         if column in df:  # numeric checks want numbers (None becomes NaN, which they skip)
             df[column] = pd.to_numeric(df[column])
     for check, text, expectation in checks:
@@ -516,9 +676,12 @@ def validate_dataset(
     lines, records = _read_lines(shards)
     files = _file_rows(dataset_dir, shards)
     t = lap("read_s", start)
-    index = _EvalIndex.build(_load_eval_prompts(config.overlap_suites, tasks_config), config.ngram)
+    index = _EvalIndex.build(_load_eval_prompts(config.overlap_suites, tasks_config), config.ngram,
+                             config.near_dup_n, config.near_dup_threshold)
     t = lap("eval_index_s", t)
-    rows = [{**r, **d} for r, d in zip(records, _derive(records, index), strict=True)]
+    problems, answer_stats = _verify_answers(records, config, tasks_config)
+    t = lap("verify_answers_s", t)
+    rows = [{**r, **d} for r, d in zip(records, _derive(records, index, problems), strict=True)]
     t = lap("derive_s", t)
 
     _quiet_gx()
@@ -532,8 +695,8 @@ def validate_dataset(
         source = context.data_sources.add_pandas("kat_dataset")
         record_checks = _record_checks(gx, config)
         runs = [
-            _run_suite(context, source, "files", _file_checks(gx), files, ["location", "status"]),
-            _run_suite(context, source, "lines", _line_checks(gx), lines, ["location", "is_object"]),
+            _run_suite(context, source, "files", _file_checks(gx), files, ["location", "status", "records"]),
+            _run_suite(context, source, "lines", _line_checks(gx), lines, ["location", "utf8", "is_object"]),
             _run_suite(context, source, "records", record_checks, rows,
                        [*RECORD_FIELDS, "location", *DERIVED_COLUMNS]),
         ]
@@ -541,7 +704,8 @@ def validate_dataset(
         context.build_data_docs(site_names=["kat"])
         t = lap("gx_docs_s", t)
 
-        order = list(dict.fromkeys(["files.manifest", "lines.json"] + [name for name, _, _ in record_checks]))
+        order = list(dict.fromkeys(["files.manifest", "files.nonempty", "lines.utf8", "lines.json"]
+                                   + [name for name, _, _ in record_checks]))
         id_of = {r["location"]: r.get("id") for r in records}
         checks = _summarise((r for run in runs for r in run.results), order, id_of)
         failed = [c["name"] for c in checks if not c["success"]]
@@ -557,7 +721,7 @@ def validate_dataset(
             "data_docs": str((report_dir / DOCS_DIR / "index.html").resolve()),
             "data_docs_pages": pages,
             "checks": checks,
-            "stats": _stats(records, lines, rows, index),
+            "stats": {**_stats(records, lines, rows, index), **answer_stats},
             "config": config.model_dump(mode="json"),
             "gx_version": gx.__version__,
             "timings": timings,
@@ -578,6 +742,9 @@ def validate_dataset(
     return summary
 
 
+_SAYS_WHY = ("lines.utf8", "answers.verified")
+
+
 def _reason(check: dict[str, Any]) -> str:
     """`name (3 rows, e.g. gsm8k-12)`: the check's name with how much failed and one example."""
     details = []
@@ -586,7 +753,10 @@ def _reason(check: dict[str, Any]) -> str:
     elif "observed" in check:
         details.append(f"observed {check['observed']}")
     if check["examples"]:
-        details.append(f"e.g. {check['examples'][0]['id']}")
+        example = check["examples"][0]
+        # where the finding is a sentence (an encoding error, a wrong answer), the first one is the reason
+        said = f": {example['value']}" if check["name"] in _SAYS_WHY and isinstance(example["value"], str) else ""
+        details.append(f"e.g. {example['id']}{said}")
     return f"{check['name']} ({', '.join(details)})" if details else check["name"]
 
 

@@ -46,6 +46,18 @@ class Task(ABC):
         """Features of the request a judge can reason from (family, steps, operand sizes)."""
         return {"family": self.name, "difficulty": item.difficulty, "steps": len(item.steps)}
 
+    def item_of(self, record: dict[str, Any]) -> Item | None:
+        """The item a dataset record was made from, rebuilt from what the record says (its `source_id`
+        here: the item of that id in one of the splits), so that validation can re-verify the record's
+        answers with the task's own verifier; None if the record names no such item. The item must come
+        from the task, not from the record: a record's own `answer` is what is being checked."""
+        source_id = record.get("source_id")
+        if not isinstance(source_id, str):
+            return None
+        if getattr(self, "_items_by_id", None) is None:
+            self._items_by_id = {item.id: item for split in self.splits for item in self.examples(split)}
+        return self._items_by_id.get(source_id)
+
     def _check_split(self, split: str) -> None:
         if split not in self.splits:
             raise KatError(f"task {self.name!r} has no split {split!r}; it has: {', '.join(self.splits)}")
