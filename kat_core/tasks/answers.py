@@ -22,14 +22,16 @@ Which answer a text states (`final_answer`), first rule that applies:
      "result is", "solution is"), what follows the last anchor counts: the rest of its sentence if that is
      math only, else its first candidate that is not negated. Without an anchor: the last candidate
      that is not negated. A prose answer with no digits and no math ("Evelyn") is read whole.
-  A text with nothing that applies states no answer (wrong). So "the answer is not 70, it is 71" and
-  "It is 71, not 70" state 71; "**70**" and "`70`" state 70.
+  A text with nothing that applies, or longer than MAX_ANSWER_CHARS, states no answer (wrong). So "the
+  answer is not 70, it is 71" and "It is 71, not 70" state 71; "**70**" and "`70`" state 70.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+
+MAX_ANSWER_CHARS = 1000  # a longer answer states none (at this length the worst case takes ~0.1 s)
 
 # a word that is not a LaTeX command (`\frac`) and not a single variable (`x`, `i`)
 _WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")
@@ -113,6 +115,8 @@ def final_answer(text: str) -> str | None:
     tags = _ANSWER_TAG.findall(text)
     if tags:
         text = tags[-1]
+    if len(text) > MAX_ANSWER_CHARS:
+        return None  # a final answer, not an essay; and the rules' regexes are quadratic at worst
     boxes = [(start, end, content) for start, end, content in _boxed_spans(text) if not _negated(text, start, end)]
     if boxes:
         return boxes[-1][2] or None
