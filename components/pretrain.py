@@ -26,22 +26,18 @@ def pretrain(
 ):
     """Pretrain the student into `model` (an HF checkpoint with MTP weights), distilled from `teacher`."""
     from components.runtime import resumable, stage_config, track, user_errors
-    from kat_core.platform.trainjob import launches_trainjob, run_distributed
-    from kat_core.train.pretrain import pretrain as run_stage
+    from kat_core.platform.trainjob import train_stage
 
     with user_errors():
         config = stage_config(profile, overrides)
         inputs = {"data": dataset.path, **({"teacher": teacher.path} if teacher else {})}
         with resumable(model.path, "pretrain", config, inputs) as out:
-            if launches_trainjob(config, "pretrain"):  # nodes x GPUs > 1: a Kubeflow Trainer TrainJob
-                metrics = run_distributed(
-                    config, "pretrain", entry="kat_core.train.pretrain:pretrain", out=out, profile=profile,
-                    overrides=list(overrides), kwargs={"progress": False},
-                    paths={"data_dir": dataset.path, "validation": validation.path,
-                           **({"teacher": teacher.path} if teacher else {})})
-            else:
-                metrics = run_stage(config, dataset.path, out, teacher.path if teacher else None, progress=False,
-                                    validation=validation.path)
+            # nodes x GPUs > 1: a Kubeflow Trainer TrainJob; else in this task's process
+            metrics = train_stage(
+                config, "pretrain", entry="kat_core.train.pretrain:pretrain", out=out, profile=profile,
+                overrides=list(overrides), kwargs={"progress": False},
+                paths={"data_dir": dataset.path, "validation": validation.path,
+                       **({"teacher": teacher.path} if teacher else {})})
         track("pretrain", config, model.path, inputs=inputs)
     model.metadata.update({k: v for k, v in metrics.items() if k in ("step", "loss", "ce", "kd", "mtp")})
 
@@ -56,22 +52,16 @@ def pretrain_teacher(
 ):
     """Pretrain the teacher (pretrain.teacher_model / teacher_train, else the student's sizes) into `model`."""
     from components.runtime import resumable, stage_config, track, user_errors
-    from kat_core.platform.trainjob import launches_trainjob, run_distributed
-    from kat_core.train.pretrain import pretrain as run_stage
+    from kat_core.platform.trainjob import train_stage
 
     with user_errors():
         config = stage_config(profile, overrides)
         with resumable(model.path, "pretrain-teacher", config, {"data": dataset.path}) as out:
-            if launches_trainjob(config, "pretrain-teacher"):
-                metrics = run_distributed(
-                    config, "pretrain-teacher", entry="kat_core.train.pretrain:pretrain", out=out, profile=profile,
-                    overrides=list(overrides), kwargs={"progress": False},
-                    paths={"data_dir": dataset.path, "validation": validation.path},
-                    config_kwargs={"model_cfg": "pretrain.teacher_model", "train_cfg": "pretrain.teacher_train"},
-                    train_key="pretrain.teacher_train" if config.pretrain.teacher_train else "train")
-            else:
-                metrics = run_stage(config, dataset.path, out, model_cfg=config.pretrain.teacher_model,
-                                    train_cfg=config.pretrain.teacher_train, progress=False,
-                                    validation=validation.path)
+            metrics = train_stage(
+                config, "pretrain-teacher", entry="kat_core.train.pretrain:pretrain", out=out, profile=profile,
+                overrides=list(overrides), kwargs={"progress": False},
+                paths={"data_dir": dataset.path, "validation": validation.path},
+                config_kwargs={"model_cfg": "pretrain.teacher_model", "train_cfg": "pretrain.teacher_train"},
+                train_key="pretrain.teacher_train" if config.pretrain.teacher_train else "train")
         track("pretrain-teacher", config, model.path, inputs={"data": dataset.path})
     model.metadata.update({k: v for k, v in metrics.items() if k in ("step", "loss", "ce", "mtp")})

@@ -17,6 +17,7 @@ def register(profile: str, overrides: list, model: dsl.Input[dsl.Model], report:
 
     from components.runtime import stage_config, user_errors
     from kat_core.manifest import config_hash
+    from kat_core.platform.artifacts import ArtifactStore
     from kat_core.platform.registry import Margins, promote_if_better, register_model
     from kat_core.platform.tracking import start_pipeline_run
 
@@ -28,9 +29,12 @@ def register(profile: str, overrides: list, model: dsl.Input[dsl.Model], report:
                                     config_hash=config_hash(config))
         evaluation = json.loads((Path(report.path) / "report.json").read_text())
         name = config.registry.model_name
-        version = register_model(model.path, evaluation, parent, name)
-        promoted, reason = promote_if_better(name, version, Margins.from_config(config.registry))
-    result = {"name": name, "version": version, "champion": promoted, "gate": reason, "parent_run": parent}
+        margins = Margins.from_config(config.registry)  # the one gate configuration, recorded with the version
+        version = register_model(model.path, evaluation, parent, name, margins=margins)
+        promoted, reason = promote_if_better(name, version, margins)
+        stored = ArtifactStore.from_env().put("models", model.path)  # content-addressed: once per checkpoint
+    result = {"name": name, "version": version, "champion": promoted, "gate": reason, "parent_run": parent,
+              "checkpoint": stored}
     Path(registered.path).write_text(json.dumps(result, indent=2) + "\n")
     registered.metadata.update(result)
     print(f"registered {name} version {version}; {'champion' if promoted else 'candidate'}: {reason}", flush=True)

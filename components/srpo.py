@@ -15,20 +15,16 @@ def srpo(profile: str, overrides: list, coldstart: dsl.Input[dsl.Model], dataset
          model: dsl.Output[dsl.Model]):
     """RL-train the cold-start model into `model` (checkpoint + metrics.jsonl + srpo.json)."""
     from components.runtime import resumable, stage_config, track, user_errors
-    from kat_core.platform.trainjob import launches_trainjob, run_distributed
-    from kat_core.train.srpo import srpo as run_stage
+    from kat_core.platform.trainjob import train_stage
 
     with user_errors():
         config = stage_config(profile, overrides)
         inputs = {"model": coldstart.path, "data": dataset.path}
         with resumable(model.path, "srpo", config, inputs) as out:
-            if launches_trainjob(config, "srpo"):
-                summary = run_distributed(
-                    config, "srpo", entry="kat_core.train.srpo:srpo", out=out, profile=profile,
-                    overrides=list(overrides), kwargs={"progress": False},
-                    paths={"checkpoint": coldstart.path, "data_dir": dataset.path}, train_key="srpo.train")
-            else:
-                summary = run_stage(config, coldstart.path, dataset.path, out, progress=False)
+            summary = train_stage(
+                config, "srpo", entry="kat_core.train.srpo:srpo", out=out, profile=profile,
+                overrides=list(overrides), kwargs={"progress": False},
+                paths={"checkpoint": coldstart.path, "data_dir": dataset.path}, train_key="srpo.train")
         track("srpo", config, model.path, inputs=inputs)
     final = summary.get("final", {}) if isinstance(summary, dict) else {}
     model.metadata.update({"algo": config.srpo.algo, **{k: final[k] for k in ("accuracy", "mean_tokens",

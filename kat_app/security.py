@@ -20,6 +20,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from kat_core.util import atomic_write
+
 TOKEN_ENV = "KAT_API_TOKEN"
 TOKEN_FILE = "api_token"
 SESSION_COOKIE = "kat_session"
@@ -57,12 +59,7 @@ def load_token(home: Path, *, create: bool = True) -> tuple[str | None, bool]:
     if not create:
         return None, False
     token = secrets.token_urlsafe(32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, token + "\n", mode=0o600)
     return token, True
 
 

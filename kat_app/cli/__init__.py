@@ -615,8 +615,8 @@ def models_promote(
     who: WhoOpt = None,
     tracking_uri: TrackingUriOpt = None,
 ) -> None:
-    """Make VERSION the champion. The promotion gate must pass against the current champion (margins from
-    KAT_GATE_ACC_MARGIN / KAT_GATE_TOK_MARGIN) unless --force."""
+    """Make VERSION the champion. The promotion gate must pass against the current champion (the margins of
+    the config that registered it: its `registry` section, as the pipeline's gate used them) unless --force."""
     from kat_core.platform.registry import AliasEvent
 
     result = _service(tracking_uri=tracking_uri).promote(name, version, reason, who, force=force)

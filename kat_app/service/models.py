@@ -177,16 +177,21 @@ class ModelsService(ServiceBase):
         return reason
 
     def gate_margins(self, name: str, version: int | str, *, info: dict[str, Any] | None = None,
-                     acc_margin: float | None = None, tok_margin: float | None = None):
-        """The promotion gate's margins for `version`: the `registry` section of the profile it was trained
-        with (as the pipeline's register stage read them), either margin overridable per call."""
-
+                     acc_margin: float | None = None, tok_margin: float | None = None) -> Margins:
+        """The promotion gate's margins for `version`: those its pipeline run's gate used (recorded at
+        registration from the config's `registry` section), else that section of the profile it was trained
+        with; either margin overridable per call. So the CLI, the dashboard and the pipeline's register stage
+        judge one model with the same margins."""
         info = info or self.version(name, version)
-        try:
-            registry = load_config(info.get("profile") or "demo").registry
-        except KatError:  # a profile file that is gone: the defaults every shipped profile uses
-            registry = RegistryConfig()
-        return Margins.from_config(registry, acc_margin=acc_margin, tok_margin=tok_margin)
+        if info.get("gate"):
+            recorded = Margins(**info["gate"])
+        else:
+            try:
+                recorded = Margins.from_config(load_config(info.get("profile") or "demo").registry)
+            except KatError:  # a profile file that is gone: the defaults every shipped profile uses
+                recorded = Margins.from_config(RegistryConfig())
+        return Margins(acc_margin=recorded.acc_margin if acc_margin is None else float(acc_margin),
+                       tok_margin=recorded.tok_margin if tok_margin is None else float(tok_margin))
 
     def promote(self, name: str, version: int, reason: str | None, who: str | None = None, *,
                 force: bool = False, acc_margin: float | None = None,

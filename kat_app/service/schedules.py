@@ -13,9 +13,10 @@ from kat_app import schedules
 from kat_app.security import redact_overrides
 from kat_app.service.base import ServiceBase
 from kat_core.config import load_config
-from kat_core.data.synth import synthesize
 from kat_core.errors import Invalid, KatError
 from kat_core.manifest import dir_digest
+from kat_core.platform import artifacts
+from kat_core.platform.artifacts import ArtifactStore
 from kat_core.platform.registry import CHAMPION, show_version
 from pipelines.backends import BACKENDS
 
@@ -115,9 +116,10 @@ class SchedulesService(ServiceBase):
             raise Invalid("pause, resume and trigger KFP recurring runs in the Kubeflow Pipelines UI")
 
     def data_changed_since_champion(self, profile: str, overrides: list[str]) -> tuple[bool, str]:
-        """Whether the training data a run of this config would train on differs from the champion's: the
-        dataset is synthesized (seeded: the same config gives the same data) and its digest compared with
-        the digest registered with the champion (`kat.data.synthesize`)."""
+        """Whether the training data a run of this config would train on differs from the champion's: the digest
+        of the dataset this config's recipe makes, looked up in the artifact store (synthesized and stored
+        there first when it never was: seeded, the same recipe gives the same data), compared with the digest
+        registered with the champion (`kat.data.synthesize`)."""
         config = load_config(profile, overrides)
         name = config.registry.model_name
         try:
@@ -127,11 +129,14 @@ class SchedulesService(ServiceBase):
         recorded = champion["data"].get("synthesize")
         if not recorded:
             return True, f"champion v{champion['version']} records no training-data digest"
-        scratch = self.home / "tmp"
-        scratch.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-            synthesize(config, Path(tmp) / "data", progress=False)
-            digest = dir_digest(Path(tmp) / "data")
+        store = ArtifactStore.from_env()
+        digest = store.dataset_digest(config)
+        if digest is None:  # never made here: make it now (the run this firing starts then fetches it)
+            scratch = self.home / "tmp"
+            scratch.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+                artifacts.dataset(config, Path(tmp) / "data", store=store)
+                digest = dir_digest(Path(tmp) / "data")
         if digest == recorded:
             return False, f"training data unchanged since champion v{champion['version']} (digest {digest[:12]})"
         return True, (f"training data changed since champion v{champion['version']} "

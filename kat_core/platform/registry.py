@@ -55,6 +55,8 @@ NAME = "kat"
 CANDIDATE, CHAMPION = "candidate", "champion"
 EVENT_PREFIX = "kat.alias_event."
 TAG_SUMMARY = "kat.eval.summary"
+TAG_GATE_ACC = "kat.gate.acc_margin"  # the margins of the config that registered the version
+TAG_GATE_TOK = "kat.gate.tok_margin"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 DEFAULT_MAX_NEW_TOKENS = 128  # the pyfunc's default too
 
@@ -198,10 +200,13 @@ def register_model(
     *,
     who: str | None = None,
     tracking_uri: str | None = None,
+    margins: Margins | None = None,
 ) -> int:
     """Log `checkpoint_dir` as a model (a child run "register" of the pipeline's parent run), register it
     under `name` with its lineage and evaluation summary as version tags, point `candidate` at it, and
-    return the version number. Nothing is registered for a checkpoint that fails its manifest."""
+    return the version number. Nothing is registered for a checkpoint that fails its manifest. `margins`,
+    the gate's margins of the run's config, are recorded too: a later promotion (CLI, dashboard) of this
+    version uses the same ones."""
     import mlflow
 
     from kat_core.model.checkpoint import check_checkpoint
@@ -218,6 +223,8 @@ def register_model(
         lineage = pipeline_lineage(parent_run_id, tracking_uri=uri) if parent_run_id else {}
         manifest = read_manifest(ckpt) or {}
         tags = _version_tags(ckpt, manifest, lineage, summary)
+        if margins is not None:
+            tags.update({TAG_GATE_ACC: repr(margins.acc_margin), TAG_GATE_TOK: repr(margins.tok_margin)})
         if parent_run_id:
             exp = client.get_run(parent_run_id).info.experiment_id
         else:
@@ -475,6 +482,8 @@ def show_version(name: str, version: int | str, *, tracking_uri: str | None = No
         "data": {k.removeprefix("kat.data."): v for k, v in sorted(tags.items()) if k.startswith("kat.data.")},
         "inputs": {k.removeprefix("kat.input."): v for k, v in sorted(tags.items()) if k.startswith("kat.input.")},
         "evaluation": json.loads(tags[TAG_SUMMARY]) if TAG_SUMMARY in tags else None,
+        "gate": {"acc_margin": float(tags[TAG_GATE_ACC]), "tok_margin": float(tags[TAG_GATE_TOK])}
+        if TAG_GATE_ACC in tags and TAG_GATE_TOK in tags else None,
     }
 
 

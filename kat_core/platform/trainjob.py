@@ -30,6 +30,7 @@ Nothing here imports kfp, and nothing heavy at module level.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from kat_core.errors import KatError
+from kat_core.util import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -476,6 +478,23 @@ def run_distributed(
     return json.loads(result.read_text())
 
 
+def train_stage(config: Any, stage: str, *, entry: str, out: str | Path, profile: str, overrides: list[str],
+                paths: dict[str, str] | None = None, kwargs: dict[str, Any] | None = None,
+                config_kwargs: dict[str, str] | None = None, train_key: str = "train", out_kwarg: str = "out_dir",
+                **launch: Any) -> Any:
+    """The one dispatch of a training stage: a Kubeflow Trainer TrainJob when this config asks for more than
+    one process for `stage` (`run_distributed`), else `entry` called in this process with the same keyword
+    arguments the TrainJob's ranks get (paths, the output under `out_kwarg`, kwargs, config values)."""
+    if launches_trainjob(config, stage):
+        return run_distributed(config, stage, entry=entry, out=out, profile=profile, overrides=overrides,
+                               paths=paths, kwargs=kwargs, config_kwargs=config_kwargs, train_key=train_key,
+                               out_kwarg=out_kwarg, **launch)
+    module, _, func = entry.partition(":")
+    fn = getattr(importlib.import_module(module), func)
+    resolved = {k: _lookup(config, dotted) for k, dotted in (config_kwargs or {}).items()}
+    return fn(config, **(paths or {}), **{out_kwarg: out}, **(kwargs or {}), **resolved)
+
+
 # -------------------------------------------------------------------- inside the TrainJob (entry points)
 
 
@@ -518,8 +537,6 @@ def rank_env(environ: dict[str, str]) -> dict[str, str]:
 
 def run_call(call: StageCall, rank: int) -> Any:
     """Run the stage call in this process; rank 0 writes the result (atomically)."""
-    import importlib
-
     from kat_core.config import load_config
 
     config = load_config(call.profile, list(call.overrides))
@@ -528,10 +545,7 @@ def run_call(call: StageCall, rank: int) -> Any:
     resolved = {k: _lookup(config, dotted) for k, dotted in call.config_kwargs.items()}
     value = fn(config, **call.paths, **call.kwargs, **resolved)
     if rank == 0 and call.result:
-        path = Path(call.result)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(value, default=str))
-        tmp.rename(path)
+        atomic_write(call.result, json.dumps(value, default=str))
     return value
 
 

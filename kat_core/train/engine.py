@@ -61,6 +61,7 @@ from torch import Tensor, nn
 from kat_core.config import TrainConfig
 from kat_core.errors import KatError
 from kat_core.manifest import read_manifest, verify_manifest, write_manifest
+from kat_core.util import atomic_write, patched_env
 
 log = logging.getLogger(__name__)
 
@@ -273,18 +274,9 @@ def _one_process_env() -> Iterator[None]:
     if "RANK" in os.environ:  # a launcher set them
         yield
         return
-    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in names}
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(_free_port()))
-    try:
+    with patched_env({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                      "MASTER_PORT": str(_free_port())}):
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _setup_deepspeed_dist() -> tuple[_Proc, Any]:
@@ -382,9 +374,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
                 kept.append(line + "\n")
         except json.JSONDecodeError:
             continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(kept))
 
 
 @dataclass
