@@ -282,3 +282,31 @@ def test_a_lying_object_is_seen_by_the_judge_as_an_opaque_value(items):
     r = task.run(item, source(HOSTILE["int_subclass_eq"], "strlen"))
     assert not r.passed and r.status == "error" and "AssertionError" in r.stderr
     assert VERDICT_PASS not in r.stdout + r.stderr
+
+
+def test_the_wire_rebuilds_only_plain_values_and_refuses_the_rest():
+    import collections
+
+    from kat_core.tasks import judge
+
+    def roundtrip(value):
+        return judge.decode(judge.loads(judge.dumps({"r": judge.encode(value)}))["r"])
+
+    plain = [1, -2.5, float("inf"), "é\n", None, True, [1, (2, "x")], {(1, 2): {3}}, frozenset({4}), 3 + 4j, b"\x00",
+             collections.Counter("aab"), collections.OrderedDict(a=1), collections.deque([1]), range(1, 9, 2)]
+    for value in plain:
+        back = roundtrip(value)
+        assert back == value and type(back) is type(value), (value, back)
+    assert list(roundtrip(x * x for x in range(3))) == [0, 1, 4]  # an iterator comes back an iterator
+    assert type(roundtrip(collections.defaultdict(int, a=1))) is dict  # its factory is candidate code
+
+    class Liar(int):
+        def __eq__(self, other):
+            return True
+
+    back = roundtrip(Liar(3))  # a subclass never travels as its base type
+    assert isinstance(back, judge.Opaque) and back != 3 and back != back.__class__("x", "y")
+    for forged in ('{"t": [], "x": 1}', '{"o": [1]}', '{"s": [[1]]}', '{"d": [[[1], 2]], "cls": "dict"}',
+                   '{"d": [], "cls": "os.system"}', '{"c": ["1", 2]}', '{"b": "zz"}', '{"g": [1, 2]}', '[' * 5000):
+        with pytest.raises(judge.WireError):
+            judge.decode(judge.loads((forged + "\n").encode()))

@@ -19,8 +19,11 @@ Wire format (one JSON document per line): None, bools, ints, floats (NaN and inf
 strings as themselves; a list as a JSON array; everything else as a one-key object: {"t": [...]} tuple,
 {"s": [...]} set, {"f": [...]} frozenset, {"d": [[k, v], ...], "cls": ...} dict (cls: Counter,
 OrderedDict or defaultdict, rebuilt as that stdlib type), {"c": [re, im]} complex, {"b": hex} bytes,
-{"q": [...]} deque, {"o": [type name, repr]} anything else (rebuilt as an `Opaque`, equal only to
-itself). Exact type checks on the way out, so an int subclass travels as opaque.
+{"q": [...]} deque, {"g": [start, stop, step]} range, {"i": [...]} an iterator (a generator, map, zip:
+drained, rebuilt as an iterator over its items), {"o": [type name, repr]} anything else (rebuilt as an
+`Opaque`, equal only to itself). Exact type checks on the way out, so an int subclass travels as opaque.
+Ints travel as JSON numbers, so one of more than 4300 digits (Python's default limit for int/str
+conversion) cannot be sent: such a result fails its test.
 
 This file is stdlib-only and is pasted verbatim into both programs (they run `python -I -S`, without our
 packages), so it must run on any Python >= 3.8: no `match`, no `X | Y` types at run time. It imports
@@ -36,6 +39,10 @@ PING = "__kat_ping__"  # the judge's first call: answered once the candidate's p
 MAX_LINE_BYTES = 16 << 20  # a reply longer than this is a protocol error (fails the item)
 MAX_DEPTH = 200  # nesting deeper than this is refused (and stops reference cycles)
 _DICT_CLASSES = ("dict", "Counter", "OrderedDict", "defaultdict")  # defaultdict comes back a plain dict
+MAX_ITEMS = 1_000_000  # an iterator the candidate returns is drained up to this many items
+_ITERATORS = (type(x for x in ()), map, filter, zip, enumerate, reversed, type(iter([])), type(iter(())),
+              type(iter("")), type(iter(range(0))), type(iter({})), type(iter(set())), type(reversed([])),
+              type(iter({}.values())), type(iter({}.items())))
 
 
 class WireError(Exception):
@@ -87,6 +94,15 @@ def encode(value, depth=0):
         return {"c": [value.real, value.imag]}
     if t is bytes or t is bytearray:
         return {"b": bytes(value).hex()}
+    if t is range:
+        return {"g": [value.start, value.stop, value.step]}
+    if t in _ITERATORS:  # a generator, map, zip, ...: its items, rebuilt as an iterator over them
+        items = []
+        for v in value:
+            if len(items) >= MAX_ITEMS:
+                raise WireError(f"an iterator with more than {MAX_ITEMS} items")
+            items.append(encode(v, d))
+        return {"i": items}
     try:
         text = object.__repr__(value)  # not the object's own __repr__: that is candidate code
     except Exception:
@@ -132,6 +148,10 @@ def decode(node, depth=0):
             return complex(re_, im)
         if keys == {"b"} and type(node["b"]) is str:
             return bytes.fromhex(node["b"])
+        if keys == {"i"}:
+            return iter([decode(v, d) for v in _array(node["i"])])
+        if keys == {"g"} and all(type(x) is int for x in _array(node["g"])) and len(node["g"]) == 3:
+            return range(*node["g"])
         if keys == {"o"}:
             name, text = _pair(node["o"])
             return Opaque(name, text)
