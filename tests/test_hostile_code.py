@@ -162,19 +162,20 @@ HOSTILE = {
                 pass
         def {ep}(*args, **kwargs): return True
         """,
-    "forged_wire_messages": """
+    "print_the_nonce_from_own_source": """
         import os, re
-        # serve the judge itself, before our own server starts: the fds are in our own source
-        r, w = map(int, re.findall(r"serve'\\]\\((\\d+), (\\d+)", open("main.py").read())[-1])
-        replies = [b'{{"r": {{"o": ["builtins.int", "0"]}}}}', b'{{"e": ["SystemExit", "0"]}}',
-                   b'{{"r": {{"t": [], "x": 1}}}}', b'{{"r": 1e999}}', b'{{"verdict": "pass"}}']
-        for n, line in enumerate(os.fdopen(r, "rb")):
-            os.write(w, (b'{{"r": null}}' if n == 0 else replies[n % len(replies)]) + b"\\n")
+        # the previous harness printed a random nonce after its last test, and the program could read it
+        for nonce in set(re.findall(r"[0-9a-f]{{32}}", open("main.py").read())):
+            os.write(1, ("\\n%s\\n" % nonce).encode())
         os._exit(0)
         """,
     "kill_everything": """
         import os, signal
-        for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()] if os.path.isdir("/proc") else []:
+        try:
+            pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+        except OSError:
+            pids = []
+        for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
@@ -205,7 +206,11 @@ HOSTILE = {
     "scan_proc_for_the_judge": """
         import os
         stolen = b""
-        for pid in (os.listdir("/proc") if os.path.isdir("/proc") else []):
+        try:
+            pids = os.listdir("/proc")
+        except OSError:
+            pids = []
+        for pid in pids:
             for what in ("cmdline", "environ", "mem", "fd/0", "cwd/main.py", "root/tmp/sandbox/main.py"):
                 try:
                     stolen += open("/proc/%s/%s" % (pid, what), "rb").read(100000)
@@ -236,6 +241,22 @@ HOSTILE = {
             def {ep}(*args, **kwargs): return None
         """,
 }
+
+# the candidate serves the judge itself, answering every call with one forged message (the fds are in its
+# own source); none of them may pass
+FORGED_REPLIES = [
+    '{{"r": {{"o": ["builtins.int", "0"]}}}}', '{{"e": ["SystemExit", "0"]}}', '{{"r": {{"t": [], "x": 1}}}}',
+    '{{"r": 1e999}}', '{{"verdict": "pass"}}', '{{"r": {{"d": [], "cls": "builtins.eval"}}}}',
+    '{{"r": "' + "x" * 100 + '"}}',
+]
+for _k, _reply in enumerate(FORGED_REPLIES):
+    HOSTILE[f"forged_wire_reply_{_k}"] = f"""
+        import os, re
+        r, w = map(int, re.findall(r"serve'\\]\\((\\d+), (\\d+)", open("main.py").read())[-1])
+        for n, line in enumerate(os.fdopen(r, "rb")):
+            os.write(w, (b'{{{{"r": null}}}}' if n == 0 else b'{_reply}') + b"\\n")
+        os._exit(0)
+        """
 
 CORRECT = {
     "HumanEval/23": "def strlen(string: str) -> int:\n    return len(string)\n",
