@@ -1,68 +1,105 @@
-"""Ablation: Step-SRPO against its baselines (grpo, decoupled), all from the same cold-start checkpoint with
-the same seeds, evaluated on the held-out arith split (greedy, auto mode, plus both forced modes).
+"""Ablation: paired-mode Step-SRPO against its baselines (grpo, decoupled, adaptthink), all from the same
+cold-start checkpoint with the same seeds, evaluated on held-out arith items (greedy; auto and both forced
+modes), with the decision criterion's two oracles.
 
     .venv/bin/python benchmarks/ablation_srpo.py [--model DIR] [--data DIR] [--profile demo] [--seeds 0 1 2]
+                                                 [--algos step_srpo grpo] [--limit 500] [--eval-seed 0]
                                                  [--set key=value ...]
 
 Defaults: the cold-start checkpoint and dataset of the last `make run` (.kat/make-run/coldstart and
 .kat/make-run/synthesize). One row per (algorithm, seed) and one for the cold start itself: auto accuracy,
-forced think-on accuracy, mean tokens (auto, and as a share of forced think-on), think-on rate per level,
-and whether the mode policy collapsed (auto picks one mode on >= 98% of the items of every level).
+forced think-on accuracy, auto tokens as a share of forced think-on's, the feature-cell oracle's tokens
+(same share) and auto's value regret against it, think-on rate per level, and the issue's checks per row
+(auto accuracy >= think-on - 0.01, tokens <= 0.70 x think-on, within 0.03 x think-on of the feature-cell
+oracle, regret <= the cold start's). Then, per algorithm, the spread of each level's think-on rate across
+seeds. Ends with `ratio step_srpo/cold_start value_regret: X` (mean over seeds).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-ALGOS = ("step_srpo", "grpo", "decoupled")
 
-
-def evaluate_model(model_dir: Path, out: Path, limit: int, seed: int) -> dict:
+def evaluate_model(model_dir: Path, out: Path, limit: int, seed: int, criterion) -> dict:
     from kat_core.eval.evaluate import evaluate
 
-    return evaluate(model_dir, ["arith"], out_dir=out, limit=limit, n_samples=0, seed=seed, progress=False)
+    return evaluate(model_dir, ["arith"], out_dir=out, limit=limit, n_samples=0, seed=seed, criterion=criterion,
+                    progress=False)
 
 
 def row(name: str, seed: int | str, report: dict, seconds: float) -> dict:
     o = report["overall"]
     levels = report["suites"]["arith"]["levels"]
-    on_rates = {lvl: v["auto"]["think_on_rate"] for lvl, v in sorted(levels.items())}
-    collapsed = all(r >= 0.98 for r in on_rates.values()) or all(r <= 0.02 for r in on_rates.values())
+    sel = report["mode_selection"]
+    tokens_on = o["on"]["mean_tokens"]["total"]
     return {
         "algo": name, "seed": seed,
         "acc_auto": o["auto"]["accuracy"]["greedy"], "acc_on": o["on"]["accuracy"]["greedy"],
-        "tokens": o["auto"]["mean_tokens"]["total"], "tokens_on": o["on"]["mean_tokens"]["total"],
-        "think_on": o["auto"]["think_on_rate"], "levels": on_rates, "collapsed": collapsed, "seconds": seconds,
+        "acc_off": o["off"]["accuracy"]["greedy"],
+        "tok_share": o["auto"]["mean_tokens"]["total"] / tokens_on,
+        "cell_share": sel["feature_cell"]["oracle"]["mean_tokens"] / tokens_on,
+        "hind_share": sel["oracle"]["mean_tokens"] / tokens_on,
+        "cell_acc": sel["feature_cell"]["oracle"]["accuracy"],
+        "regret": sel["feature_cell"]["regret"]["value"],
+        "levels": {lvl: v["auto"]["think_on_rate"] for lvl, v in sorted(levels.items())},
+        "seconds": seconds,
     }
+
+
+def checks(r: dict, cold_regret: float) -> str:
+    ok = [r["acc_auto"] >= r["acc_on"] - 0.01, r["tok_share"] <= 0.70, abs(r["tok_share"] - r["cell_share"]) <= 0.03,
+          r["regret"] <= cold_regret + 1e-9]
+    return "".join("y" if x else "n" for x in ok)
 
 
 def print_table(rows: list[dict]) -> None:
     levels = list(rows[0]["levels"])
-    head = ["algorithm", "seed", "acc auto", "acc on", "tokens", "tok/on", "think-on"] + [f"L{x}" for x in levels]
-    print("| " + " | ".join(head + ["collapsed", "train s"]) + " |")
-    print("|" + "---|" * (len(head) + 2))
+    head = ["algorithm", "seed", "acc auto", "acc on", "acc off", "tok/on", "cell tok/on", "cell acc", "regret"]
+    head += [f"L{x} on" for x in levels] + ["checks", "train s"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    cold = rows[0]["regret"]
     for r in rows:
-        cells = [r["algo"], str(r["seed"]), f"{r['acc_auto']:.3f}", f"{r['acc_on']:.3f}", f"{r['tokens']:.1f}",
-                 f"{r['tokens'] / r['tokens_on']:.2f}", f"{r['think_on']:.2f}"]
+        cells = [r["algo"], str(r["seed"]), f"{r['acc_auto']:.3f}", f"{r['acc_on']:.3f}", f"{r['acc_off']:.3f}",
+                 f"{r['tok_share']:.2f}", f"{r['cell_share']:.2f}", f"{r['cell_acc']:.3f}", f"{r['regret']:.4f}"]
         cells += [f"{r['levels'][x]:.2f}" for x in levels]
-        cells += ["yes" if r["collapsed"] else "no", f"{r['seconds']:.0f}"]
+        cells += [checks(r, cold), f"{r['seconds']:.0f}"]
         print("| " + " | ".join(cells) + " |", flush=True)
+    print("checks: auto acc >= on - 0.01 | tokens <= 0.70 x on | within 0.03 x on of the feature-cell oracle | "
+          "regret <= cold start's", flush=True)
+
+
+def print_spread(rows: list[dict]) -> None:
+    """Per algorithm: each level's think-on rate range across seeds."""
+    by_algo: dict[str, list[dict]] = {}
+    for r in rows[1:]:
+        by_algo.setdefault(r["algo"], []).append(r)
+    for algo, rs in by_algo.items():
+        if len(rs) < 2:
+            continue
+        spread = {lvl: max(r["levels"][lvl] for r in rs) - min(r["levels"][lvl] for r in rs) for lvl in rs[0]["levels"]}
+        print(f"{algo}: think-on rate spread across {len(rs)} seeds: "
+              + ", ".join(f"L{lvl} {v:.2f}" for lvl, v in spread.items()), flush=True)
 
 
 def main() -> None:
+    from kat_core.train.srpo import ALGOS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=Path(".kat/make-run/coldstart"), help="cold-start checkpoint")
     ap.add_argument("--data", type=Path, default=Path(".kat/make-run/synthesize"), help="dataset directory")
     ap.add_argument("--profile", default="demo")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--algos", nargs="+", default=list(ALGOS), choices=ALGOS)
-    ap.add_argument("--limit", type=int, default=200, help="held-out items evaluated")
+    ap.add_argument("--limit", type=int, default=500, help="held-out items evaluated")
+    ap.add_argument("--eval-seed", type=int, default=0, help="which held-out items (the test split's seed)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
@@ -77,13 +114,15 @@ def main() -> None:
         check_checkpoint(args.model)
         if not args.data.is_dir():
             raise KatError(f"no dataset at {args.data} (run `make run` first, or give --data)")
+        criterion = load_config(args.profile, args.overrides).autothink
     except KatError as e:
         sys.exit(f"error: {e}")
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        rows.append(row("cold start", "-", evaluate_model(args.model, root / "eval-cold", args.limit, 0), 0.0))
+        rows.append(row("cold start", "-", evaluate_model(args.model, root / "eval-cold", args.limit, args.eval_seed,
+                                                          criterion), 0.0))
         print_table(rows)
         for seed in args.seeds:
             for algo in args.algos:
@@ -92,11 +131,15 @@ def main() -> None:
                 t0 = time.perf_counter()
                 srpo(config, args.model, args.data, out, progress=False)
                 seconds = time.perf_counter() - t0
-                report = evaluate_model(out, root / f"eval-{algo}-{seed}", args.limit, 0)
+                report = evaluate_model(out, root / f"eval-{algo}-{seed}", args.limit, args.eval_seed, criterion)
                 rows.append(row(algo, seed, report, seconds))
                 print(f"{algo} seed {seed}: done in {seconds:.0f} s", flush=True)
     print()
     print_table(rows)
+    print_spread(rows)
+    ours = [r["regret"] for r in rows if r["algo"] == "step_srpo"]
+    if ours:
+        print(f"ratio step_srpo/cold_start value_regret: {statistics.mean(ours) / max(rows[0]['regret'], 1e-9):.3f}")
 
 
 if __name__ == "__main__":

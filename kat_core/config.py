@@ -10,7 +10,7 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kat_core.errors import KatError
 
@@ -51,6 +51,8 @@ class SynthConfig(_Strict):
     )
     max_attempts: int = Field(2, ge=1, description="solver attempts per think-on item before it is rejected")
     shard_size: int = Field(5000, ge=1)
+    pool: int = Field(600, ge=0, description="prompts of the held-out pool (the families' `pool` split, never in "
+                      "pretraining): half for the cold start's labels, half for RL")
     openai: OpenAIAgentConfig = Field(default_factory=OpenAIAgentConfig)
 
 
@@ -120,13 +122,41 @@ class PretrainConfig(_Strict):
     teacher_train: TrainConfig | None = None
 
 
+class AutoThinkConfig(_Strict):
+    """The one decision criterion (kat_core.autothink), read by the cold start's labels, the RL's decision
+    reward and the evaluation's oracles: the value of mode m on a prompt is
+    `accuracy_m - token_cost * tokens_m / token_budget`; think-off is right when `V_off >= V_on - delta`."""
+
+    token_cost: float = Field(0.2, ge=0, description="value lost per `token_budget` tokens of response")
+    token_budget: int = Field(160, ge=1, description="tokens that cost `token_cost` (the response budget)")
+    delta: float = Field(0.02, ge=0, le=1, description="think-off wins when its value is within delta of "
+                         "think-on's (HiPO's tie-break towards the cheap mode; RL's bias omega)")
+    decoding: Literal["greedy"] | float = Field(
+        "greedy", description="the decoding the modes are valued under: greedy (as the evaluation decodes), "
+        "or a sampling temperature > 0 (then the mean over the samples drawn at it)")
+    min_cell: int = Field(4, ge=1, description="cold start: a feature cell with fewer measured prompts takes "
+                          "its level's verdict")
+
+    @field_validator("decoding")
+    @classmethod
+    def _positive_temperature(cls, v: Any) -> Any:
+        if not isinstance(v, str) and v <= 0:
+            raise ValueError("decoding is 'greedy' or a sampling temperature > 0")
+        return v
+
+    @property
+    def temperature(self) -> float:
+        """The sampling temperature the modes are valued under (0: greedy)."""
+        return 0.0 if self.decoding == "greedy" else float(self.decoding)
+
+
 class ColdStartConfig(_Strict):
-    """Majority-vote cold start: label each prompt's mode from the model's own forced samples, then SFT."""
+    """Cold start: label each held-out prompt's mode from the model's own forced answers (the `autothink`
+    criterion, per feature cell), then SFT on the labelled responses."""
 
     prompts: int = Field(300, ge=1, description="training prompts to label")
-    k: int = Field(4, ge=1, description="samples per prompt in each forced mode")
-    delta: float = Field(0.1, ge=0, le=1, description="think-off wins if majority-correct and within delta of on")
-    temperature: float = Field(0.7, ge=0)
+    k: int = Field(4, ge=1, description="samples per prompt in each forced mode when autothink.decoding is a "
+                   "temperature (greedy: one answer per mode)")
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(160, ge=8)
     batch_size: int = Field(64, ge=1)
@@ -135,34 +165,32 @@ class ColdStartConfig(_Strict):
 
 class SrpoConfig(_Strict):
     """Reinforcement learning after the cold start (kat_core.train.srpo). One rollout = `prompts_per_step`
-    prompts x `group_size` samples; each rollout feeds `updates_per_rollout` optimizer steps (PPO-style
-    reuse: the clipped ratio matters from the second update on). `train.steps` counts optimizer steps."""
+    prompts from the dataset's held-out RL pool, each answered per the algorithm's plan; each rollout feeds
+    `updates_per_rollout` optimizer steps (PPO-style reuse: the clipped ratio matters from the second update
+    on). `train.steps` counts optimizer steps. The decision criterion is the `autothink` section's."""
 
-    algo: Literal["step_srpo", "grpo", "decoupled"] = Field(
-        "step_srpo", description="step_srpo: segment-wise advantages; grpo: one scalar reward on all tokens; "
-        "decoupled: grpo's reward with the control (judge) tokens' loss weighted apart, as in Thinkless")
-    prompts_per_step: int = Field(8, ge=1, description="prompts per rollout")
-    group_size: int = Field(8, ge=2, description="G: samples per prompt")
-    delta: float = Field(0.1, ge=0, le=1, description="think-off is the right mode when majority-correct and "
-                         "its group accuracy is within delta of think-on's")
-    token_cost: float = Field(0.2, ge=0, description="reward lost per max_new_tokens generated (mode reward; "
-                              "grpo/decoupled: their one reward)")
+    algo: Literal["step_srpo", "grpo", "decoupled", "adaptthink"] = Field(
+        "step_srpo", description="step_srpo: paired-mode (both modes measured per prompt, the decision trained "
+        "on their value difference); grpo: one scalar reward on all tokens; decoupled: grpo's reward with the "
+        "control (judge) tokens' loss weighted apart (Thinkless); adaptthink: half the samples forced into each "
+        "mode, importance-weighted decision (AdaptThink)")
+    prompts_per_step: int = Field(8, ge=1, description="prompts per rollout (levels in turn)")
+    samples_per_mode: int = Field(3, ge=1, description="step_srpo: sampled answers per prompt forced into each "
+                                  "mode (they train both modes' answers)")
+    policy_samples: int = Field(2, ge=0, description="step_srpo: answers per prompt in the mode the policy picks")
+    group_size: int = Field(8, ge=2, description="grpo, decoupled, adaptthink: G samples per prompt")
+    decision_weight: float = Field(1.0, ge=0, description="step_srpo, adaptthink: weight of the decision loss")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip range for the importance ratio")
-    kl_beta: float = Field(0.02, ge=0, description="weight of the k3 KL estimate to the reference (0: no reference)")
-    explore_floor: float = Field(0.25, ge=0, lt=1, description="share of each group sampled in a forced mode "
-                                 "(half each); they inform the group's accuracies and train their mode's answers")
-    explore_mode_weight: float = Field(0.0, ge=0, description="step_srpo: > 0 lets forced samples into the mode "
-                                       "step (their pre-filled judge segment trained with their mode advantage, at "
-                                       "this weight; they join the mode baseline); 0: they stay out of it")
-    prior_strength: float = Field(1.0, ge=0, description="pseudo-count of the cold-start prior in a group's "
-                                  "accuracy per mode; with none of a mode sampled the prior alone decides")
+    kl_beta: float = Field(0.05, ge=0, description="weight of the exact KL to the reference (0: no reference)")
     control_weight: float = Field(1.0, ge=0, description="decoupled: weight of the control-token loss")
-    adv_std_floor: float = Field(0.1, ge=0, description="advantages divide by max(std, this): reward "
-                                 "differences far below the reward scale (token cost alone) stay small")
+    adv_std_floor: float = Field(0.1, ge=0, description="grpo/decoupled: advantages divide by max(std, this)")
     updates_per_rollout: int = Field(2, ge=1, description="optimizer steps per rollout")
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts (the criterion's "
+                               "when autothink.decoding is a temperature)")
     max_new_tokens: int = Field(160, ge=8)
-    prompts: int | None = Field(None, ge=1, description="size of the prompt pool (None: every training prompt)")
+    prompts: int | None = Field(None, ge=1, description="size of the prompt pool (None: every RL prompt)")
+    probe_per_level: int = Field(8, ge=0, description="RL prompts per level held out as the decision probe")
+    probe_every: int = Field(4, ge=1, description="steps between probes of the greedy decision")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(
         steps=40, lr=2e-5, warmup_steps=2, min_lr_ratio=1.0, micro_batch_size=32, checkpoint_every=10,
         log_every=2))
@@ -255,6 +283,7 @@ class KatConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    autothink: AutoThinkConfig = Field(default_factory=AutoThinkConfig)
     coldstart: ColdStartConfig = Field(default_factory=ColdStartConfig)
     srpo: SrpoConfig = Field(default_factory=SrpoConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)

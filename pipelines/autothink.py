@@ -137,7 +137,7 @@ def build_pipeline(
         gate = {"dataset": data.outputs["dataset"], "validation": report.outputs["report"]}
         teacher = training(pretrain_teacher(**params, **gate)) if config.pretrain.train_teacher else None
         student = training(pretrain(**params, **gate, **({"teacher": teacher.outputs["model"]} if teacher else {})))
-        tuned = training(coldstart(**params, pretrained=student.outputs["model"]))
+        tuned = training(coldstart(**params, pretrained=student.outputs["model"], dataset=data.outputs["dataset"]))
         policy = training(srpo(**params, coldstart=tuned.outputs["model"], dataset=data.outputs["dataset"]))
         evaluation = common(evaluate(**params, model=policy.outputs["model"]))
         # registration only of an evaluated model: it takes the report as an input

@@ -81,9 +81,11 @@ def test_the_judge_counts_only_steps_that_compute():
 
 def test_splits_are_disjoint_and_deterministic():
     task = ArithTask()
-    train, test = task.examples("train", n=2000), task.examples("test")
+    train, test, pool = task.examples("train", n=2000), task.examples("test"), task.examples("pool", n=500)
     assert not {i.prompt for i in train} & {i.prompt for i in test}
+    assert not {i.prompt for i in pool} & ({i.prompt for i in train} | {i.prompt for i in test})
     assert all(split_of(i.meta["expression"]) == "test" for i in test)
+    assert {i.difficulty for i in pool} == {1, 2, 3, 4, 5}
     assert [i.id for i in task.examples("train", n=50, seed=3)] == [i.id for i in task.examples("train", n=50, seed=3)]
     assert [i.id for i in task.examples("train", n=50, seed=3)] != [i.id for i in task.examples("train", n=50, seed=4)]
     assert len({i.prompt for i in train}) == len(train)

@@ -7,15 +7,16 @@ import sys
 
 import pytest
 
-from kat_core.train.coldstart import label_items, majority_vote, summarize
+from kat_core.autothink import cell_of, preference_off
+from kat_core.config import AutoThinkConfig
+from kat_core.train.coldstart import label_items, summarize
 
-# a smoke-sized model that learns enough in two minutes to make the vote meaningful: levels 1 and 5 only, on
-# enough items that it cannot simply memorise the training prompts the cold start labels
+# a smoke-sized model that learns enough in two minutes to make the labels meaningful: levels 1 and 5 only, on
+# enough items that it cannot simply memorise them (the cold start's prompts are held out from pretraining)
 SETTINGS = [
-    "synth.levels=[1,5]", "synth.families={arith: 1000}", "model.hidden_size=128", "model.num_heads=4",
-    "model.intermediate_size=256", "train.steps=400", "train.lr=3e-3", "train.weight_decay=0.1",
-    "train.micro_batch_size=16",
-    "train.checkpoint_every=300", "coldstart.prompts=60", "coldstart.temperature=0.3", "coldstart.train.steps=10",
+    "synth.levels=[1,5]", "synth.families={arith: 1000}", "synth.pool=240", "model.hidden_size=128",
+    "model.num_heads=4", "model.intermediate_size=256", "train.steps=400", "train.lr=3e-3", "train.weight_decay=0.1",
+    "train.micro_batch_size=16", "train.checkpoint_every=300", "coldstart.prompts=60", "coldstart.train.steps=10",
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -26,29 +27,42 @@ def kat(*args):
                           capture_output=True, text=True, env=ENV, timeout=900)
 
 
-def test_majority_vote_rule():
-    assert majority_vote(1.0, 1.0, 0.1)[0] == "off"
-    assert majority_vote(0.75, 0.8, 0.1)[0] == "off"  # within delta
-    assert majority_vote(0.75, 1.0, 0.1)[0] == "on"  # think-on clearly better
-    assert majority_vote(0.5, 0.0, 0.1)[0] == "on"  # a tie is not a majority
-    assert majority_vote(0.0, 0.0, 0.1)[0] == "on"
+def measured(acc_off, acc_on, tokens_off=10, tokens_on=40, answer="1"):
+    return {"acc_off": acc_off, "acc_on": acc_on, "tokens_off": tokens_off, "tokens_on": tokens_on, "well_formed": 2,
+            "best_off": {"think": None, "answer": answer} if acc_off else None,
+            "best_on": {"think": "x", "answer": answer} if acc_on else None}
 
 
-def test_labels_follow_the_samples_not_the_level():
+def test_labels_are_the_cells_verdict_not_the_single_items():
     from kat_core.tasks.arith import ArithTask
 
     task = ArithTask()
-    items = [i for i in task.examples("train", n=50) if i.difficulty in (1, 5)][:2]
-    sampled = [  # the easy item fails directly and the hard one succeeds: the labels must say so
-        {"acc_off": 0.25, "acc_on": 1.0, "tokens_off": 9, "tokens_on": 30, "best_off": None,
-         "best_on": {"think": "x", "answer": items[0].answer}},
-        {"acc_off": 1.0, "acc_on": 1.0, "tokens_off": 9, "tokens_on": 80,
-         "best_off": {"think": None, "answer": items[1].answer}, "best_on": None},
-    ]
-    labels, sft = label_items([(task, items[0]), (task, items[1])], sampled, delta=0.1)
-    assert [r["label"] for r in labels] == ["on", "off"]
-    assert [r["mode"] for r in sft] == ["on", "off"]
-    assert summarize(labels)["prompts"] == 2
+    crit = AutoThinkConfig(token_cost=0.2, token_budget=100, delta=0.0, min_cell=2)
+    items = task.examples("pool", n=400)
+    by_cell: dict[str, list] = {}
+    for it in items:
+        by_cell.setdefault(cell_of(task.intent_features(it)), []).append(it)
+    easy, hard = (next(v for c, v in by_cell.items() if c.startswith(p) and len(v) >= 3) for p in ("L1", "L5"))
+    pairs = [(task, it) for it in easy[:3] + hard[:3]]
+    # V = accuracy - 0.2 x tokens / 100: direct right 0.98, wrong -0.02; thinking right 0.92, wrong -0.08
+    sampled = [  # L1's cell: +1.06 (only direct right), -0.94 (only thinking right), +0.06 (both): off for all
+        measured(1, 0), measured(0, 1), measured(1, 1),
+        # L5's cell: -0.94, -0.94, +1.06: on for all three, the prompt that only direct got right included
+        measured(0, 1), measured(0, 1), measured(1, 0)]
+    labels, sft = label_items(pairs, sampled, crit)
+    assert [r["label"] for r in labels] == ["off"] * 3 + ["on"] * 3
+    assert [r["mode"] for r in sft] == ["off"] * 3 + ["on"] * 3
+    assert labels[1]["preference_off"] == pytest.approx(preference_off((0, 10), (1, 40), crit)) == -0.94
+    assert labels[0]["cell"] == cell_of(task.intent_features(easy[0])) and "cell" in labels[0]["reason"]
+    # a cell with fewer prompts than min_cell takes its level's verdict
+    alone = label_items(pairs[:1] + pairs[3:4], [measured(0, 1), measured(0, 1)],
+                        crit.model_copy(update={"min_cell": 5}))[0]
+    assert [r["label"] for r in alone] == ["on", "on"] and "level" in alone[0]["reason"]
+    # both modes wrong: think-off (the same accuracy, fewer tokens), with the reference answer, counted
+    wrong, sft = label_items(pairs[3:4], [measured(0, 0)], crit)
+    assert wrong[0]["label"] == "off" and wrong[0]["sft_source"] == "reference"
+    assert hard[0].answer in sft[0]["completion"] and summarize(wrong)["from_reference"] == 1
+    assert summarize(labels)["prompts"] == 6
 
 
 @pytest.mark.slow
@@ -56,12 +70,20 @@ def test_coldstart_on_a_quickly_trained_model(tmp_path):
     assert kat("data", "synth", "--out", tmp_path / "data").returncode == 0
     r = kat("train", "pretrain", "--data", tmp_path / "data", "--out", tmp_path / "ckpt")
     assert r.returncode == 0, r.stderr
-    r = kat("train", "coldstart", "--model", tmp_path / "ckpt", "--out", tmp_path / "cs")
+    r = kat("train", "coldstart", "--model", tmp_path / "ckpt", "--data", tmp_path / "data", "--out", tmp_path / "cs")
     assert r.returncode == 0, r.stderr
     labels = [json.loads(line) for line in (tmp_path / "cs" / "labels.jsonl").read_text().splitlines()]
     assert len(labels) == 60
-    for row in labels:  # every label is the vote over the row's own measured accuracies
-        assert row["label"] == majority_vote(row["acc_off"], row["acc_on"], 0.1)[0]
+    crit = AutoThinkConfig()
+    for row in labels:  # every label is its cell's verdict over the measured values
+        cell = [r["preference_off"] for r in labels if r["cell"] == row["cell"]]
+        level = [r["preference_off"] for r in labels if r["difficulty"] == row["difficulty"]]
+        mean = sum(cell) / len(cell) if len(cell) >= crit.min_cell else sum(level) / len(level)
+        assert row["label"] == ("off" if mean >= 0 else "on")
+    prompts = {r["prompt"] for r in labels}
+    pretrained_on = {json.loads(x)["prompt"] for x in (tmp_path / "data" / "train-00000.jsonl").read_text().split("\n")
+                     if x.strip()}
+    assert not prompts & pretrained_on  # held out from pretraining
     level1 = [r for r in labels if r["difficulty"] == 1]
     level5 = [r for r in labels if r["difficulty"] == 5]
     assert sum(r["label"] == "off" for r in level1) > len(level1) / 2

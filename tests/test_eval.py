@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from kat_core.errors import KatError
-from kat_core.eval.metrics import ItemResult, Outcome, by_level, mode_metrics, mode_selection, oracle_mode
+from kat_core.eval.metrics import ItemResult, Outcome, by_level, mode_metrics, mode_selection
 from kat_core.eval.report import build_report
 from tests.tiny_autothink import tiny_checkpoint
 
@@ -75,35 +75,49 @@ def test_by_level_and_no_samples(hand_made):
     assert mode_metrics([], "on")["accuracy"]["greedy"] is None  # an empty suite reports nothing, not 0
 
 
-def test_oracle_and_mode_selection_by_hand(hand_made):
-    a, b, c = hand_made
-    # per-item estimates from the samples: A p_on 1, p_off 1/2; B 1/2, 0; C 0, 0 (a tie: off is cheaper)
-    assert [oracle_mode(r) for r in hand_made] == ["on", "on", "off"]
-    assert oracle_mode(a, delta=0.5) == "off"  # giving up 0.5 accuracy for no reasoning is allowed
-    sel = mode_selection(hand_made)
-    assert sel["n"] == 3
-    assert sel["agreement"] == 0.3333  # auto chose off, on, none; the oracle says on, on, off: B agrees
-    assert sel["confusion"] == {"oracle_off": {"chose_off": 0, "chose_on": 0, "chose_none": 1},
-                                "oracle_on": {"chose_off": 1, "chose_on": 1, "chose_none": 0}}
-    # oracle: A on (1, 32 tokens), B on (1/2, 42), C off (0, 8)
-    assert sel["oracle"] == {"accuracy": 0.5, "mean_tokens": 27.33, "think_on_rate": 0.6667}
-    # auto's choices: A off (1/2, 11), B on (1/2, 42), C none (0, the 50 it spent)
-    assert sel["choice"] == {"accuracy": 0.3333, "mean_tokens": 34.33}
-    assert sel["regret"] == {"accuracy": 0.1667, "tokens": 7.0}
-    assert mode_selection([ItemResult("X", "arith", 1, greedy={"auto": o("on", True, 9)})]) is None
+def test_oracles_and_mode_selection_by_hand(hand_made):
+    from kat_core.config import AutoThinkConfig
+
+    crit = AutoThinkConfig(token_cost=0.2, token_budget=100, delta=0.0)
+    # greedy forced outcomes, V = correct - 0.2 * tokens / 100:
+    #   A (L1): off right in 10 (0.98), on right in 30 (0.94)   -> off
+    #   B (L2): off wrong in 12 (-0.024), on right in 40 (0.92) -> on
+    #   C (L2): off wrong in 8 (-0.016), on wrong in 50 (-0.1)  -> off (thinking only spends tokens)
+    sel = mode_selection(hand_made, crit)
+    assert sel["n"] == 3 and sel["criterion"]["token_cost"] == 0.2
+    assert sel["oracle"] == {"accuracy": 0.6667, "mean_tokens": 19.33, "think_on_rate": 0.3333, "value": 0.628}
+    # auto chose off, on, none (C is valued at accuracy 0 and the 50 tokens it spent)
+    assert sel["choice"] == {"accuracy": 0.6667, "mean_tokens": 33.33, "think_on_rate": 0.3333, "value": 0.6}
+    assert sel["agreement"] == 0.6667
+    assert sel["regret"] == {"accuracy": 0.0, "tokens": 14.0, "value": 0.028}
+    assert sel["confusion"] == {"oracle_off": {"chose_off": 1, "chose_on": 0, "chose_none": 1},
+                                "oracle_on": {"chose_off": 0, "chose_on": 1, "chose_none": 0}}
+    # the feature cell (here: the level) decides for all its items: L2's summed preference is -0.86, so on for
+    # B and C alike; a selector that cannot tell B from C does best by thinking on both
+    cell = sel["feature_cell"]
+    assert cell["cells"] == 2
+    assert cell["oracle"] == {"accuracy": 0.6667, "mean_tokens": 33.33, "think_on_rate": 0.6667, "value": 0.6}
+    assert cell["agreement"] == 0.6667 and cell["regret"] == {"accuracy": 0.0, "tokens": 0.0, "value": 0.0}
+    # delta: think-off may give up that much value and still be right
+    assert mode_selection(hand_made, crit.model_copy(update={"delta": 1.0}))["oracle"]["think_on_rate"] == 0.0
+    # under a sampling criterion the samples are the outcomes: A's off samples are right half the time
+    sampled = mode_selection(hand_made, crit.model_copy(update={"decoding": 0.7}))
+    assert sampled["oracle"]["think_on_rate"] == 0.6667  # A: on (1 - 0.064) beats off (0.5 - 0.022)
+    assert mode_selection([ItemResult("X", "arith", 1, greedy={"auto": o("on", True, 9)})], crit) is None
 
 
 def test_report_is_what_the_promotion_gate_reads(hand_made):
     from kat_core.platform.registry import items_digest, summary_from_report
 
-    settings = {"suites": ["arith"], "modes": ["auto", "on", "off"], "oracle_delta": 0.0, "n_samples": 2}
+    settings = {"suites": ["arith"], "modes": ["auto", "on", "off"], "n_samples": 2,
+                "criterion": {"token_cost": 0.2, "token_budget": 100, "delta": 0.0}}
     report = build_report({"arith": hand_made}, {"arith": 4}, settings, model="m", seconds=1.0)
     assert report["schema"] == "kat-eval-report/1"
     assert report["items"] == ["A", "B", "C"] and report["items_digest"] == items_digest(["C", "A", "B"])
     suite = report["suites"]["arith"]
     assert suite["n"] == 3 and suite["skipped_too_long"] == 4
     assert suite["levels"]["2"]["on"]["accuracy"]["greedy"] == 0.5
-    assert suite["level_selection"]["1"]["agreement"] == 0.0  # A: auto chose off, the oracle on
+    assert suite["level_selection"]["1"]["agreement"] == 1.0  # A: auto chose off, as the oracle
     summary = summary_from_report(json.loads(json.dumps(report)))
     assert (summary.accuracy, summary.mean_tokens, summary.n) == (0.3333, 33.33, 3)
     assert summary.items_digest == report["items_digest"]

@@ -871,10 +871,11 @@ def generate_cmd(
     typer.echo("\n".join(lines))
 
 
-def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 1."""
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors become one line on stderr and exit code 1. `argv` (default: the
+    process's arguments) lets a test run the command in-process."""
     try:
-        app()
+        app(args=argv, prog_name="kat")
     except ValidationFailed as e:
         _say(f"error: {e}")
         sys.exit(1)

@@ -29,6 +29,8 @@ from kat_core.errors import KatError
 
 SHARD_GLOB = "train-*.jsonl"
 REJECTS = "rejects.jsonl"
+POOL = "pool.jsonl"  # held-out prompts (task items, never in the shards) for the cold start and RL
+POOL_USES = ("coldstart", "rl")
 RECORD_FIELDS = {
     "id": str, "source_id": str, "family": str, "prompt": str, "answer": str, "difficulty": int,
     "mode": str, "regime": str, "complexity": float, "completion": str,
@@ -63,6 +65,29 @@ def shard_paths(dataset_dir: Path) -> list[Path]:
 
 def read_records(dataset_dir: Path) -> list[dict[str, Any]]:
     return [r for shard in shard_paths(dataset_dir) for r in iter_jsonl(shard)]
+
+
+def read_pool(dataset_dir: Path, use: str, benchmarks_dir: str | None = None) -> list[tuple[Any, Any]]:
+    """The dataset's held-out prompts for `use` ("coldstart" or "rl") as (task, item) pairs, with verifiers."""
+    from kat_core.tasks.base import Item, get_task
+
+    path = Path(dataset_dir) / POOL
+    if not path.is_file():
+        raise KatError(f"dataset {dataset_dir} has no {POOL} (held-out prompts for the cold start and RL); "
+                       "synthesize it again with this version")
+    tasks: dict[str, Any] = {}
+    pairs = []
+    for record in iter_jsonl(path):
+        if record.get("use") != use:
+            continue
+        record = {k: v for k, v in record.items() if k != "use"}
+        family = record["family"]
+        if family not in tasks:
+            tasks[family] = get_task(family, benchmarks_dir=benchmarks_dir)
+        pairs.append((tasks[family], Item(**record)))
+    if not pairs:
+        raise KatError(f"{path} holds no prompts for {use} (synth.pool = 0?)")
+    return pairs
 
 
 def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:

@@ -6,7 +6,8 @@ For every training item the tagger picks its regime from intent features:
   answer against ground truth and checks each step); a rejected draft is retried up to
   `max_attempts` times, and every reject is written aside to `rejects.jsonl` with its reason.
 A configurable share of items (`mirror_share`) is also rendered in the other regime, so a pretrained
-model can be forced into either mode on any item.
+model can be forced into either mode on any item. Beside the shards, `pool.jsonl` holds the held-out prompts
+(task items of the families' `pool` split, never in the shards) that the cold start and RL read.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from kat_core.config import KatConfig
 from kat_core.data.agents import Agents, make_agents
-from kat_core.data.dataset import REJECTS, atomic_output_dir, write_jsonl, write_shards
+from kat_core.data.dataset import POOL, POOL_USES, REJECTS, atomic_output_dir, write_jsonl, write_shards
 from kat_core.data.judge import judge_text
 from kat_core.data.tagger import Tagger
 from kat_core.errors import KatError
@@ -43,6 +44,27 @@ def training_items(config: KatConfig) -> list[tuple[Task, Item]]:
             )
         pairs += [(task, item) for item in task.examples("train", n=n, seed=config.seed)]
     return pairs
+
+
+def pool_items(config: KatConfig) -> list[tuple[Task, Item, str]]:
+    """The held-out prompt pool: `synth.pool` items from the families' `pool` splits (spread over the levels),
+    alternately for the cold start and for RL, so the two never share a prompt. (task, item, use) triples."""
+    if not config.synth.pool:
+        return []
+    tasks = []
+    for family in config.synth.families:
+        options: dict[str, Any] = {"benchmarks_dir": config.tasks.benchmarks_dir}
+        if family == "arith":
+            options["levels"] = config.synth.levels
+        task = get_task(family, **options)
+        if "pool" in task.splits:
+            tasks.append(task)
+    out = []
+    for i, task in enumerate(tasks):
+        n = config.synth.pool // len(tasks) + (i < config.synth.pool % len(tasks))
+        items = sorted(task.examples("pool", n=n, seed=config.seed), key=lambda it: (it.difficulty, it.id))
+        out += [(task, item, POOL_USES[j % 2]) for j, item in enumerate(items)]
+    return out
 
 
 def _record(item: Item, mode: str, regime: str, complexity: float, completion: str) -> dict[str, Any]:
@@ -142,6 +164,8 @@ def synthesize(config: KatConfig, out_dir: str | Path, *, progress: bool = True)
     with atomic_output_dir(Path(out_dir)) as tmp:
         shards = write_shards(tmp, records, cfg.shard_size)
         write_jsonl(tmp / REJECTS, think_on.rejects)
+        pool = pool_items(config)
+        write_jsonl(tmp / POOL, [{**item.to_dict(), "use": use} for _, item, use in pool])
         return write_manifest(
             tmp,
             stage="synthesize",
@@ -152,6 +176,7 @@ def synthesize(config: KatConfig, out_dir: str | Path, *, progress: bool = True)
                 "records": len(records),
                 "items": len(pairs),
                 "items_dropped": dropped,
+                "pool": dict(Counter(use for *_, use in pool)),
                 "counts": _counts(records),
                 "rejects": dict(Counter(r["reason"] for r in think_on.rejects)),
                 "critic": think_on.stats(),

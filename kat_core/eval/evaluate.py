@@ -6,7 +6,8 @@ Per suite, the test items (`limit` of them, seeded), each in every evaluation mo
 model writes its own judge and picks its mode); "on"/"off" pre-fill `forced_prefix(judge_text(features,
 mode), mode)`, the same judge the cold start trains on. One greedy response per item and mode (accuracy,
 tokens, think-on rate) and `n_samples` sampled ones at `temperature` (pass@1, and the forced modes' per-item
-accuracy that the oracle of `metrics.mode_selection` is estimated from). A response is correct when it is
+accuracy, from which the oracles of `metrics.mode_selection` are measured when the criterion's decoding is a
+temperature; greedy decoding, the default, values the modes by the greedy responses). A response is correct when it is
 well formed and the suite's verifier accepts its answer (math through math-verify, code in the sandbox).
 
 Items whose prompt and longest forced prefix plus `max_new_tokens` do not fit the model's context
@@ -100,7 +101,10 @@ def run_suite(model, tokenizer, task: Task, items: list[Item], modes: Sequence[s
         sampled = generate(model, tokenizer, prompts, forced=forced, n=n_samples, temperature=temperature,
                            top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
                            progress=progress)
-    results = [ItemResult(id=it.id, suite=task.name, level=int(it.difficulty)) for it in items]
+    from kat_core.autothink import cell_of
+
+    results = [ItemResult(id=it.id, suite=task.name, level=int(it.difficulty), cell=cell_of(task.intent_features(it)))
+               for it in items]
     cache: dict[tuple[str, str], bool] = {}
     total = len(greedy) + len(sampled)
     with tqdm(total=total, desc=f"{task.name} verify", unit="resp", disable=not progress) as bar:
@@ -136,14 +140,16 @@ def evaluate(
     max_new_tokens: int = 160,
     seed: int = 0,
     batch_size: int = 64,
-    oracle_delta: float = 0.0,
+    criterion=None,
     benchmarks_dir: str | None = None,
     device: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate the model in `model_dir` and write report.json, report.md, items.jsonl and the plots to
-    `out_dir` (atomically, with a manifest). Returns the report (schema in `report.py`). `device`: a torch
-    device; default CUDA when there is one, else the CPU."""
+    `out_dir` (atomically, with a manifest). Returns the report (schema in `report.py`). `criterion`: the
+    decision criterion the oracles use (an AutoThinkConfig; default its defaults). `device`: a torch device;
+    default CUDA when there is one, else the CPU."""
+    from kat_core.config import AutoThinkConfig
     from kat_core.data.dataset import atomic_output_dir
     from kat_core.eval.report import build_report, write_report
     from kat_core.model.lm import load_model
@@ -173,7 +179,7 @@ def evaluate(
     settings = {
         "suites": list(suites), "modes": modes, "limit": limit, "n_samples": n_samples,
         "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
-        "oracle_delta": oracle_delta, "max_len": max_len,
+        "criterion": (criterion or AutoThinkConfig()).model_dump(), "max_len": max_len,
     }
     report = build_report(results, skipped, settings, model=str(model_dir),
                           seconds=time.perf_counter() - started)

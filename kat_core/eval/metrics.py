@@ -5,17 +5,17 @@ Pure functions over `ItemResult`s (no model, no I/O), so every number in a repor
 An evaluation mode is "auto" (the model chooses), "on" or "off" (forced by pre-filling the judge and the
 mode token). Per item and evaluation mode there is one greedy response and `n` sampled ones.
 
-Mode-selection quality. The oracle mode of an item is the cheapest mode that is correct for it, estimated
-from the forced responses of both modes: with `p_on`, `p_off` the forced modes' accuracies on the item
-(the share of its sampled responses that are correct; its greedy response when nothing was sampled),
-the oracle is think-off when `p_off >= p_on - delta`, else think-on. Think-off is the cheap mode, so it wins
-ties, including "neither mode is ever right" (thinking would only spend tokens). `delta` (default 0) is the
-accuracy a user trades for skipping the reasoning, as in the cold start's majority vote.
-The auto mode's choice is the mode token of its greedy response. The choice is valued with the same forced
-estimates, so the regret measures the choice alone, not how well the model then answers in auto mode:
-  accuracy regret = mean(p[oracle] - p[choice]),   token regret = mean(t[choice] - t[oracle]),
-where `t` is the forced mode's mean response tokens on the item. A response without a mode token (choice
-"none") is valued at accuracy 0 and the tokens it actually spent.
+Mode-selection quality, by the one decision criterion (kat_core.autothink): the value of mode m on an item is
+`V_m = correct_m - token_cost * tokens_m / token_budget`, measured on the item's forced response in mode m
+under the criterion's decoding (greedy: the greedy response; a temperature: the mean of the sampled ones);
+think-off is right when `V_off >= V_on - delta`. Two oracles are reported:
+  - hindsight: the right mode per item, knowing its outcomes (no selector can beat it);
+  - feature cell: the right mode per prompt-visible cell (level and judge description, `autothink.cell_of`),
+    from the cell's summed preference: the frontier a mode selector that sees only the request can reach.
+The auto mode's choice is the mode token of its greedy response, valued with the same forced outcomes, so
+the regret measures the choice alone: accuracy regret = mean(acc[oracle] - acc[choice]), token regret =
+mean(t[choice] - t[oracle]), value regret likewise. A response without a mode token (choice "none") is
+valued at accuracy 0 and the tokens it actually spent.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from kat_core.autothink import mode_value
 
 MODES = ("auto", "on", "off")
 TOKEN_KEYS = ("total", "judge", "think", "answer")
@@ -51,6 +53,7 @@ class ItemResult:
     id: str
     suite: str
     level: int
+    cell: str | None = None  # the prompt-visible feature cell (kat_core.autothink.cell_of)
     greedy: dict[str, Outcome] = field(default_factory=dict)  # evaluation mode -> greedy response
     sampled: dict[str, list[Outcome]] = field(default_factory=dict)  # evaluation mode -> n sampled responses
 
@@ -60,7 +63,7 @@ class ItemResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ItemResult:
         return cls(
-            id=data["id"], suite=data["suite"], level=int(data["level"]),
+            id=data["id"], suite=data["suite"], level=int(data["level"]), cell=data.get("cell"),
             greedy={m: Outcome.from_dict(o) for m, o in data.get("greedy", {}).items()},
             sampled={m: [Outcome.from_dict(o) for o in os] for m, os in data.get("sampled", {}).items()},
         )
@@ -103,59 +106,76 @@ def by_level(results: list[ItemResult], modes: Iterable[str]) -> dict[str, dict[
     return {str(lvl): {m: mode_metrics(rs, m) for m in modes} for lvl, rs in sorted(groups.items())}
 
 
-def _estimate(r: ItemResult, mode: str) -> tuple[float, float] | None:
-    """(accuracy, mean total tokens) of a forced mode on one item: its samples, else its greedy response."""
-    responses = r.sampled.get(mode) or ([r.greedy[mode]] if mode in r.greedy else [])
+def _forced(r: ItemResult, mode: str, sampled: bool) -> tuple[float, float] | None:
+    """(accuracy, total tokens) of a forced mode on one item: its greedy response, or (`sampled`, when there
+    are samples) their mean."""
+    responses = (r.sampled.get(mode) if sampled else None) or ([r.greedy[mode]] if mode in r.greedy else [])
     if not responses:
         return None
     return (sum(o.correct for o in responses) / len(responses),
             sum(o.tokens.get("total", 0) for o in responses) / len(responses))
 
 
-def oracle_mode(r: ItemResult, delta: float = 0.0) -> str | None:
-    """The cheapest mode correct for this item (see the module doc); None without both forced modes."""
-    on, off = _estimate(r, "on"), _estimate(r, "off")
-    if on is None or off is None:
-        return None
-    return "off" if off[0] >= on[0] - delta else "on"
+def _summary(picks: list[str], outcomes: list[dict[str, tuple[float, float]]], crit) -> dict[str, float | None]:
+    acc = [o[m][0] if m in o else 0.0 for m, o in zip(picks, outcomes, strict=True)]
+    tok = [o[m][1] for m, o in zip(picks, outcomes, strict=True)]
+    return {"accuracy": _mean(acc), "mean_tokens": _mean(tok), "think_on_rate": _mean(m == "on" for m in picks),
+            "value": _mean(mode_value(a, t, crit) for a, t in zip(acc, tok, strict=True))}
 
 
-def mode_selection(results: list[ItemResult], delta: float = 0.0) -> dict[str, Any] | None:
-    """Auto's mode choices against the oracle: agreement, confusion, the oracle's and the choices' estimated
-    accuracy and tokens, and the regret. None unless auto and both forced modes were evaluated."""
-    rows = [r for r in results if "auto" in r.greedy and oracle_mode(r, delta) is not None]
+def mode_selection(results: list[ItemResult], crit=None) -> dict[str, Any] | None:
+    """Auto's mode choices against the hindsight and the feature-cell oracles (see the module doc): each
+    one's accuracy, tokens, think-on rate and value, auto's regret and agreement against each, and the
+    confusion against hindsight. None unless auto and both forced modes were evaluated."""
+    from kat_core.autothink import decide, preference_off
+    from kat_core.config import AutoThinkConfig
+
+    crit = crit or AutoThinkConfig()
+    sampled = crit.temperature > 0
+    rows, outcomes = [], []
+    for r in results:
+        on, off = _forced(r, "on", sampled), _forced(r, "off", sampled)
+        if "auto" in r.greedy and on is not None and off is not None:
+            rows.append(r)
+            outcomes.append({"on": on, "off": off})
     if not rows:
         return None
-    confusion = {f"oracle_{o}": {"chose_off": 0, "chose_on": 0, "chose_none": 0} for o in ("off", "on")}
-    agree, oracle_acc, oracle_tok, choice_acc, choice_tok = [], [], [], [], []
-    for r in rows:
-        oracle = oracle_mode(r, delta)
+    prefs = [preference_off(o["off"], o["on"], crit) for o in outcomes]
+    hindsight = [decide(p) for p in prefs]
+    cell_sum: dict[str, float] = defaultdict(float)
+    for r, p in zip(rows, prefs, strict=True):
+        cell_sum[r.cell or f"L{r.level}"] += p
+    by_cell = [decide(cell_sum[r.cell or f"L{r.level}"]) for r in rows]
+    choices = []
+    for r, o in zip(rows, outcomes, strict=True):
         choice = r.greedy["auto"].mode
-        confusion[f"oracle_{oracle}"][f"chose_{choice or 'none'}"] += 1
-        agree.append(choice == oracle)
-        acc, tok = _estimate(r, oracle)
-        oracle_acc.append(acc)
-        oracle_tok.append(tok)
-        if choice in ("on", "off"):
-            acc, tok = _estimate(r, choice)
-        else:
-            acc, tok = 0.0, r.greedy["auto"].tokens.get("total", 0)
-        choice_acc.append(acc)
-        choice_tok.append(tok)
-    oracle = {
-        "accuracy": _mean(oracle_acc), "mean_tokens": _mean(oracle_tok),
-        "think_on_rate": _mean(oracle_mode(r, delta) == "on" for r in rows),
-    }
-    chosen = {"accuracy": _mean(choice_acc), "mean_tokens": _mean(choice_tok)}
+        if choice not in ("on", "off"):
+            choice = "none"
+            o["none"] = (0.0, r.greedy["auto"].tokens.get("total", 0))
+        choices.append(choice)
+    chosen = _summary(choices, outcomes, crit)
+
+    def against(picks: list[str]) -> dict[str, Any]:
+        oracle = _summary(picks, outcomes, crit)
+        return {
+            "oracle": {k: _r(v, 2 if k == "mean_tokens" else 4) for k, v in oracle.items()},
+            "agreement": _r(_mean(c == p for c, p in zip(choices, picks, strict=True))),
+            "regret": {"accuracy": _r(oracle["accuracy"] - chosen["accuracy"]),
+                       "tokens": _r(chosen["mean_tokens"] - oracle["mean_tokens"], 2),
+                       "value": _r(oracle["value"] - chosen["value"])},
+        }
+
+    confusion = {f"oracle_{o}": {"chose_off": 0, "chose_on": 0, "chose_none": 0} for o in ("off", "on")}
+    for o, c in zip(hindsight, choices, strict=True):
+        confusion[f"oracle_{o}"][f"chose_{c}"] += 1
+    hind, cell = against(hindsight), against(by_cell)
     return {
         "n": len(rows),
-        "delta": delta,
-        "agreement": _r(_mean(agree)),
-        "confusion": confusion,
-        "oracle": {k: _r(v, 2 if k == "mean_tokens" else 4) for k, v in oracle.items()},
+        "criterion": {"token_cost": crit.token_cost, "token_budget": crit.token_budget, "delta": crit.delta,
+                      "decoding": crit.decoding},
+        "delta": crit.delta,
         "choice": {k: _r(v, 2 if k == "mean_tokens" else 4) for k, v in chosen.items()},
-        "regret": {
-            "accuracy": _r(oracle["accuracy"] - chosen["accuracy"]),
-            "tokens": _r(chosen["mean_tokens"] - oracle["mean_tokens"], 2),
-        },
+        # hindsight: the per-item oracle (kept under the schema's original keys)
+        "oracle": hind["oracle"], "agreement": hind["agreement"], "regret": hind["regret"], "confusion": confusion,
+        "feature_cell": {**cell, "cells": len(cell_sum)},
     }

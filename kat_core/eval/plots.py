@@ -56,8 +56,11 @@ def frontier(report: dict[str, Any], path: Path) -> None:
                 ax.scatter(*p, color=color, marker=marker, s=120 if mode == "auto" else 60, label=mode, zorder=3)
         if sel and sel["oracle"]["accuracy"] is not None:
             ax.scatter(sel["oracle"]["mean_tokens"], sel["oracle"]["accuracy"], color="black", marker="D",
-                       facecolors="none", s=60, zorder=3,
-                       label="oracle (from samples)" if report["settings"].get("n_samples") else "oracle")
+                       facecolors="none", s=60, zorder=3, label="hindsight oracle")
+        if sel and sel.get("feature_cell") and sel["feature_cell"]["oracle"]["accuracy"] is not None:
+            cell = sel["feature_cell"]["oracle"]
+            ax.scatter(cell["mean_tokens"], cell["accuracy"], color="black", marker="s", facecolors="none", s=60,
+                       zorder=3, label="feature-cell oracle")
         ax.set_title(title)
         ax.set_xlabel("mean tokens per response")
         ax.set_ylabel("accuracy (greedy)")

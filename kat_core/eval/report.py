@@ -6,7 +6,7 @@ report.json, schema "kat-eval-report/1":
       "schema": "kat-eval-report/1",
       "model": "<model dir>", "created_at": "<UTC ISO time>", "code_version": "<git sha>", "seconds": 12.3,
       "settings": {"suites", "modes", "limit", "n_samples", "temperature", "top_p", "max_new_tokens", "seed",
-                   "oracle_delta", "max_len"},
+                   "criterion": {"token_cost", "token_budget", "delta", "decoding", "min_cell"}, "max_len"},
       "items": ["<item id>", ...],            # every evaluated item, sorted (ids carry their suite's prefix)
       "items_digest": "<16 hex>",             # registry.items_digest(items): equal digests = same items
       "overall": {"<mode>": BLOCK, ...},      # all suites' items together; modes: auto | on | off
@@ -26,9 +26,12 @@ report.json, schema "kat-eval-report/1":
              "accuracy": {"greedy": 0..1, "pass@1": 0..1 | null},
              "mean_tokens": {"total", "judge", "think", "answer"},   # greedy responses, forced prefix included
              "think_on_rate", "well_formed_rate", "truncated_rate"}  # shares of greedy responses (null when n=0)
-    SELECTION = {"n", "delta", "agreement", "confusion": {"oracle_off"|"oracle_on": {"chose_off", "chose_on",
-                 "chose_none"}}, "oracle": {"accuracy", "mean_tokens", "think_on_rate"},
-                 "choice": {"accuracy", "mean_tokens"}, "regret": {"accuracy", "tokens"}}   (see metrics.py)
+    SELECTION = {"n", "criterion", "delta", "choice": ORACLE,
+                 # the hindsight (per-item) oracle under the original keys
+                 "oracle": ORACLE, "agreement", "regret": {"accuracy", "tokens", "value"},
+                 "confusion": {"oracle_off"|"oracle_on": {"chose_off", "chose_on", "chose_none"}},
+                 "feature_cell": {"oracle": ORACLE, "agreement", "regret", "cells"}}      (see metrics.py)
+    ORACLE = {"accuracy", "mean_tokens", "think_on_rate", "value"}
 
 The promotion gate (`platform.registry.summary_from_report`) reads `overall.auto.accuracy.greedy`,
 `overall.auto.mean_tokens.total`, `overall.auto.n` and `items_digest`. Additions keep the schema name;
@@ -56,7 +59,10 @@ def build_report(results: dict[str, list[ItemResult]], skipped: dict[str, int], 
     from kat_core.platform.registry import items_digest
 
     modes = settings["modes"]
-    delta = settings.get("oracle_delta", 0.0)
+    from kat_core.config import AutoThinkConfig
+
+    crit = AutoThinkConfig(**settings["criterion"]) if settings.get("criterion") else \
+        AutoThinkConfig(delta=settings.get("oracle_delta", AutoThinkConfig().delta))
     everything = [r for rs in results.values() for r in rs]
     items = sorted(r.id for r in everything)
     suites = {
@@ -65,8 +71,8 @@ def build_report(results: dict[str, list[ItemResult]], skipped: dict[str, int], 
             "skipped_too_long": skipped.get(name, 0),
             "modes": {m: mode_metrics(rs, m) for m in modes},
             "levels": by_level(rs, modes),
-            "mode_selection": mode_selection(rs, delta),
-            "level_selection": {lvl: mode_selection([r for r in rs if str(r.level) == lvl], delta)
+            "mode_selection": mode_selection(rs, crit),
+            "level_selection": {lvl: mode_selection([r for r in rs if str(r.level) == lvl], crit)
                                 for lvl in by_level(rs, ())},
         }
         for name, rs in results.items()
@@ -81,7 +87,7 @@ def build_report(results: dict[str, list[ItemResult]], skipped: dict[str, int], 
         "items": items,
         "items_digest": items_digest(items),
         "overall": {m: mode_metrics(everything, m) for m in modes},
-        "mode_selection": mode_selection(everything, delta),
+        "mode_selection": mode_selection(everything, crit),
         "suites": suites,
     }
 
@@ -134,19 +140,29 @@ def _mode_table(blocks: dict[str, dict[str, Any]], first: str = "mode") -> list[
 def _selection_lines(sel: dict[str, Any] | None) -> list[str]:
     if not sel:
         return ["Mode selection: needs the auto, on and off modes."]
-    c, o, ch, rg = sel["confusion"], sel["oracle"], sel["choice"], sel["regret"]
+    c, ch, crit = sel["confusion"], sel["choice"], sel.get("criterion", {"delta": sel["delta"]})
+    rule = (f"V = accuracy - {crit.get('token_cost')} x tokens / {crit.get('token_budget')}, think-off when "
+            f"V_off >= V_on - {crit['delta']}, {crit.get('decoding', 'greedy')} outcomes")
+    rows = [("hindsight (per item)", sel["oracle"], sel["regret"], sel["agreement"])]
+    if sel.get("feature_cell"):
+        fc = sel["feature_cell"]
+        rows.append((f"feature cell ({fc['cells']} cells)", fc["oracle"], fc["regret"], fc["agreement"]))
     return [
-        f"Mode selection over {sel['n']} items (oracle: the cheapest forced mode that is as accurate, "
-        f"delta {sel['delta']}): auto agrees with the oracle on **{_f(sel['agreement'])}** of them.",
+        f"Mode selection over {sel['n']} items ({rule}). Auto's choices are valued by the forced modes' outcomes; "
+        "the feature-cell oracle is the frontier a selector that sees only the request can reach.",
         "",
-        "| oracle \\ auto chose | off | on | none |",
+        "| | accuracy | tokens | think-on | value | auto agrees | regret: accuracy | tokens | value |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| auto's choices | {_f(ch['accuracy'])} | {_f(ch['mean_tokens'], 1)} | {_f(ch.get('think_on_rate'))} | "
+        f"{_f(ch.get('value'))} | | | | |",
+        *(f"| {name} | {_f(o['accuracy'])} | {_f(o['mean_tokens'], 1)} | {_f(o['think_on_rate'])} | "
+          f"{_f(o.get('value'))} | {_f(agree)} | {_f(rg['accuracy'])} | {_f(rg['tokens'], 1)} | "
+          f"{_f(rg.get('value'))} |" for name, o, rg, agree in rows),
+        "",
+        "| hindsight oracle \\ auto chose | off | on | none |",
         "|---|---:|---:|---:|",
         *(f"| {k.removeprefix('oracle_')} | {v['chose_off']} | {v['chose_on']} | {v['chose_none']} |"
           for k, v in c.items()),
-        "",
-        f"Oracle: accuracy {_f(o['accuracy'])}, {_f(o['mean_tokens'], 1)} tokens, think-on {_f(o['think_on_rate'])}. "
-        f"Auto's choices (valued by the forced modes): accuracy {_f(ch['accuracy'])}, "
-        f"{_f(ch['mean_tokens'], 1)} tokens. Regret: {_f(rg['accuracy'])} accuracy, {_f(rg['tokens'], 1)} tokens.",
     ]
 
 

@@ -1,15 +1,22 @@
-"""The `coldstart` stage: majority-vote mode labels from the model's own samples, then SFT.
+"""The `coldstart` stage: mode labels from the model's own forced answers, by the one decision criterion, then SFT.
 
-For each training prompt, k samples forced think-off and k forced think-on (the judge pre-filled from the
-prompt's intent features). Label think-off when think-off is majority-correct and its accuracy is within
-δ of think-on's; otherwise think-on. The SFT example for a prompt is its best verified response in the
-labelled mode (correct, fewest tokens), under a judge written from intent features for that mode, so the
-model learns both the choice and why. A prompt with no verified sample in its labelled mode falls back to
-the task's reference response in that mode (verified by construction), counted as `from_reference`, so an
-undertrained model still gets a complete SFT set.
+Prompts come from the dataset's held-out pool (`pool.jsonl`, use "coldstart"): pretraining never saw them, so
+a direct answer is measured as on a new request, not a memorised one. For each prompt both forced modes are
+measured under the evaluation's decoding (`autothink.decoding`: one greedy answer per mode, or `coldstart.k`
+samples at a temperature), the judge pre-filled from the prompt's intent features. Each prompt's preference
+`V_off - V_on + delta` (kat_core.autothink) is summed over its *feature cell* (level and judge description,
+what the model can see before answering), and the cell's sign labels every prompt of the cell: the model is
+taught the best mode a selector can reach, not the coin flips of single items (a cell with fewer than
+`autothink.min_cell` prompts takes its level's verdict).
 
-Output: a checkpoint (as `pretrain` writes it) with `labels.jsonl` (per prompt: accuracy in each mode,
-label, reason) and `coldstart.json` (label distribution and accuracy per difficulty level).
+The SFT example for a prompt is its shortest verified response in the labelled mode, under the judge written
+from intent features for that mode, so the model learns both the choice and why. A prompt with no verified
+response in its labelled mode falls back to the task's reference response (counted as `from_reference`);
+when no response at all was well formed (the model does not speak the grammar yet) the stage says so loudly
+and records `well_formed_answers: 0` in its summary.
+
+Output: a checkpoint (as `pretrain` writes it) with `labels.jsonl` (per prompt: accuracy and tokens in each
+mode, preference, cell, label, reason) and `coldstart.json` (label distribution and accuracy per level).
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from kat_core.config import ColdStartConfig, KatConfig
+from kat_core.autothink import cell_modes, cell_of, preference_off
+from kat_core.config import AutoThinkConfig, ColdStartConfig, KatConfig
 from kat_core.data.judge import judge_text
 from kat_core.errors import KatError
 from kat_core.format import forced_prefix, parse, render
@@ -33,18 +41,11 @@ log = logging.getLogger(__name__)
 LABELS, SUMMARY = "labels.jsonl", "coldstart.json"
 
 
-def majority_vote(acc_off: float, acc_on: float, delta: float) -> tuple[str, str]:
-    """(label, reason) per DESIGN: think-off when majority-correct and within delta of think-on."""
-    if acc_off > 0.5 and acc_off >= acc_on - delta:
-        return "off", f"think-off majority-correct ({acc_off:.2f}) and within {delta} of think-on ({acc_on:.2f})"
-    if acc_off <= 0.5:
-        return "on", f"think-off not majority-correct ({acc_off:.2f}; think-on {acc_on:.2f})"
-    return "on", f"think-on clearly better ({acc_on:.2f} vs think-off {acc_off:.2f})"
-
-
-def sample_both_modes(model, tokenizer, pairs: list[tuple[Task, Item]], cfg: ColdStartConfig, seed: int,
-                      progress: bool = False) -> list[dict[str, Any]]:
-    """k forced samples per mode per item, verified -> per item: accuracies, tokens and best responses."""
+def sample_both_modes(model, tokenizer, pairs: list[tuple[Task, Item]], cfg: ColdStartConfig,
+                      criterion: AutoThinkConfig, seed: int, progress: bool = False) -> list[dict[str, Any]]:
+    """Each item answered in both forced modes under the criterion's decoding (greedy: one answer per mode;
+    a temperature: `cfg.k` samples) -> per item: accuracy, mean tokens, best verified response, well-formed
+    count per mode."""
     from kat_core.rollout import generate
 
     prompts, forced = [], []
@@ -53,17 +54,22 @@ def sample_both_modes(model, tokenizer, pairs: list[tuple[Task, Item]], cfg: Col
         for mode in ("off", "on"):
             prompts.append(item.prompt)
             forced.append(forced_prefix(judge_text(features, mode), mode))
-    samples = generate(model, tokenizer, prompts, forced=forced, n=cfg.k, max_new_tokens=cfg.max_new_tokens,
-                       temperature=cfg.temperature, top_p=cfg.top_p, seed=seed, batch_size=cfg.batch_size,
-                       progress=progress)
+    greedy = criterion.temperature == 0
+    samples = generate(model, tokenizer, prompts, forced=forced, n=1 if greedy else cfg.k,
+                       max_new_tokens=cfg.max_new_tokens, temperature=criterion.temperature, top_p=cfg.top_p,
+                       seed=seed, batch_size=cfg.batch_size, progress=progress)
+    by_prompt: dict[int, list[Any]] = defaultdict(list)
+    for s in samples:
+        by_prompt[s.prompt_index].append(s)
     results = []
     for i, (task, item) in enumerate(pairs):
-        row: dict[str, Any] = {"id": item.id, "difficulty": item.difficulty}
+        row: dict[str, Any] = {"id": item.id, "difficulty": item.difficulty, "well_formed": 0}
         for j, mode in enumerate(("off", "on")):
-            group = [s for s in samples if s.prompt_index == 2 * i + j]
+            group = by_prompt[2 * i + j]
             verified = []
             for s in group:
                 parsed = parse(s.text)
+                row["well_formed"] += parsed.well_formed
                 if parsed.well_formed and parsed.mode == mode and task.verify(item, parsed.answer or ""):
                     verified.append((s.segment_counts["total"], parsed))
             row[f"acc_{mode}"] = len(verified) / len(group)
@@ -74,20 +80,33 @@ def sample_both_modes(model, tokenizer, pairs: list[tuple[Task, Item]], cfg: Col
     return results
 
 
-def label_items(pairs: list[tuple[Task, Item]], sampled: list[dict[str, Any]], delta: float):
-    """-> (labels rows, SFT records in the dataset schema)."""
-    labels, sft = [], []
+def label_items(pairs: list[tuple[Task, Item]], sampled: list[dict[str, Any]], criterion: AutoThinkConfig):
+    """-> (labels rows, SFT records in the dataset schema): every prompt labelled with its cell's mode."""
+    prefs, cells = [], []
     for (task, item), row in zip(pairs, sampled, strict=True):
-        label, reason = majority_vote(row["acc_off"], row["acc_on"], delta)
+        prefs.append(preference_off((row["acc_off"], row["tokens_off"]), (row["acc_on"], row["tokens_on"]),
+                                    criterion))
+        cells.append(cell_of(task.intent_features(item)))
+    verdict = cell_modes(zip(cells, (item.difficulty for _, item in pairs), prefs, strict=True), criterion.min_cell)
+    cell_pref: dict[str, list[float]] = defaultdict(list)
+    for cell, pref in zip(cells, prefs, strict=True):
+        cell_pref[cell].append(pref)
+    labels, sft = [], []
+    for (task, item), row, pref, cell in zip(pairs, sampled, prefs, cells, strict=True):
+        label = verdict[cell]
+        mean = sum(cell_pref[cell]) / len(cell_pref[cell])
+        reason = (f"cell {cell!r} ({len(cell_pref[cell])} prompts): mean V_off - V_on + delta = {mean:+.3f}"
+                  + ("" if len(cell_pref[cell]) >= criterion.min_cell else ", too few: the level's verdict"))
         best = row[f"best_{label}"]
         source = "sample"
         if best is None and item.steps:
             best, source = {"think": "\n".join(item.steps), "answer": task.answer_text(item)}, "reference"
         labels.append({
-            "id": item.id, "prompt": item.prompt, "difficulty": item.difficulty,
+            "id": item.id, "prompt": item.prompt, "difficulty": item.difficulty, "cell": cell,
             "acc_off": row["acc_off"], "acc_on": row["acc_on"],
             "tokens_off": round(row["tokens_off"], 1), "tokens_on": round(row["tokens_on"], 1),
-            "label": label, "reason": reason, "in_sft": best is not None, "sft_source": source if best else None,
+            "preference_off": round(pref, 4), "label": label, "reason": reason,
+            "in_sft": best is not None, "sft_source": source if best else None,
         })
         if best is None:
             continue
@@ -143,27 +162,34 @@ def stratified(pairs: list[tuple[Task, Item]], n: int, seed: int) -> list[tuple[
     return out
 
 
-def coldstart(config: KatConfig, checkpoint: str | Path, out_dir: str | Path, *, progress: bool = True
-              ) -> dict[str, Any]:
-    """Label prompts by majority vote, fine-tune `checkpoint` on the labelled responses into `out_dir`."""
-    from kat_core.data.dataset import write_jsonl
-    from kat_core.data.synth import training_items
+def coldstart(config: KatConfig, checkpoint: str | Path, out_dir: str | Path, *, data_dir: str | Path,
+              progress: bool = True) -> dict[str, Any]:
+    """Label the dataset's cold-start prompts by the decision criterion, fine-tune `checkpoint` on the labelled
+    responses into `out_dir`."""
+    from kat_core.data.dataset import read_pool, write_jsonl
     from kat_core.model.checkpoint import check_checkpoint, load_checkpoint
     from kat_core.train.pretrain import pretrain
 
     cfg = config.coldstart
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     check_checkpoint(checkpoint)
-    pairs = stratified(training_items(config), cfg.prompts, config.seed)
+    pairs = stratified(read_pool(Path(data_dir), "coldstart", config.tasks.benchmarks_dir), cfg.prompts,
+                       config.seed)
     model, tokenizer, _ = load_checkpoint(checkpoint)
     model.eval()
-    log.info("cold start: sampling %d prompts x %d per mode from %s", len(pairs), cfg.k, checkpoint)
-    sampled = sample_both_modes(model, tokenizer, pairs, cfg, config.seed, progress=progress)
-    labels, sft = label_items(pairs, sampled, cfg.delta)
+    log.info("cold start: %d prompts from %s, both modes (%s) from %s", len(pairs), data_dir,
+             config.autothink.decoding, checkpoint)
+    sampled = sample_both_modes(model, tokenizer, pairs, cfg, config.autothink, config.seed, progress=progress)
+    labels, sft = label_items(pairs, sampled, config.autothink)
     summary = summarize(labels)
-    if not sft:
-        raise KatError(f"cold start: no prompt had a verified response in its labelled mode ({checkpoint} may "
-                       "be undertrained); nothing to fine-tune on")
+    summary["well_formed_answers"] = sum(row["well_formed"] for row in sampled)
+    if not summary["well_formed_answers"]:  # loud: the labels below say nothing about this model
+        log.warning("cold start: NONE of %s's forced answers is well formed (it does not speak the response "
+                    "grammar yet): every label is its level's default and every SFT example a reference trace",
+                    checkpoint)
+    elif summary["from_reference"] > len(labels) / 2:
+        log.warning("cold start: %d of %d SFT examples are reference traces, not the model's own answers",
+                    summary["from_reference"], len(labels))
     log.info("cold start labels: %s", {lvl: (v["label_off"], v["label_on"]) for lvl, v in summary["per_level"].items()})
 
     work = Path(tempfile.mkdtemp(prefix=".coldstart-", dir=out_dir.parent if out_dir.parent.exists() else None))
