@@ -30,3 +30,33 @@ def moto_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     return server
+
+
+def kat_here(*args, env=None):
+    """`kat ARGS` in this process (what `main` does: one `error:` line and exit code 1 for a user error,
+    2 for a usage error): stdout, stderr and the exit code, as `kat` would give them, without starting a
+    Python. For argument and error checks; real subprocesses stay for exit codes and start-up time."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from kat_app.cli import main
+    from kat_core.util import patched_env
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with patched_env({k: str(v) for k, v in (env or {}).items()}), contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+# the smoke pipeline at its smallest: every stage runs, each for a few steps (what a test of the platform
+# around the pipeline needs; the stages' own behaviour is tested on their own)
+FAST = ["train.steps=6", "train.checkpoint_every=6", "coldstart.prompts=6", "coldstart.k=1",
+        "coldstart.max_new_tokens=16", "coldstart.train.steps=2", "srpo.train.steps=1", "srpo.prompts_per_step=2",
+        "srpo.group_size=2", "srpo.max_new_tokens=16", "evaluate.limit=5", "evaluate.max_new_tokens=16",
+        "evaluate.n_samples=0"]

@@ -1,7 +1,8 @@
-"""The `kat` command as a user runs it: a real subprocess, exit codes and one-line errors."""
+"""The `kat` command: exit codes and one-line errors. Start-up time, the absence of heavy imports and one
+end-to-end data flow run as real subprocesses; argument and error checks run in-process (tests.helpers.kat_here:
+the same `main`, without starting a Python each time)."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -9,11 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import kat_here
+
 KAT = [sys.executable, "-m", "kat_app.cli"]
 
 
 def kat(*args, cwd=None):
     return subprocess.run([*KAT, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def kat_in(*args, env=None):
+    return kat_here(*args, env=env)
 
 
 def test_help_is_fast():
@@ -51,7 +58,7 @@ def test_synth_validate_stats_end_to_end(tmp_path):
 
 
 def test_config_typo_names_the_key(tmp_path):
-    r = kat("data", "synth", "--out", tmp_path / "d", "--set", "synth.mirror_shar=0.2")
+    r = kat_in("data", "synth", "--out", tmp_path / "d", "--set", "synth.mirror_shar=0.2")
     _one_line_error(r, "synth.mirror_shar", "synth.mirror_share")
     assert not (tmp_path / "d").exists()
 
@@ -69,45 +76,42 @@ def test_a_profile_key_overrides_only_itself_within_a_section():
 
 
 def test_unknown_family_lists_the_known_ones(tmp_path):
-    r = kat("data", "synth", "--out", tmp_path / "d", "--set", "synth.families={algebra: 3}")
+    r = kat_in("data", "synth", "--out", tmp_path / "d", "--set", "synth.families={algebra: 3}")
     _one_line_error(r, "algebra", "arith", "gsm8k")
 
 
 def test_missing_benchmark_says_where_it_looked(tmp_path, monkeypatch):
-    r = subprocess.run(
-        [*KAT, "tasks", "show", "gsm8k"], capture_output=True, text=True,
-        env={**os.environ, "KAT_BENCHMARKS_DIR": str(tmp_path)},
-    )
+    r = kat_in("tasks", "show", "gsm8k", env={"KAT_BENCHMARKS_DIR": str(tmp_path)})
     _one_line_error(r, str(tmp_path / "gsm8k_test.jsonl"), "KAT_BENCHMARKS_DIR")
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     data = tmp_path / "d"
-    assert kat("data", "synth", "--out", data, "-q", "--set", "synth.families={arith: 20}").returncode == 0
+    assert kat_in("data", "synth", "--out", data, "-q", "--set", "synth.families={arith: 20}").returncode == 0
     shard = data / "train-00000.jsonl"
     lines = shard.read_text().splitlines()
     lines[2] = '{"id": "broken", '
     shard.write_text("\n".join(lines) + "\n")
-    _one_line_error(kat("data", "stats", data), f"{shard}:3")
+    _one_line_error(kat_in("data", "stats", data), f"{shard}:3")
 
 
 def test_tasks_show_prints_items():
-    r = kat("tasks", "show", "arith", "--split", "test", "-n", "2")
+    r = kat_in("tasks", "show", "arith", "--split", "test", "-n", "2")
     items = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(items) == 2 and {"id", "prompt", "answer", "difficulty"} <= set(items[0])
 
 
 @pytest.mark.parametrize("args", [["data", "validate", "/nonexistent/dir"], ["data", "stats", "/nonexistent"]])
 def test_missing_dataset_dir(args):
-    _one_line_error(kat(*args), "/nonexistent")
+    _one_line_error(kat_in(*args), "/nonexistent")
 
 
 def test_not_a_dataset(tmp_path):
-    _one_line_error(kat("data", "validate", tmp_path), "no train-*.jsonl")
+    _one_line_error(kat_in("data", "validate", tmp_path), "no train-*.jsonl")
 
 
 def test_version():
-    r = kat("version")
+    r = kat_in("version")
     assert r.returncode == 0 and r.stdout.strip()
 
 

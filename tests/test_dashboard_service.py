@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 
 from kat_core.errors import KatError
+from tests.helpers import kat_here
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def kat(*args, home: Path):
-    env = {**os.environ, "KAT_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "kat_app.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=120)
+    """The CLI in-process (tests.helpers.kat_here) on KAT_HOME `home`."""
+    return kat_here(*args, env={"KAT_HOME": str(home)})
 
 
 # ---- secrets ----------------------------------------------------------------------------------------------

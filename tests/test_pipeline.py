@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from kat_core.errors import KatError
+from tests.helpers import kat_here
 from tests.kfp_server import FakeKFP
 
 KAT = [sys.executable, "-m", "kat_app.cli"]
@@ -36,7 +37,7 @@ def load_ir(path: Path) -> tuple[dict, dict]:
 
 
 def test_compiled_dag_gates_training_on_validation(tmp_path):
-    r = kat("pipeline", "compile", "--out", tmp_path / "autothink.yaml", "--profile", "smoke")
+    r = kat_here("pipeline", "compile", "--out", tmp_path / "autothink.yaml", "--profile", "smoke")
     assert r.returncode == 0, r.stderr
     spec, platform = load_ir(tmp_path / "autothink.yaml")
     tasks = spec["root"]["dag"]["tasks"]
@@ -87,9 +88,10 @@ def test_teacher_is_trained_first_when_the_profile_asks(tmp_path):
 
 def test_cluster_yaml_carries_the_kubernetes_settings(tmp_path):
     # one process per training stage (no TrainJob): the tasks train themselves, on a GPU node
-    r = kat("pipeline", "compile", "--cluster", "--out", tmp_path / "c.yaml", "--set", "pretrain.train_teacher=true",
-            "--set", "cluster.distributed.nodes=1", "--set", "cluster.distributed.gpus_per_node=1",
-            env={"KAT_BASE_IMAGE": "registry.example/kat:1.2.3"})
+    r = kat_here("pipeline", "compile", "--cluster", "--out", tmp_path / "c.yaml",
+                 "--set", "pretrain.train_teacher=true",
+                 "--set", "cluster.distributed.nodes=1", "--set", "cluster.distributed.gpus_per_node=1",
+                 env={"KAT_BASE_IMAGE": "registry.example/kat:1.2.3"})
     assert r.returncode == 0, r.stderr
     spec, platform = load_ir(tmp_path / "c.yaml")
     assert spec["root"]["inputDefinitions"]["parameters"]["profile"]["defaultValue"] == "cluster"
@@ -118,7 +120,7 @@ def test_cluster_yaml_carries_the_kubernetes_settings(tmp_path):
 
 
 def test_bad_profile_fails_compile_in_one_line(tmp_path):
-    r = kat("pipeline", "compile", "--out", tmp_path / "x.yaml", "--profile", "smoke", "--set", "trian.steps=3")
+    r = kat_here("pipeline", "compile", "--out", tmp_path / "x.yaml", "--profile", "smoke", "--set", "trian.steps=3")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
     assert r.stderr.startswith("error: profile smoke with --set: unknown config key 'trian'")
     assert not (tmp_path / "x.yaml").exists()
@@ -238,13 +240,13 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
             assert proc.poll() is None and time.time() < deadline, "no training checkpoint appeared"
             time.sleep(0.2)
         (run_id,) = [p.name for p in (home / "runs").iterdir()]
-        r = kat("runs", "cancel", run_id, env={"KAT_HOME": str(home)})
+        r = kat_here("runs", "cancel", run_id, env={"KAT_HOME": str(home)})
         assert r.returncode == 0, r.stderr
         assert proc.wait(timeout=60) != 0
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert json.loads(kat("runs", "show", run_id, "--json", env={"KAT_HOME": str(home)}).stdout)["status"] \
+    assert json.loads(kat_here("runs", "show", run_id, "--json", env={"KAT_HOME": str(home)}).stdout)["status"] \
         == "cancelled"
 
     r = kat("run", "--profile", "smoke", "--out", tmp_path / "out", env={"KAT_HOME": str(home)})
@@ -261,22 +263,22 @@ def test_local_schedules_are_recorded(tmp_path):
     from pipelines.local import LocalBackend
 
     env = {"KAT_HOME": str(tmp_path)}
-    r = kat("schedule", "create", "--cron", "0 3 * * *", "--profile", "smoke", "--set", "train.steps=5", env=env)
+    r = kat_here("schedule", "create", "--cron", "0 3 * * *", "--profile", "smoke", "--set", "train.steps=5", env=env)
     assert r.returncode == 0, r.stderr
     schedule_id = r.stdout.strip()
-    listed = kat("schedule", "list", env=env).stdout
+    listed = kat_here("schedule", "list", env=env).stdout
     assert schedule_id in listed and "0 3 * * *" in listed and "train.steps=5" in listed
     # kept in the scheduler's job store (kat serve / kat scheduler fire them), seen by the back end too
     (entry,) = LocalBackend(home=tmp_path, schedules=LocalSchedules(tmp_path)).list_schedules()
     assert (entry.schedule_id, entry.profile, entry.overrides, entry.enabled) == (
         schedule_id, "smoke", ["train.steps=5"], True)
-    r = kat("schedule", "create", "--cron", "0 3 * *", "--profile", "smoke", env=env)
+    r = kat_here("schedule", "create", "--cron", "0 3 * *", "--profile", "smoke", env=env)
     assert r.returncode == 1 and r.stderr.strip().startswith("error: bad cron '0 3 * *': expected 5 fields")
-    assert kat("schedule", "delete", schedule_id, env=env).returncode == 0
+    assert kat_here("schedule", "delete", schedule_id, env=env).returncode == 0
     assert LocalBackend(home=tmp_path, schedules=LocalSchedules(tmp_path)).list_schedules() == []
-    r = kat("schedule", "delete", schedule_id, env=env)
+    r = kat_here("schedule", "delete", schedule_id, env=env)
     assert r.returncode == 1 and r.stderr.strip() == f"error: unknown schedule id {schedule_id!r} on the local back end"
-    r = kat("runs", "show", "local-nope", env=env)
+    r = kat_here("runs", "show", "local-nope", env=env)
     assert r.returncode == 1 and r.stderr.strip().startswith("error: unknown run id 'local-nope'")
 
 
@@ -299,7 +301,7 @@ def api_calls(server):
 
 def test_submit_and_watch_runs_on_kubeflow(kfp_server):
     env = kfp_env(kfp_server)
-    r = kat("pipeline", "submit", "--backend", "kubeflow", "--profile", "smoke", "--set", "train.steps=5",
+    r = kat_here("pipeline", "submit", "--backend", "kubeflow", "--profile", "smoke", "--set", "train.steps=5",
             "--name", "nightly", env=env)
     assert r.returncode == 0, r.stderr
     run_id = r.stdout.strip()
@@ -313,7 +315,7 @@ def test_submit_and_watch_runs_on_kubeflow(kfp_server):
     assert all(h.get("authorization") == "Bearer t0ken" for _, _, h in kfp_server.requests)
 
     # the cluster profile is submitted with its kfp-kubernetes settings; the experiment is reused
-    r = kat("pipeline", "submit", "--backend", "kubeflow", "--profile", "cluster", env=env)
+    r = kat_here("pipeline", "submit", "--backend", "kubeflow", "--profile", "cluster", env=env)
     assert r.returncode == 0, r.stderr
     cluster_run = kfp_server.runs[r.stdout.strip()]
     assert cluster_run["service_account"] == "kat-pipeline-runner"  # helm/kat-platform's: it may create TrainJobs
@@ -322,66 +324,66 @@ def test_submit_and_watch_runs_on_kubeflow(kfp_server):
     assert len(kfp_server.experiments) == 1
 
     kfp_server.finish_run(run_id, "FAILED", {"synthesize": "SUCCEEDED", "validate": "FAILED"})
-    listed = kat("runs", "list", "--backend", "kubeflow", env=env)
+    listed = kat_here("runs", "list", "--backend", "kubeflow", env=env)
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.strip().splitlines()
     assert lines[1].startswith(run_id) and "failed" in lines[1] and "validate:failed" in lines[1]
     assert lines[0].split()[:2] == [cluster_run["run_id"], "pending"]
-    shown = json.loads(kat("runs", "show", run_id, "--backend", "kubeflow", "--json", env=env).stdout)
+    shown = json.loads(kat_here("runs", "show", run_id, "--backend", "kubeflow", "--json", env=env).stdout)
     assert shown["status"] == "failed" and shown["profile"] == "smoke" and shown["overrides"] == ["train.steps=5"]
     assert [(s["name"], s["status"], s["seconds"]) for s in shown["stages"]] == [
         ("synthesize", "succeeded", 42.0), ("validate", "failed", 42.0)]
 
-    assert kat("runs", "cancel", cluster_run["run_id"], "--backend", "kubeflow", env=env).returncode == 0
+    assert kat_here("runs", "cancel", cluster_run["run_id"], "--backend", "kubeflow", env=env).returncode == 0
     assert kfp_server.runs[cluster_run["run_id"]]["state"] == "CANCELING"
-    r = kat("runs", "show", "no-such-run", "--backend", "kubeflow", env=env)
+    r = kat_here("runs", "show", "no-such-run", "--backend", "kubeflow", env=env)
     assert r.returncode == 1 and r.stderr.strip() == (
         f"error: run no-such-run: not found on {kfp_server.url} (run no-such-run not found)")
 
 
 def test_schedules_are_kfp_recurring_runs(kfp_server):
     env = kfp_env(kfp_server)
-    r = kat("schedule", "create", "--cron", "0 3 * * *", "--profile", "smoke", "--backend", "kubeflow", env=env)
+    r = kat_here("schedule", "create", "--cron", "0 3 * * *", "--profile", "smoke", "--backend", "kubeflow", env=env)
     assert r.returncode == 0, r.stderr
     schedule_id = r.stdout.strip()
     job = kfp_server.recurring[schedule_id]
     assert job["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * *"  # robfig/cron: seconds first
     assert job["runtime_config"]["parameters"] == {"profile": "smoke", "overrides": []}
     assert job["mode"] == "ENABLE" and job["max_concurrency"] == "1" and job["no_catchup"] is True
-    listed = kat("schedule", "list", "--backend", "kubeflow", env=env).stdout.split()
+    listed = kat_here("schedule", "list", "--backend", "kubeflow", env=env).stdout.split()
     assert listed[:7] == [schedule_id, "0", "3", "*", "*", "*", "smoke"]
 
     before = len(kfp_server.requests)
-    r = kat("schedule", "create", "--cron", "0 3 * * * *", "--profile", "smoke", "--backend", "kubeflow", env=env)
+    r = kat_here("schedule", "create", "--cron", "0 3 * * * *", "--profile", "smoke", "--backend", "kubeflow", env=env)
     assert r.returncode == 1 and r.stderr.strip().startswith("error: bad cron '0 3 * * * *'")
     assert len(kfp_server.requests) == before  # refused before reaching the server
 
-    assert kat("schedule", "delete", schedule_id, "--backend", "kubeflow", env=env).returncode == 0
+    assert kat_here("schedule", "delete", schedule_id, "--backend", "kubeflow", env=env).returncode == 0
     assert kfp_server.recurring == {}
-    r = kat("schedule", "delete", schedule_id, "--backend", "kubeflow", env=env)
+    r = kat_here("schedule", "delete", schedule_id, "--backend", "kubeflow", env=env)
     assert r.returncode == 1 and "not found" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_kubeflow_errors_are_one_line(kfp_server):
-    r = kat("runs", "list", "--backend", "kubeflow", env=kfp_env(kfp_server, KFP_TOKEN="wrong"))
+    r = kat_here("runs", "list", "--backend", "kubeflow", env=kfp_env(kfp_server, KFP_TOKEN="wrong"))
     assert r.returncode == 1
     assert r.stderr.strip() == (f"error: Kubeflow Pipelines at {kfp_server.url} answered HTTP 401 (Unauthorized); "
                                 "set KFP_TOKEN or KFP_COOKIE")
     assert api_calls(kfp_server) == []
 
     before = len(kfp_server.requests)
-    r = kat("pipeline", "submit", "--backend", "kubeflow", "--profile", "smoke", "--set", "trian.steps=1",
+    r = kat_here("pipeline", "submit", "--backend", "kubeflow", "--profile", "smoke", "--set", "trian.steps=1",
             env=kfp_env(kfp_server))
     assert r.returncode == 1 and "unknown config key 'trian'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert len(kfp_server.requests) == before  # a bad config never reaches the server
 
-    r = kat("pipeline", "submit", "--backend", "kubeflow", "--profile", "smoke",
+    r = kat_here("pipeline", "submit", "--backend", "kubeflow", "--profile", "smoke",
             env=kfp_env(kfp_server, KFP_HOST="http://127.0.0.1:9"))
     assert r.returncode == 1
     assert r.stderr.strip().startswith("error: cannot reach Kubeflow Pipelines at http://127.0.0.1:9: ")
     assert len(r.stderr.strip().splitlines()) == 1
 
-    r = kat("runs", "list", "--backend", "kubeflow", env={"KFP_HOST": ""})
+    r = kat_here("runs", "list", "--backend", "kubeflow", env={"KFP_HOST": ""})
     assert r.returncode == 1
     assert r.stderr.strip() == "error: no Kubeflow Pipelines endpoint: pass --host or set KFP_HOST"
 

@@ -5,21 +5,22 @@ and `models:/kat@champion` loads back from there."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
+
+from kat_core.manifest import dir_digest
+from tests.helpers import FAST, free_port
 
 BUCKET = "kat-int"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def keys_of(store, prefix: str) -> set[str]:
+    return {o.object_name for o in store._client().list_objects(BUCKET, prefix=prefix, recursive=True)}
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def test_pipeline_through_mlflow_server_and_s3(s3, mlflow_server, tiny_tokenizer
     import mlflow
 
     from kat_core.config import ModelConfig
-    from kat_core.manifest import dir_digest, write_manifest
+    from kat_core.manifest import write_manifest
     from kat_core.model.checkpoint import save_checkpoint
     from kat_core.model.lm import build_model
     from kat_core.platform import registry, tracking
@@ -137,11 +138,17 @@ def test_smoke_pipeline_runs_against_the_tracking_server_and_s3(s3, mlflow_serve
 
     env = {**os.environ, "KAT_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": mlflow_server,
            "OMP_NUM_THREADS": "1"}
-    for var in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        env.pop(var, None)  # the pipeline talks only to the tracking server; the server writes to S3
+    for var in ("MLFLOW_S3_ENDPOINT_URL", "KAT_ARTIFACTS"):
+        env.pop(var, None)  # MLflow's artifacts go through the tracking server, which writes to S3
+    # the run's own datasets and checkpoints go to the bucket through the artifact store
+    s3_env = {"KAT_S3_ENDPOINT": s3["endpoint"], "KAT_S3_BUCKET": BUCKET, "AWS_ACCESS_KEY_ID": s3["access_key"],
+              "AWS_SECRET_ACCESS_KEY": s3["secret_key"], "AWS_DEFAULT_REGION": "us-east-1"}
+    env.update(s3_env)
     # its own registered model name: the server is shared with the test above, which registers "kat"
+    overrides = [*FAST, "registry.model_name=kat-smoke"]
     r = subprocess.run([sys.executable, "-m", "kat_app.cli", "run", "--profile", "smoke",
-                        "--set", "registry.model_name=kat-smoke"], env=env, capture_output=True, text=True, timeout=600)
+                        *(a for o in overrides for a in ("--set", o))],
+                       env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.loads(r.stdout.strip().splitlines()[-1])
     assert record["status"] == "succeeded"
@@ -164,3 +171,25 @@ def test_smoke_pipeline_runs_against_the_tracking_server_and_s3(s3, mlflow_serve
     mlflow.set_tracking_uri(mlflow_server)
     loaded = mlflow.pyfunc.load_model("models:/kat-smoke@champion")
     assert isinstance(loaded.predict(["What is 2+3?"], params={"max_new_tokens": 8})[0], str)
+
+    # the run stored its dataset and its model in the bucket, content-addressed
+    data_digest = info["data"]["synthesize"]
+    assert f"artifacts/datasets/{data_digest}/manifest.json" in keys_of(store, "artifacts/datasets/")
+    registered = json.loads(Path(record["outputs"]["register"]["registered"]).read_text())
+    assert registered["checkpoint"] == f"s3://{BUCKET}/artifacts/models/{info['checkpoint_digest']}"
+    model_keys = keys_of(store, f"artifacts/models/{info['checkpoint_digest']}/")
+    assert any(k.endswith("/model.safetensors") for k in model_keys)
+    # a second run with unchanged data finds the dataset there: "changed?" is a lookup, and the synthesize
+    # stage fetches it (digest-checked) instead of synthesizing it again
+    from kat_app.service import Service
+    from kat_core.config import load_config
+    from kat_core.platform import artifacts
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {**s3_env, "MLFLOW_TRACKING_URI": mlflow_server}.items():
+            mp.setenv(key, value)
+        mp.setattr(artifacts, "synthesize", lambda *a, **k: pytest.fail("synthesized again"))
+        changed, why = Service(tmp_path / "home").data_changed_since_champion("smoke", overrides)
+        assert not changed and data_digest[:12] in why, why
+        _, fetched = artifacts.dataset(load_config("smoke", overrides), tmp_path / "second-run-data")
+        assert fetched and dir_digest(tmp_path / "second-run-data") == data_digest

@@ -129,7 +129,7 @@ class SchedulesService(ServiceBase):
         recorded = champion["data"].get("synthesize")
         if not recorded:
             return True, f"champion v{champion['version']} records no training-data digest"
-        store = ArtifactStore.from_env()
+        store = ArtifactStore.from_env(self.home)
         digest = store.dataset_digest(config)
         if digest is None:  # never made here: make it now (the run this firing starts then fetches it)
             scratch = self.home / "tmp"

@@ -43,14 +43,15 @@ RECIPE = "recipe.json"
 _SYNTH_CODE = ("data", "tasks", "format.py", "config.py")
 
 
-def artifact_root() -> str:
+def artifact_root(home: str | Path | None = None) -> str:
     """Where artifacts live: $KAT_ARTIFACTS, else s3://$KAT_S3_BUCKET/artifacts when an S3 endpoint is
-    configured (KAT_S3_ENDPOINT, MLFLOW_S3_ENDPOINT_URL or AWS_ENDPOINT_URL), else $KAT_HOME/artifacts."""
+    configured (KAT_S3_ENDPOINT, MLFLOW_S3_ENDPOINT_URL or AWS_ENDPOINT_URL), else `home`/artifacts (default
+    $KAT_HOME)."""
     if os.environ.get(ROOT_ENV):
         return os.environ[ROOT_ENV].rstrip("/")
     if endpoint_from_env():
         return f"s3://{os.environ.get(BUCKET_ENV) or DEFAULT_BUCKET}/artifacts"
-    return str(kat_home() / "artifacts")
+    return str((Path(home).resolve() if home is not None else kat_home()) / "artifacts")
 
 
 def _synth_code_digest() -> str:
@@ -81,8 +82,9 @@ class ArtifactStore:
         self.store = store or ObjectStore()
 
     @classmethod
-    def from_env(cls) -> ArtifactStore:
-        return cls(artifact_root())
+    def from_env(cls, home: str | Path | None = None) -> ArtifactStore:
+        """The store `artifact_root` names (`home`: the KAT_HOME a local root lies in, default $KAT_HOME)."""
+        return cls(artifact_root(home))
 
     @property
     def remote(self) -> bool:
