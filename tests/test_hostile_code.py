@@ -277,7 +277,12 @@ def source(template: str, entry_point: str) -> str:
 
 
 def test_every_hostile_candidate_fails_and_the_correct_one_passes(items):
-    cases = [(name, key) for name in HOSTILE for key in items]
+    # each attack on one item, in turn, to keep the suite fast (~100 ms a run); the lying objects, whose
+    # effect depends on the comparison, on every item. benchmarks/bench_verifier.py runs all on all.
+    keys = list(items)
+    lying = [name for name in HOSTILE if "eq" in name or "subclass" in name]
+    cases = [(name, keys[i % len(keys)]) for i, name in enumerate(HOSTILE) if name not in lying]
+    cases += [(name, key) for name in lying for key in keys]
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(
             lambda case: items[case[1]][0].run(items[case[1]][1], source(HOSTILE[case[0]],
