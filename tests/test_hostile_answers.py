@@ -43,6 +43,12 @@ REJECTED = [
     "",
     "no answer",
     "**not 70**",
+    "The answer is 70. Wait, no, it is 71.",
+    "The answer is 70 - wait, 71",
+    "70. I mean 71",
+    "The answer is 70, no.",
+    "\u221270",  # the minus sign
+    "The answer is \u221270",
 ]
 
 ACCEPTED = [
@@ -72,6 +78,11 @@ ACCEPTED = [
     "The answer is 71 - 1",
     "First 12, then 35, finally 70",
     "Not 71 but 70",
+    "The answer is 71. Actually, 70 is right.",
+    "No, the answer is 70",
+    "The answer is actually 70",
+    "The answer is 70, no question about it",
+    "The answer is 70. Sorry for the delay.",
 ]
 
 

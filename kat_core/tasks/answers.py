@@ -21,7 +21,10 @@ Which answer a text states (`final_answer`), first rule that applies:
      `70 is not…`, `70, no…`). If the text has an answer anchor ("answer is", "answer:", "answer =",
      "result is", "solution is"), what follows the last anchor counts: the rest of its sentence if that is
      math only, else its first candidate that is not negated. Without an anchor: the last candidate
-     that is not negated. A prose answer with no digits and no math ("Evelyn") is read whole.
+     that is not negated. A revision ("wait", "actually", "no,", "correction", "I mean", ...) followed by
+     a candidate voids everything before it, anchors included ("The answer is 70. Wait, no, 71" states
+     71). A prose answer with no digits and no math ("Evelyn") is read whole. The minus sign U+2212
+     reads as "-".
   A text with nothing that applies, or longer than MAX_ANSWER_CHARS, states no answer (wrong). So "the
   answer is not 70, it is 71" and "It is 71, not 70" state 71; "**70**" and "`70`" state 70.
 """
@@ -51,13 +54,20 @@ _NUMBER = re.compile(
 )
 # "answer is" but not "answer isn't"
 _ANCHOR = re.compile(r"\b(?:final\s+)?(?:answer|result|solution)\s*(?:is\b|:|=|would\s+be\b|will\s+be\b)\s*", re.I)
+# a revision: what the text said before it no longer counts
+_REVISION = re.compile(
+    r"\b(?:wait|actually|correction|sorry|oops|scratch\s+that|i\s+mean|on\s+second\s+thought)\b"
+    r"|(?:^|[.,;:!?]\s*)no\b",
+    re.I,
+)
 # negation cues: before a candidate, in its clause; or right after it
 _CLAUSE_START = re.compile(r"[,;.:?]|(?<!\\)!|\bbut\b|\bit(?:'s|\s+is)\b", re.I)  # `\!` is LaTeX spacing
 _NEGATION_BEFORE = re.compile(
     r"\b(?:not|no|never|nor|neither|rather\s+than|instead\s+of|other\s+than|except|wrong|incorrect)\b|n't\b", re.I
 )
 _NEGATION_AFTER = re.compile(
-    r"^\s*(?:is\s+(?:not|wrong|incorrect|false)|isn't|was\s+(?:wrong|incorrect)|(?:is|was)n't|,?\s*no\b|"
+    r"^\s*(?:is\s+(?:not|wrong|incorrect|false)|isn't|was\s+(?:wrong|incorrect)|(?:is|was)n't|"
+    r",?\s*no(?:\s*[,.;!]|\s*$|\s+wait)|"  # "70, no, 71" but not "70, no question"
     r"(?:would\s+be|is)\s+(?:wrong|incorrect))",
     re.I,
 )
@@ -115,6 +125,7 @@ def final_answer(text: str) -> str | None:
     tags = _ANSWER_TAG.findall(text)
     if tags:
         text = tags[-1]
+    text = text.replace("\u2212", "-")  # the minus sign: "−70" is not 70
     if len(text) > MAX_ANSWER_CHARS:
         return None  # a final answer, not an essay; and the rules' regexes are quadratic at worst
     boxes = [(start, end, content) for start, end, content in _boxed_spans(text) if not _negated(text, start, end)]
@@ -130,6 +141,12 @@ def final_answer(text: str) -> str | None:
         return bare or None
     anchors = list(_ANCHOR.finditer(text))
     candidates = [(s, e, c) for s, e, c in _candidates(text) if not _negated(text, s, e)]
+    # a revision ("The answer is 70. Wait, no, it's 71") voids what came before it, if an answer follows it
+    for cut in reversed([m.end() for m in _REVISION.finditer(text)]):
+        if any(start >= cut for start, _, _ in candidates):
+            anchors = [a for a in anchors if a.start() >= cut]
+            candidates = [c for c in candidates if c[0] >= cut]
+            break
     if anchors:
         tail_start = anchors[-1].end()
         sentence = re.split(r"(?<!\d)\.(?!\d)|[;?\n]|(?<!\\)!", text[tail_start:], maxsplit=1)[0]
