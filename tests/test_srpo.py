@@ -275,6 +275,15 @@ def test_two_processes_end_with_the_same_weights(smoke_setup, tmp_path):
     assert "all 2 ranks hold the same weights" in r.stderr
 
 
+def _without_pool(data: Path, to: Path) -> Path:
+    """A copy of a dataset as an older synthesis wrote it: shards, no held-out pool."""
+    import shutil
+
+    shutil.copytree(data, to)
+    (to / "pool.jsonl").unlink()
+    return to
+
+
 def _free_port() -> int:
     import socket
 
@@ -288,16 +297,21 @@ def test_cli_runs_each_algorithm_and_rejects_bad_input(smoke_setup, tmp_path):
     base = [sys.executable, "-m", "kat_app.cli", "train", "srpo", "--model", str(ckpt), "--data", str(data),
             "--profile", "smoke", "-q"]
     sets = [x for o in overrides if "steps" not in o for x in ("--set", o)] + ["--set", "srpo.train.steps=2"]
-    for algo in ("grpo", "decoupled", "adaptthink"):
-        out = tmp_path / algo
-        r = subprocess.run(base + ["--algo", algo, "--out", str(out)] + sets, capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-        assert json.loads((out / "srpo.json").read_text())["algo"] == algo
+    from kat_core.train.srpo import srpo
+
+    for algo in ("grpo", "decoupled"):  # in-process: the same stage the CLI calls
+        short = load_config("smoke", [*overrides, "srpo.train.steps=2"])
+        assert srpo(short, ckpt, data, tmp_path / algo, algo=algo, progress=False)["algo"] == algo
+    r = subprocess.run(base + ["--algo", "adaptthink", "--out", str(tmp_path / "adaptthink")] + sets,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "adaptthink" / "srpo.json").read_text())["algo"] == "adaptthink"
     # bad input: one readable line, exit 1, nothing written
     cases = [
         (["--algo", "ppo"], "ppo"),
         (["--model", str(tmp_path / "missing")], "not a KAT checkpoint"),
-        (["--data", str(tmp_path)], "pool.jsonl"),
+        (["--data", str(tmp_path)], "no train-"),
+        (["--data", str(_without_pool(data, tmp_path / "old-data"))], "no pool.jsonl"),
     ]
     for extra, needle in cases:
         out = tmp_path / "bad"
