@@ -11,6 +11,7 @@ import pytest
 
 from kat_core.config import load_config
 from kat_core.data.synth import synthesize
+from tests.helpers import kat_here
 
 KAT = [sys.executable, "-m", "kat_app.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -116,7 +117,7 @@ def test_bad_inputs_are_one_line(data, tmp_path):
 
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "weights.bin").write_text("not a model")
-    one_line(kat("train", "pretrain", "--data", data, "--out", tmp_path / "o", "--teacher", tmp_path / "foreign"),
+    one_line(kat_here("train", "pretrain", "--data", data, "--out", tmp_path / "o", "--teacher", tmp_path / "foreign"),
              "not a KAT checkpoint")
     # a dataset whose validation failed
     report = data.parent / f"{data.name}.validation"
@@ -124,7 +125,7 @@ def test_bad_inputs_are_one_line(data, tmp_path):
     (report / "validation.json").write_text(json.dumps(
         {"success": False, "checks": [{"name": "grammar.well_formed", "success": False}]}))
     try:
-        one_line(kat("train", "pretrain", "--data", data, "--out", tmp_path / "o"), "failed validation")
+        one_line(kat_here("train", "pretrain", "--data", data, "--out", tmp_path / "o"), "failed validation")
     finally:
         (report / "validation.json").unlink()
     assert not (tmp_path / "o").exists()

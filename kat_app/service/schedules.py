@@ -71,8 +71,10 @@ class SchedulesService(ServiceBase):
         if name and len(name) > 100:
             raise Invalid("the schedule name must be at most 100 characters")
         overrides = self.check_config(profile, overrides)["overrides"]
-        options = {"only_if_data_changed": only_if_data_changed, "who": who} if backend == "local" else \
-            {"only_if_data_changed": only_if_data_changed}
+        if backend == "kubeflow" and only_if_data_changed:  # before reaching for KFP: a request it cannot take
+            raise Invalid("'only if the training data changed' needs the local scheduler; "
+                          "KFP recurring runs fire unconditionally")
+        options = {"only_if_data_changed": only_if_data_changed, "who": who} if backend == "local" else {}
         schedule_id = self.backend(backend).schedule(cron, profile, overrides, name=name, **options)
         if backend == "kubeflow":
             return {"schedule_id": schedule_id, "backend": "kubeflow", "cron": cron, "profile": profile,

@@ -34,9 +34,8 @@ import uuid
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kat_core.config import RegistryConfig
 from kat_core.errors import Conflict, GateRefused, KatError
 from kat_core.manifest import dir_digest, read_manifest, verify_manifest
 from kat_core.platform import file_lock
@@ -50,6 +49,9 @@ from kat_core.platform.tracking import (
     pipeline_lineage,
     resolve_tracking_uri,
 )
+
+if TYPE_CHECKING:  # the config is pydantic: built only where a config is read
+    from kat_core.config import RegistryConfig
 
 NAME = "kat"
 CANDIDATE, CHAMPION = "candidate", "champion"

@@ -1,0 +1,230 @@
+"""`kat eval`, `kat serve-model`, `kat generate`: evaluation reports and the inference server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kat_app.cli.base import (
+    _say,
+    _setup_logging,
+    app,
+)
+from kat_core.errors import KatError
+
+# ---- kat eval / serve-model / generate: evaluation reports and the inference server ------------------------
+# Kept as one block (kat_core/eval, kat_core/serve). `kat eval MODEL ...` is short for `kat eval run MODEL ...`.
+
+
+class _EvalGroup(typer.core.TyperGroup):
+    """Routes `kat eval MODEL ...` to `kat eval run MODEL ...`; subcommands (compare) and options pass through."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+eval_app = typer.Typer(
+    cls=_EvalGroup, no_args_is_help=True,
+    help="Evaluate a model (accuracy, tokens, think-on rate; auto vs forced modes): `kat eval MODEL`; "
+         "compare two: `kat eval compare A B`.",
+)
+app.add_typer(eval_app, name="eval")
+
+SuitesOpt = Annotated[str, typer.Option(
+    "--suites", help="comma-separated: arith, gsm8k, math500, aime24, humaneval, mbpp")]
+ModesOpt = Annotated[str, typer.Option("--modes", help="comma-separated evaluation modes: auto, on, off")]
+LimitOpt = Annotated[int | None, typer.Option("--limit", "-n", help="items per suite (seeded sample); default all")]
+SamplesOpt = Annotated[int, typer.Option("--samples", help="sampled responses per item and mode for pass@1 (0: none)")]
+TemperatureOpt = Annotated[float, typer.Option(help="sampling temperature of the pass@1 samples")]
+MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="token budget per response")]
+ThreadsOpt = Annotated[int, typer.Option(
+    "--threads", help="torch CPU threads (small models decode fastest on one; 0 keeps torch's default)")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="torch device (default: cuda when present, else cpu)")]
+
+
+def _torch_threads(threads: int) -> None:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the weight-loading bar is noise for a command line
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, token_cost, benchmarks_dir,
+                 device) -> dict:
+    from kat_core.config import AutoThinkConfig
+
+    criterion = AutoThinkConfig(delta=oracle_delta, token_cost=token_cost, token_budget=max_new_tokens)
+    return {"limit": limit, "n_samples": samples, "temperature": temperature, "max_new_tokens": max_new_tokens,
+            "seed": seed, "criterion": criterion, "benchmarks_dir": benchmarks_dir, "device": device}
+
+
+OracleDeltaOpt = Annotated[float, typer.Option(
+    help="the decision criterion's delta: think-off is right when V_off >= V_on - delta")]
+TokenCostOpt = Annotated[float, typer.Option(
+    help="the decision criterion's token cost: V = accuracy - token_cost * tokens / max_new_tokens")]
+
+
+@eval_app.command("run")
+def eval_run(
+    model: Annotated[Path, typer.Argument(help="checkpoint (or any HF causal LM) directory")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="report dir (default .kat/eval/<model name>)")] = None,
+    suites: SuitesOpt = "arith",
+    modes: ModesOpt = "auto,on,off",
+    limit: LimitOpt = None,
+    samples: SamplesOpt = 4,
+    temperature: TemperatureOpt = 0.7,
+    max_new_tokens: MaxNewOpt = 160,
+    seed: int = 0,
+    oracle_delta: OracleDeltaOpt = 0.02,
+    token_cost: TokenCostOpt = 0.2,
+    benchmarks_dir: Annotated[str | None, typer.Option(help="folder of the public benchmark files")] = None,
+    threads: ThreadsOpt = 1,
+    device: DeviceOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """Evaluate MODEL on suites in auto and forced modes: writes report.json, report.md and PNG plots."""
+    from kat_core.eval.evaluate import evaluate
+
+    _setup_logging()
+    _torch_threads(threads)
+    out = out or Path(".kat/eval") / model.resolve().name
+    report = evaluate(model, _csv(suites), _csv(modes), out_dir=out, progress=not quiet,
+                      **_eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, token_cost,
+                                    benchmarks_dir, device))
+    typer.echo(f"{'mode':6s} {'n':>5s} {'accuracy':>8s} {'pass@1':>7s} {'tokens':>7s} {'think-on':>8s}")
+    for mode, b in report["overall"].items():
+        p1 = b["accuracy"]["pass@1"]
+        typer.echo(f"{mode:6s} {b['n']:>5d} {b['accuracy']['greedy'] or 0:>8.3f} "
+                   f"{'-' if p1 is None else format(p1, '.3f'):>7s} {b['mean_tokens']['total'] or 0:>7.1f} "
+                   f"{b['think_on_rate'] or 0:>8.3f}")
+    sel = report["mode_selection"]
+    if sel:
+        cell = sel["feature_cell"]
+        typer.echo(f"mode selection: feature-cell oracle {cell['oracle']['accuracy']:.3f} at "
+                   f"{cell['oracle']['mean_tokens']:.1f} tokens, auto's regret {cell['regret']['accuracy']:+.3f} "
+                   f"accuracy, {cell['regret']['tokens']:+.1f} tokens; hindsight oracle "
+                   f"{sel['oracle']['accuracy']:.3f} at {sel['oracle']['mean_tokens']:.1f} tokens")
+    skipped = {s: v["skipped_too_long"] for s, v in report["suites"].items() if v["skipped_too_long"]}
+    if skipped:
+        _say(f"skipped (do not fit the model's context): {skipped}")
+    _say(f"report {out}/report.json, {out}/report.md, plots {out}/frontier.png, {out}/think_on_by_level.png")
+
+
+@eval_app.command("compare")
+def eval_compare(
+    a: Annotated[Path, typer.Argument(help="A, the baseline: an evaluation dir, a report.json, or a model dir")],
+    b: Annotated[Path, typer.Argument(help="B, the challenger: the same kinds")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="where compare.md/.json/.png (and new evaluations) go")
+                   ] = Path(".kat/eval/compare"),
+    suites: SuitesOpt = "arith",
+    modes: ModesOpt = "auto,on,off",
+    limit: LimitOpt = None,
+    samples: SamplesOpt = 4,
+    temperature: TemperatureOpt = 0.7,
+    max_new_tokens: MaxNewOpt = 160,
+    seed: int = 0,
+    oracle_delta: OracleDeltaOpt = 0.02,
+    token_cost: TokenCostOpt = 0.2,
+    benchmarks_dir: Annotated[str | None, typer.Option(help="folder of the public benchmark files")] = None,
+    threads: ThreadsOpt = 1,
+    device: DeviceOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """Put A and B side by side on the same items (model dirs are evaluated first, with the options given)."""
+    from kat_core.eval.evaluate import compare
+    from kat_core.eval.report import render_comparison
+
+    _setup_logging()
+    _torch_threads(threads)
+    result = compare(a, b, out_dir=out, suites=_csv(suites), modes=_csv(modes), progress=not quiet,
+                     **_eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, token_cost,
+                                    benchmarks_dir, device))
+    typer.echo(render_comparison(result).split("\n![")[0].rstrip())
+    _say(f"comparison {out}/compare.md, {out}/compare.json, plot {out}/compare.png")
+
+
+@app.command("serve-model")
+def serve_model(
+    model: Annotated[Path, typer.Argument(help="checkpoint (or any HF causal LM) directory")],
+    port: Annotated[int, typer.Option("--port", "-P", help="TCP port")] = 8000,
+    host: Annotated[str, typer.Option(help="interface to listen on (0.0.0.0 for all)")] = "127.0.0.1",
+    name: Annotated[str | None, typer.Option(help="model id clients ask for (default: the dir name)")] = None,
+    max_batch: Annotated[int, typer.Option(help="most rows (requests x n) one batch runs")] = 64,
+    max_wait_ms: Annotated[float, typer.Option(help="idle gap that closes a batch once it is as big as the last")
+                           ] = 2.0,
+    max_delay_ms: Annotated[float, typer.Option(help="longest a request waits for its batch to fill")] = 200.0,
+    max_tokens: Annotated[int, typer.Option(help="completion budget when a request sets none")] = 256,
+    threads: ThreadsOpt = 1,
+    device: DeviceOpt = None,
+    seed: int = 0,
+) -> None:
+    """Serve MODEL with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models), thinking
+    control per request (`thinking: auto|on|off`) and dynamic batching."""
+    from kat_core.serve import serve
+
+    _setup_logging()
+    _torch_threads(threads)
+    serve(model, host=host, port=port, name=name or model.resolve().name, max_rows=max_batch, max_wait_ms=max_wait_ms,
+          max_delay_ms=max_delay_ms, default_max_tokens=max_tokens, seed=seed, device=device)
+
+
+@app.command("generate")
+def generate_cmd(
+    model: Annotated[Path, typer.Argument(help="checkpoint (or any HF causal LM) directory")],
+    prompt: Annotated[str, typer.Argument(help='the request, e.g. "Compute 47*6+38."')],
+    mode: Annotated[str, typer.Option("--mode", "-m", help="auto (the model chooses) | on | off (forced)")] = "auto",
+    max_new_tokens: MaxNewOpt = 256,
+    temperature: Annotated[float, typer.Option(help="0 is greedy")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling mass")] = 1.0,
+    seed: int = 0,
+    threads: ThreadsOpt = 1,
+    device: DeviceOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the parsed response as JSON")] = False,
+) -> None:
+    """Answer one request and print its parsed judge, mode, reasoning and answer."""
+    from kat_core.format import parse
+    from kat_core.rollout import generate
+    from kat_core.serve import load_for_serving
+    from kat_core.serve.protocol import forced_for_request
+
+    if mode not in ("auto", "on", "off"):
+        raise KatError(f"--mode must be auto, on or off, not {mode!r}")
+    _setup_logging()
+    _torch_threads(threads)
+    lm, tokenizer = load_for_serving(model, device)
+    forced = forced_for_request(prompt, mode)
+    (sample,) = generate(lm, tokenizer, [prompt], forced=[forced], max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_p=top_p, seed=seed)
+    parsed = parse(sample.text)
+    counts = sample.segment_counts
+    record = {"judge": parsed.judge, "mode": parsed.mode, "forced": mode != "auto", "reasoning": parsed.think,
+              "answer": parsed.answer, "well_formed": parsed.well_formed, "error": parsed.error,
+              "finish_reason": sample.finish_reason, "tokens": counts, "text": sample.text}
+    if as_json:
+        typer.echo(json.dumps(record, ensure_ascii=False))
+        return
+    indent = "\n" + " " * 11
+    lines = [
+        f"judge:     {parsed.judge if parsed.judge is not None else '-'}",
+        f"mode:      {parsed.mode or '-'} ({'forced' if mode != 'auto' else 'chosen by the model'})",
+        f"reasoning: {indent.join((parsed.think or '-').splitlines()) or '-'}",
+        f"answer:    {parsed.answer if parsed.answer is not None else '-'}",
+        f"tokens:    {counts.get('total', 0)} (judge {counts.get('judge', 0)}, think {counts.get('think', 0)}, "
+        f"answer {counts.get('answer', 0)}); finish: {sample.finish_reason}",
+    ]
+    if not parsed.well_formed:
+        lines += [f"malformed: {parsed.error}", f"raw:       {sample.text!r}"]
+    typer.echo("\n".join(lines))
+
+
