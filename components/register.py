@@ -18,7 +18,8 @@ def register(profile: str, overrides: list, model: dsl.Input[dsl.Model], report:
     from components.runtime import stage_config, user_errors
     from kat_core.manifest import config_hash
     from kat_core.platform.artifacts import ArtifactStore
-    from kat_core.platform.registry import Margins, promote_if_better, register_model
+    from kat_core.platform.gate import Margins
+    from kat_core.platform.registry import promote_if_better, register_model
     from kat_core.platform.tracking import start_pipeline_run
 
     with user_errors():

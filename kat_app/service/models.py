@@ -18,7 +18,8 @@ from kat_core.errors import Invalid, KatError, NotFound
 from kat_core.eval import plots
 from kat_core.eval.report import comparison
 from kat_core.platform import registry
-from kat_core.platform.registry import CHAMPION, EVENT_PREFIX, TAG_SUMMARY, EvalSummary, Margins, gate
+from kat_core.platform.gate import EvalSummary, Margins, gate
+from kat_core.platform.registry import CHAMPION, EVENT_PREFIX, TAG_SUMMARY
 from kat_core.platform.tracking import get_client, mlflow_errors
 from kat_core.util import atomic_write_json
 

@@ -1,0 +1,141 @@
+"""The promotion gate: what it reads from an evaluation report (`EvalSummary`), its one configuration
+(`Margins`, from the config's `registry` section) and its verdict (`gate`). Pure functions: the registry
+(kat_core.platform.registry) applies them to MLflow versions, the dashboard previews them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from kat_core.errors import KatError
+
+if TYPE_CHECKING:  # the config is pydantic: built only where a config is read
+    from kat_core.config import RegistryConfig
+
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    """What the gate reads from an evaluation report: one mode's overall accuracy and mean tokens, and a
+    digest of the items they were measured on (two summaries only compare when the items match)."""
+
+    accuracy: float
+    mean_tokens: float
+    n: int = 0
+    items_digest: str | None = None
+    mode: str = "auto"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> EvalSummary:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class Margins:
+    """acc_margin: accuracies closer than this (absolute) count as equal; tok_margin: "fewer tokens" means at
+    least this fraction fewer (relative, so the same margin fits smoke and cluster lengths)."""
+
+    acc_margin: float = 0.01
+    tok_margin: float = 0.05
+
+    @classmethod
+    def from_config(cls, registry: RegistryConfig, *, acc_margin: float | None = None,
+                    tok_margin: float | None = None) -> Margins:
+        """The gate's one configuration: the config's `registry` section, either margin overridable per call.
+        The pipeline's register stage, the CLI and the dashboard all build their margins here."""
+        return cls(acc_margin=registry.acc_margin if acc_margin is None else float(acc_margin),
+                   tok_margin=registry.tok_margin if tok_margin is None else float(tok_margin))
+
+
+def summary_from_report(report: dict[str, Any] | EvalSummary, mode: str = "auto") -> EvalSummary:
+    """The gate's view of an evaluation report: `mode`'s overall accuracy and mean tokens.
+
+    Accepted layouts (adapt here, in one place): the evaluation's report.json ("kat-eval-report/1":
+    overall.<mode>.accuracy.greedy, overall.<mode>.mean_tokens.total, overall.<mode>.n, items); a flat
+    {"accuracy", "mean_tokens", "items"}; the mode's block under "modes" or the mode's own key; or only
+    per-suite blocks {"suites": {suite: {"modes": {mode: {...}}}}}, averaged weighted by each suite's n.
+    A metric given as a dict takes its "greedy" (accuracy) or "total" (tokens) entry."""
+    if isinstance(report, EvalSummary):
+        return report
+    items = report.get("items")
+    digest = items_digest(items) if items else report.get("items_digest")
+    for block in (report.get("overall", {}).get(mode) if isinstance(report.get("overall"), dict) else None,
+                  (report.get("modes") or {}).get(mode), report.get(mode), report.get("overall"), report):
+        if isinstance(block, dict) and "accuracy" in block:
+            n = int(block.get("n") or report.get("n") or (len(items) if items else 0))
+            return EvalSummary(_metric(block["accuracy"], "greedy"), _metric(_tokens(block), "total"), n,
+                               digest, mode)
+    suites = report.get("suites")
+    if isinstance(suites, dict):
+        blocks = [s.get("modes", s) for s in suites.values() if isinstance(s, dict)]
+        rows = [b[mode] for b in blocks if isinstance(b.get(mode), dict)]
+        if rows:
+            weights = [max(int(r.get("n") or 1), 1) for r in rows]
+            total = sum(weights)
+            acc = sum(w * _metric(r["accuracy"], "greedy") for w, r in zip(weights, rows, strict=True)) / total
+            tok = sum(w * _metric(_tokens(r), "total") for w, r in zip(weights, rows, strict=True)) / total
+            return EvalSummary(acc, tok, total, digest, mode)
+    raise KatError(f"evaluation report has no accuracy/mean_tokens for mode {mode!r} "
+                   f"(top-level keys: {', '.join(sorted(report)) or 'none'})")
+
+
+def _tokens(block: dict[str, Any]) -> Any:
+    for key in ("mean_tokens", "tokens", "mean_total_tokens"):
+        if key in block:
+            return block[key]
+    raise KatError(f"evaluation block has accuracy but no mean_tokens (keys: {', '.join(sorted(block))})")
+
+
+def _metric(value: Any, prefer: str) -> float:
+    """A number, or the `prefer` entry of a dict of variants (accuracy {"greedy", "pass@1"}, tokens {"total",
+    "think", "answer"})."""
+    if isinstance(value, dict):
+        value = value.get(prefer, value.get("mean"))
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise KatError(f"evaluation report: expected a number, got {value!r}") from None
+
+
+def items_digest(items: list[Any]) -> str:
+    """Order-free digest of the evaluated items: their ids (or the items themselves when they have none)."""
+    keys = sorted(
+        json.dumps(i.get("id", i.get("item_id", i)) if isinstance(i, dict) else i, sort_keys=True, default=str)
+        for i in items
+    )
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+
+def gate(
+    candidate: dict[str, Any] | EvalSummary,
+    champion: dict[str, Any] | EvalSummary | None,
+    margins: Margins | None = None,
+) -> tuple[bool, str]:
+    """Pass when there is no champion; when the candidate has higher accuracy (by more than acc_margin) at no
+    more mean tokens; or equal accuracy (within acc_margin) with at least tok_margin fewer tokens."""
+    m = margins or Margins()
+    cand = summary_from_report(candidate)
+    if champion is None:
+        return True, "first model: there is no champion yet"
+    champ = summary_from_report(champion)
+    if cand.items_digest and champ.items_digest and cand.items_digest != champ.items_digest:
+        return False, (f"not comparable: evaluated on different items ({cand.items_digest} vs "
+                       f"{champ.items_digest}); evaluate both on the same suite")
+    d_acc = cand.accuracy - champ.accuracy
+    acc = f"accuracy {cand.accuracy:.4f} vs {champ.accuracy:.4f} ({d_acc:+.4f})"
+    tok_change = (cand.mean_tokens - champ.mean_tokens) / champ.mean_tokens if champ.mean_tokens else 0.0
+    tok = f"mean tokens {cand.mean_tokens:.1f} vs {champ.mean_tokens:.1f} ({tok_change:+.1%})"
+    if d_acc > m.acc_margin:
+        if cand.mean_tokens <= champ.mean_tokens:
+            return True, f"higher {acc} at no more tokens: {tok}"
+        return False, f"higher {acc} but more tokens: {tok}"
+    if abs(d_acc) <= m.acc_margin:
+        if cand.mean_tokens <= champ.mean_tokens * (1 - m.tok_margin):
+            return True, f"equal {acc} (within {m.acc_margin}) with fewer tokens: {tok}"
+        return False, f"equal {acc} (within {m.acc_margin}) but not {m.tok_margin:.0%} fewer tokens: {tok}"
+    return False, f"lower {acc} (beyond the {m.acc_margin} margin); {tok}"
