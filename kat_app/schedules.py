@@ -153,6 +153,23 @@ def _new_scheduler(home: Path, live: bool = True):
     )
 
 
+def _start(home: Path, live: bool) -> Any:
+    """A scheduler over the store, started paused. Two processes opening a new store at once both try to
+    create its table (SQLAlchemy checks, then creates): the one that loses sees it exists, and tries again."""
+    from sqlalchemy.exc import OperationalError
+
+    for attempt in range(3):
+        scheduler = _new_scheduler(home, live=live)
+        try:
+            scheduler.start(paused=True)
+            return scheduler
+        except OperationalError as e:
+            if "already exists" not in str(e.orig) or attempt == 2:
+                raise
+            time.sleep(0.2)
+    raise AssertionError("unreachable")
+
+
 @contextlib.contextmanager
 def _scheduler(home: Path) -> Iterator[Any]:
     """The live scheduler of this process for `home`, else a paused one over the same store."""
@@ -160,8 +177,7 @@ def _scheduler(home: Path) -> Iterator[Any]:
     if live is not None:
         yield live["scheduler"]
         return
-    scheduler = _new_scheduler(home, live=False)
-    scheduler.start(paused=True)
+    scheduler = _start(home, live=False)
     try:
         _migrate(scheduler, home)
         yield scheduler
@@ -299,8 +315,7 @@ def start_live(home: str | Path | None = None) -> Any:
         handle.truncate(0)
         handle.write(f"pid {os.getpid()}")
         handle.flush()
-        scheduler = _new_scheduler(home)
-        scheduler.start(paused=True)
+        scheduler = _start(home, live=True)
         _migrate(scheduler, home)
         scheduler.add_job(_heartbeat, "interval", seconds=HEARTBEAT_S, id="kat-heartbeat", jobstore="memory")
         scheduler.resume()
