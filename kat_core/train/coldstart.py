@@ -32,7 +32,6 @@ from typing import Any
 from kat_core.autothink import cell_modes, cell_of, preference_off
 from kat_core.config import AutoThinkConfig, ColdStartConfig, KatConfig
 from kat_core.data.judge import judge_text
-from kat_core.errors import KatError
 from kat_core.format import forced_prefix, parse, render
 from kat_core.tasks.base import Item, Task
 
