@@ -202,6 +202,7 @@ def split_response(ids: list[int], tokenizer, *, per_token: bool = False) -> Spl
         run, emitted = [], ""
 
     mode = None
+    has_answer = "answer" in labels
     for tok, label in zip(ids, labels, strict=True):
         tag = by_id.get(tok)
         if tag is not None:
@@ -210,6 +211,10 @@ def split_response(ids: list[int], tokenizer, *, per_token: bool = False) -> Spl
                 mode = "on" if tag == THINK_ON else "off"
             if tag == THINK_OPEN and said_reasoning:  # the judge and the reasoning read as two paragraphs
                 pieces.append(("reasoning", "\n"))
+            continue
+        # whitespace between two tags (`</think>\n<answer>`) is layout, not content: the content is the answer,
+        # as `format.parse` reads it (a response without an answer segment keeps all it says)
+        if has_answer and label == "other" and not tokenizer.decode([tok], skip_special_tokens=False).strip():
             continue
         channel = "reasoning" if label in ("judge", "think") else "content"
         if channel != run_channel:
