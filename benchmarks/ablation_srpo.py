@@ -134,6 +134,7 @@ def main() -> None:
                 report = evaluate_model(out, root / f"eval-{algo}-{seed}", args.limit, args.eval_seed, criterion)
                 rows.append(row(algo, seed, report, seconds))
                 print(f"{algo} seed {seed}: done in {seconds:.0f} s", flush=True)
+                print_table(rows[:1] + rows[-1:])  # the row so far, under the cold start's
     print()
     print_table(rows)
     print_spread(rows)
