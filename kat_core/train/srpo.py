@@ -385,7 +385,7 @@ def rollout(model, tokenizer, pairs: list[tuple[Task, Item]], algo: Algorithm, c
     return samples, scored, advantages, rollout_stats(pairs, groups, values, crit)
 
 
-def _by_level(pairs, flags: list[tuple[int, float]], prefix: str) -> dict[str, float]:
+def _by_level(flags: list[tuple[int, float]], prefix: str) -> dict[str, float]:
     """{prefix + level: mean} for every level in LEVELS (0 where the rollout has none of it)."""
     by: dict[int, list[float]] = defaultdict(list)
     for level, x in flags:
@@ -416,8 +416,8 @@ def rollout_stats(pairs, groups: list[list[Scored]], values, crit: AutoThinkConf
         "right_off_share": share(right_off),
     }
     levels = [item.difficulty for _, item in pairs]
-    stats.update(_by_level(pairs, [(lvl, s.mode == "on") for lvl, s in chosen], "think_on_L"))
-    stats.update(_by_level(pairs, list(zip(levels, right_off, strict=True)), "right_off_L"))
+    stats.update(_by_level([(lvl, s.mode == "on") for lvl, s in chosen], "think_on_L"))
+    stats.update(_by_level(list(zip(levels, right_off, strict=True)), "right_off_L"))
     return stats
 
 
@@ -590,7 +590,7 @@ def probe_stats(log_odds: list[float], probe: list[tuple[Task, Item]], values, c
         v = {"off": mode_value(*off, crit) + crit.delta, "on": mode_value(*on, crit)}
         chosen.append((item.difficulty, pick == "on"))
         regret.append(max(v.values()) - v[pick])
-    out = _by_level(probe, chosen, "decide_on_L")
+    out = _by_level(chosen, "decide_on_L")
     out["decide_regret"] = sum(regret) / len(regret)
     return out
 
