@@ -282,6 +282,10 @@ class RegistryConfig(_Strict):
     model_name: str = "kat"
     acc_margin: float = Field(0.01, ge=0, description="accuracy differences within this count as equal")
     tok_margin: float = Field(0.05, ge=0, description="relative token saving needed at equal accuracy")
+    min_accuracy: float = Field(0.05, ge=0, le=1, description="no model becomes champion below this accuracy, "
+                                "not even the first")
+    min_well_formed: float = Field(0.5, ge=0, le=1, description="no model becomes champion when a smaller share "
+                                   "of its answers follows the response grammar, not even the first")
 
 
 class ImagesConfig(_Strict):
