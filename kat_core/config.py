@@ -350,6 +350,8 @@ class ClusterConfig(_Strict):
 
 class KatConfig(_Strict):
     profile: str = "smoke"
+    purpose: str = Field("", description="what runs of this profile are for, printed with them (e.g. smoke: a "
+                         "plumbing check whose model learns nothing)")
     seed: int = 0
     tasks: TasksConfig = Field(default_factory=TasksConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)

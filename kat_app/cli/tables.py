@@ -14,9 +14,11 @@ if TYPE_CHECKING:
 
 
 def stage_line(kind: str, stage: Any) -> str:
-    """One line of a run's progress: a stage started ("start") or ended."""
+    """One line of a run's progress: a stage started ("start"), trained some steps ("progress") or ended."""
     if kind == "start":
         return f"  {stage.name:<18} running ..."
+    if kind == "progress":
+        return f"  {stage.name:<18} {stage.progress}"
     if stage.status == "failed":
         return f"  {stage.name:<18} FAILED after {stage.seconds:.1f}s: {stage.error}"
     where = ", ".join(stage.outputs.values())
