@@ -3,7 +3,7 @@
 kfp.local prints each task's output, with its executor's input JSON (hundreds of lines a task), ANSI colour
 codes and progress bars redrawn with carriage returns. `RunLog` is the stream the run's stdout goes to: it
 writes every byte to the debug log, and to the human log each line with its colours removed, only the last
-redraw of a bar, no executor JSON or bookkeeping lines, and the executor's `[KFP Executor <date> <time>,<ms> INFO]: ` prefix cut to
+state of a progress bar, no executor JSON or bookkeeping lines, and the executor's `[KFP Executor <date> <time>,<ms> INFO]: ` prefix cut to
 the time. A training step line (`step 50/300 loss 1.39 ...`, the engine's) is handed to `on_step`."""
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ STEP = re.compile(r"\bstep (\d+)/(\d+) loss (-?[\d.]+(?:e-?\d+)?|nan)")
 JSON_START = re.compile(r"(Got executor_input:|executor_output:|Executor output:)\s*$")
 # the executor's own bookkeeping, one line each per task
 PLUMBING = re.compile(r"^\s*\d\d:\d\d:\d\d (Looking for component `|Loading KFP component |Wrote executor output file to )")
+
+# a tqdm bar (`label:  50%|#####     | 5/10 [00:01<00:01, 4.2it/s]`): kfp.local's line reader turns each
+# carriage-return redraw into a line of its own, so a bar is held back until it stops redrawing
+BAR = re.compile(r"^(.*?)\s*\d+%\|.*\|\s*[\d.]+[kMG]?/[\d.]+[kMG]?\b")
 
 StepHook = Callable[[int, int, float], None]  # (step, total, loss)
 
@@ -47,6 +51,7 @@ class RunLog(io.TextIOBase):
         self._pending = ""
         self._json_indent: str | None = None  # inside an executor JSON block: the indent of its closing brace
         self._json_next = False  # the line after "Got executor_input:" opens a JSON block
+        self._bar: tuple[str, str] | None = None  # a progress bar held back: (its label, its last line)
 
     def writable(self) -> bool:
         return True
@@ -64,11 +69,17 @@ class RunLog(io.TextIOBase):
         self.human.flush()
 
     def close_pending(self) -> None:
-        """Write out a last line without its newline."""
+        """Write out a last line without its newline, and a bar held back."""
         if self._pending:
             self._line(self._pending)
             self._pending = ""
+        self._release_bar()
         self.flush()
+
+    def _release_bar(self) -> None:
+        if self._bar is not None:
+            self.human.write(self._bar[1] + "\n")
+            self._bar = None
 
     def _line(self, raw: str) -> None:
         line = clean_line(raw)
@@ -87,6 +98,15 @@ class RunLog(io.TextIOBase):
             return
         if PLUMBING.match(line):
             return
+        bar = BAR.match(line)
+        if bar:
+            if self._bar is not None and self._bar[0] != bar.group(1):
+                self._release_bar()  # another bar: the previous one is done
+            self._bar = (bar.group(1), line)
+            return
+        if not line.strip() and self._bar is not None:
+            return  # the blank a bar's redraw leaves behind
+        self._release_bar()
         if self.on_step:
             m = STEP.search(line)
             if m:

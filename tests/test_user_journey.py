@@ -56,6 +56,9 @@ KFP_OUTPUT = """\
     [KFP Executor 2026-12-03 12:00:05,000 INFO]: step 5/10 loss 2.5000 lr 1.00e-03
     [KFP Executor 2026-12-03 12:00:09,000 WARNING]: step 10/10 loss 1.2500 lr 1.00e-04
     [KFP Executor 2026-12-03 12:00:09,500 INFO]: Wrote executor output file to /tmp/executor_output.json.
+
+    Writing model shards:   0%|          | 0/1 [00:00<?, ?it/s]
+    Writing model shards: 100%|##########| 1/1 [00:00<00:00, 253.51it/s]
 12:00:10.000 - INFO - Task \x1b[96m'pretrain'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m
 """
 
@@ -77,6 +80,8 @@ def test_the_run_log_keeps_what_a_person_reads_and_the_debug_log_keeps_everythin
     assert "    12:00:05 step 5/10 loss 2.5000" in text and "    12:00:09 WARNING step 10/10" in text
     assert [ln for ln in text.splitlines() if "train (torch)" in ln] == [
         "    train (torch): 100%|##########| 10/10"]
+    assert [ln for ln in text.splitlines() if "Writing model shards" in ln] == [
+        "    Writing model shards: 100%|##########| 1/1 [00:00<00:00, 253.51it/s]"]
     assert steps == [(5, 10, 2.5), (10, 10, 1.25)]
     assert clean_line("\x1b[1mbold\x1b[0m\r") == "bold"
 
@@ -118,7 +123,7 @@ def test_smoke_quick_look_is_labelled_logged_and_kept_from_champion(tmp_path):
     from tests.helpers import free_port
 
     port = free_port()
-    serve = subprocess.Popen([*KAT, "serve", "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    serve = subprocess.Popen([*KAT, "serve", "--port", str(port), "--open-reads"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         page = None
