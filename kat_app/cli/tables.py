@@ -103,6 +103,10 @@ def version_details(info: dict[str, Any]) -> str:
         f"  checkpoint digest:     {info['checkpoint_digest'] or '-'}",
         f"  model source:          {info['source']}",
     ]
+    if "local_path" in info:
+        lines.append(f"  checkpoint (local):    {info['local_path']}" if info["local_path"] else
+                     f"  checkpoint (local):    - (on a remote store; `kat serve-model {info['name']}/"
+                     f"{info['version']}` downloads it)")
     if ev:
         lines.append(f"  evaluation ({ev.get('mode')}): accuracy {ev.get('accuracy'):.4f}, "
                      f"mean tokens {ev.get('mean_tokens'):.1f}, n {ev.get('n')}, items {ev.get('items_digest')}")

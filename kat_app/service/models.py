@@ -76,8 +76,16 @@ class ModelsService(ServiceBase):
             })
         return sorted(out, key=lambda v: v["version"], reverse=True)
 
-    def version(self, name: str, version: int | str) -> dict[str, Any]:
-        return registry.show_version(self._model_name(name), version, tracking_uri=self.tracking_uri)
+    def version(self, name: str, version: int | str, *, local_path: bool = False) -> dict[str, Any]:
+        """A version's record; with `local_path`, also where its checkpoint lies on this machine ("local_path":
+        None when its artifacts are on a remote store)."""
+        info = registry.show_version(self._model_name(name), version, tracking_uri=self.tracking_uri)
+        if local_path:
+            from kat_core.platform.served import local_checkpoint
+
+            path = local_checkpoint(info["name"], info["version"], tracking_uri=self.tracking_uri)
+            info["local_path"] = str(path) if path else None
+        return info
 
     @staticmethod
     def _aliases(registered: Any) -> dict[str, int]:
