@@ -39,6 +39,17 @@ def test_kat_home_does_not_depend_on_the_working_directory(tmp_path):
     assert f"KAT_HOME {tmp_path / 'h'}" in r.stdout
 
 
+def test_help_names_what_options_take():
+    from tests.helpers import kat_here
+
+    for command in ([], ["run"], ["models", "promote"], ["serve-model"], ["schedule", "create"]):
+        r = kat_here(*command, "--help")
+        assert r.returncode == 0, r.stderr
+        assert "<bool>" not in r.stdout and "<list[str]>" not in r.stdout and "<float>" not in r.stdout, r.stdout
+    text = kat_here("run", "--help").stdout
+    assert re.search(r"--set\s+-s\s+KEY=VALUE", text) and re.search(r"--out\s+PATH", text), text
+
+
 # what kfp.local prints for a task (shortened): colours, the executor's input JSON, its bookkeeping, a bar
 KFP_OUTPUT = """\
 12:00:00.100 - INFO - Executing task \x1b[96m'pretrain'\x1b[0m
