@@ -156,3 +156,50 @@ def test_smoke_quick_look_is_labelled_logged_and_kept_from_champion(tmp_path):
     finally:
         os.killpg(serve.pid, 15)
         serve.wait(timeout=30)
+
+
+def test_the_run_page_follows_a_live_log_and_keeps_what_the_reader_opened(tmp_path):
+    """A running run (its record and log written here, its pid this test's): the log panel opens at its tail and
+    stays there as lines arrive, the stage's progress line shows, and the 2 s refresh keeps "Full config" open."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from pipelines.local import LocalBackend
+    from pipelines.records import StageInfo, now_iso
+    from tests.test_dashboard import CHROMIUM, TOKEN, Server
+
+    home = tmp_path / "home"
+    backend = LocalBackend(home=home)
+    run_id = backend.prepare("smoke", [])
+    info = backend.status(run_id)
+    info.status, info.pid, info.started_at = "running", os.getpid(), now_iso()
+    info.stages = [StageInfo("pretrain", "running", progress="step 10/30 · loss 5.1 · 20s · ETA 40s")]
+    backend._save(info)
+    log = home / "runs" / run_id / "pipeline.log"
+    log.write_text("\n==> kat: task pretrain\n" + "".join(f"    line {i}\n" for i in range(60)))
+
+    server = Server(home)
+    server.start()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"] if os.geteuid() == 0 else [])
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(20_000)
+            page.goto(f"{server.url}/runs/{run_id}")
+            page.fill("input[name=token]", TOKEN)
+            page.click("button[type=submit]")
+            page.wait_for_url(f"**/runs/{run_id}")
+            expect(page.locator("#progress-pretrain")).to_have_text("step 10/30 · loss 5.1 · 20s · ETA 40s")
+            at_end = "pre => pre.scrollHeight - pre.scrollTop - pre.clientHeight < 4"
+            assert page.locator("pre.log").evaluate(at_end), "the log panel did not open at its tail"
+            page.locator("summary", has_text="Full config").click()
+            with log.open("a") as f:
+                f.write("".join(f"    later {i}\n" for i in range(20)))
+            expect(page.locator("pre.log")).to_contain_text("later 19", timeout=15_000)  # a refresh came
+            page.wait_for_timeout(2500)  # and another
+            assert page.locator("pre.log").evaluate(at_end), "the refresh left the log panel off its tail"
+            assert page.locator("details", has=page.locator("summary", has_text="Full config")).evaluate(
+                "d => d.open"), "the refresh closed the section the reader opened"
+            browser.close()
+    finally:
+        server.stop()
+        server.log.close()
