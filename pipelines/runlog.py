@@ -3,8 +3,9 @@
 kfp.local prints each task's output, with its executor's input JSON (hundreds of lines a task), ANSI colour
 codes and progress bars redrawn with carriage returns. `RunLog` is the stream the run's stdout goes to: it
 writes every byte to the debug log, and to the human log each line with its colours removed, only the last
-state of a progress bar, no executor JSON or bookkeeping lines, and the executor's `[KFP Executor <date> <time>,<ms> INFO]: ` prefix cut to
-the time. A training step line (`step 50/300 loss 1.39 ...`, the engine's) is handed to `on_step`."""
+state of a progress bar, no executor JSON or bookkeeping lines, and the executor's prefix
+(`[KFP Executor <date> <time>,<ms> INFO]: `) cut to the time. A training step line (`step 50/300 loss 1.39
+...`, the engine's) is handed to `on_step`."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ STEP = re.compile(r"\bstep (\d+)/(\d+) loss (-?[\d.]+(?:e-?\d+)?|nan)")
 # the executor's JSON blocks: its input ("Got executor_input:") and the outputs it returns
 JSON_START = re.compile(r"(Got executor_input:|executor_output:|Executor output:)\s*$")
 # the executor's own bookkeeping, one line each per task
-PLUMBING = re.compile(r"^\s*\d\d:\d\d:\d\d (Looking for component `|Loading KFP component |Wrote executor output file to )")
+PLUMBING = re.compile(r"^\s*\d\d:\d\d:\d\d "
+                      r"(Looking for component `|Loading KFP component |Wrote executor output file to )")
 
 # a tqdm bar (`label:  50%|#####     | 5/10 [00:01<00:01, 4.2it/s]`): kfp.local's line reader turns each
 # carriage-return redraw into a line of its own, so a bar is held back until it stops redrawing

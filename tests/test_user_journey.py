@@ -134,8 +134,8 @@ def test_smoke_quick_look_is_labelled_logged_and_kept_from_champion(tmp_path):
     from tests.helpers import free_port
 
     port = free_port()
-    serve = subprocess.Popen([*KAT, "serve", "--port", str(port), "--open-reads"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+    serve = subprocess.Popen([*KAT, "serve", "--port", str(port), "--open-reads"], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         page = None
         for _ in range(120):

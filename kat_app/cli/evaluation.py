@@ -164,7 +164,6 @@ def eval_compare(
     """Put A and B side by side on the same items (model dirs are evaluated first, with the options given)."""
     from kat_core.eval.evaluate import compare
     from kat_core.eval.report import render_comparison
-
     from kat_core.platform import kat_home
 
     _setup_logging()
