@@ -84,7 +84,7 @@ def test_api_check_runs_and_schedules_refuse_each_bad_value(server):
     assert api(server, "GET", "/api/schedules")[1]["schedules"] == []
     assert api(server, "GET", "/api/runs")[1]["runs"] == []
     status, answer = api(server, "POST", "/api/config/check", {"profile": "smoke", "overrides": ["train.steps=3"]})
-    assert status == 200 and answer["ok"], answer
+    assert status == 200 and answer["ok"] and answer["purpose"].startswith("a plumbing check"), answer
 
 
 def test_the_form_says_what_is_wrong_and_queues_nothing(server):
@@ -113,5 +113,10 @@ def test_the_form_says_what_is_wrong_and_queues_nothing(server):
             expect(page.locator("#check-result")).to_have_class("check error")
             page.click("#submit-run")  # submitting checks again and stays on the form
             expect(page.locator("#check-result")).to_contain_text(key)
+        # a good config passes, and the smoke profile says what it is for
+        page.goto(f"{server.url}/runs/new?profile=smoke")
+        page.click("#check-button")
+        expect(page.locator("#check-result")).to_have_class("check ok")
+        expect(page.locator("#check-result")).to_contain_text("Profile smoke: a plumbing check")
         browser.close()
     assert api(server, "GET", "/api/runs")[1]["runs"] == []
