@@ -104,8 +104,8 @@ class RunsService(ServiceBase):
                  out: str | Path | None = None, on_event: Event | None = None,
                  on_prepared: Callable[[RunInfo], None] | None = None) -> RunInfo:
         """A local run in this process, to its end (`kat run`, `kat pipeline submit --backend local`):
-        `on_prepared` sees the run's record before it starts (its id and log), `on_event` each stage start
-        and end, `out` gets links to the outputs. A failed run is returned (its record says where it
+        `on_prepared` sees the run's record before it starts (its id and log), `on_event` each stage's start,
+        training progress and end, `out` gets links to the outputs. A failed run is returned (its record says where it
         failed), not raised; a config that does not load is."""
         local = LocalBackend(home=self.home, on_event=on_event, schedules=self.local.schedules)
         run_id = local.prepare(profile, list(overrides or []), name=name)
