@@ -197,7 +197,12 @@ def promote(name: str, version: int, reason: str, who: str | None = None, *, ali
     with mlflow_errors(uri), _alias_lock(name):
         client = get_client(uri)
         if gate_margins is not None and alias == CHAMPION:
-            passed, why = _check_gate(client, name, int(version), gate_margins)
+            try:
+                passed, why = _check_gate(client, name, int(version), gate_margins)
+            except KatError as e:  # e.g. a version registered without kat's evaluation summary
+                if not force:
+                    raise
+                passed, why = False, f"not judged ({e})"
             if not passed and not force:
                 raise GateRefused(f"the promotion gate keeps {name} v{version} out: {why}")
             reason = f"{reason}; gate: {why}" if passed else f"{reason}; gate overridden (forced): {why}"
