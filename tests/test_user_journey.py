@@ -18,6 +18,35 @@ from tests.helpers import FAST, KAT, ROOT
 CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("KAT_HOME", "MLFLOW_TRACKING_URI")}
 
 
+class OpenReadsServer:
+    """`kat serve --open-reads` on a free port (pages readable without signing in), stopped with its group."""
+
+    def __init__(self, home):
+        from tests.helpers import free_port
+
+        self.home, self.port = home, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**CLEAN_ENV, "KAT_HOME": str(home), "OMP_NUM_THREADS": "1", "KAT_API_TOKEN": "journey-token-123"}
+
+    def start(self):
+        self.proc = subprocess.Popen([*KAT, "serve", "--port", str(self.port), "--open-reads"], cwd=ROOT,
+                                     env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=5):
+                    return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("kat serve did not start") from None
+                time.sleep(0.3)
+
+    def stop(self):
+        os.killpg(self.proc.pid, 15)
+        self.proc.wait(timeout=30)
+
+
 def test_kat_home_does_not_depend_on_the_working_directory(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -131,31 +160,16 @@ def test_smoke_quick_look_is_labelled_logged_and_kept_from_champion(tmp_path):
     assert next(s for s in record["stages"] if s["name"] == "pretrain")["progress"].startswith("step 6/6")
 
     # the run page says so too
-    from tests.helpers import free_port
-
-    port = free_port()
-    serve = subprocess.Popen([*KAT, "serve", "--port", str(port), "--open-reads"], cwd=ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = OpenReadsServer(home)
+    server.start()
     try:
-        page = None
-        for _ in range(120):
-            try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/runs/{run_id}",
-                                                 headers={"Authorization": "Bearer journey-token-123"})
-                with urllib.request.urlopen(request, timeout=10) as answer:
-                    page = answer.read().decode()
-                break
-            except OSError:
-                if serve.poll() is not None:
-                    break
-                time.sleep(0.5)
-        assert page is not None, "kat serve did not answer"
+        with urllib.request.urlopen(f"{server.url}/runs/{run_id}", timeout=30) as answer:
+            page = answer.read().decode()
         purpose = re.search(r'<p class="purpose" id="run-purpose">(.*?)</p>', page, re.S)
         assert purpose and "plumbing check" in purpose.group(1), page[:2000]
         assert re.search(r'id="progress-pretrain">step 6/6 · loss', page)
     finally:
-        os.killpg(serve.pid, 15)
-        serve.wait(timeout=30)
+        server.stop()
 
 
 def test_the_run_page_follows_a_live_log_and_keeps_what_the_reader_opened(tmp_path):
@@ -203,3 +217,33 @@ def test_the_run_page_follows_a_live_log_and_keeps_what_the_reader_opened(tmp_pa
     finally:
         server.stop()
         server.log.close()
+
+
+def test_report_md_is_a_page_and_the_raw_file_stays_one_click_away(tmp_path):
+    from pipelines.local import LocalBackend
+    from pipelines.records import StageInfo
+    from tests.test_dashboard import api
+
+    home = tmp_path / "home"
+    backend = LocalBackend(home=home)
+    run_id = backend.prepare("smoke", [])
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.md").write_text("# Evaluation\n\n| mode | accuracy |\n|---|---|\n| auto | 0.880 |\n\n"
+                                      "<script>alert(1)</script>\n\n![frontier](frontier.png)\n")
+    info = backend.status(run_id)
+    info.status = "succeeded"
+    info.stages = [StageInfo("evaluate", "succeeded", outputs={"report": str(report)})]
+    backend._save(info)
+    server = OpenReadsServer(home)
+    server.start()
+    try:
+        status, page = api(server, "GET", f"/runs/{run_id}/files/evaluate/report/report.md")
+        page = page.decode()
+        assert status == 200 and "<h1>Evaluation</h1>" in page and "<td>0.880</td>" in page, page[-2000:]
+        assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+        assert '<img src="frontier.png" alt="frontier"' in page  # beside report.md, through the same route
+        status, raw = api(server, "GET", f"/runs/{run_id}/files/evaluate/report/report.md?raw=1")
+        assert status == 200 and raw.decode().startswith("# Evaluation")
+    finally:
+        server.stop()
