@@ -10,11 +10,30 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from kat_core.errors import KatError
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
+
+
+# The cross-field and catalogue checks below are the ones the stages would otherwise make minutes into a run
+# (a run's config is loaded, hence checked, by `--set`, the dashboard's form, /api/config/check, schedules and
+# every stage alike): nothing is queued that a stage would refuse.
+
+def _known_families(names: list[str], *, split: str | None = None) -> list[str]:
+    """`names` if each is a known task family (with `split`, when given), else ValueError listing them."""
+    from kat_core.tasks.base import known_tasks, task_splits
+
+    for name in names:
+        splits = task_splits(name)
+        if splits is None:
+            raise ValueError(f"unknown task family {name!r}; known: {', '.join(known_tasks())}")
+        if split and split not in splits:
+            having = [n for n in known_tasks() if split in (task_splits(n) or ())]
+            raise ValueError(f"task family {name!r} has no {split} split (it is an evaluation set); "
+                             f"families with one: {', '.join(having)}")
+    return names
 
 
 class _Strict(BaseModel):
@@ -57,6 +76,26 @@ class SynthConfig(_Strict):
                       "pretraining): half for the cold start's labels, half for RL")
     openai: OpenAIAgentConfig = Field(default_factory=OpenAIAgentConfig)
 
+    @field_validator("families")
+    @classmethod
+    def _known_train_families(cls, v: dict[str, int]) -> dict[str, int]:
+        if not v or not any(v.values()):
+            raise ValueError("give at least one task family with items, e.g. {arith: 400}")
+        bad = [f"{k}: {n}" for k, n in v.items() if not isinstance(n, int) or n < 0]
+        if bad:
+            raise ValueError(f"item counts must be whole numbers >= 0, not {bad[0]}")
+        _known_families(list(v), split="train")
+        return v
+
+    @field_validator("levels")
+    @classmethod
+    def _arith_levels(cls, v: list[int]) -> list[int]:
+        from kat_core.tasks.arith import LEVELS
+
+        if not v or any(level not in LEVELS for level in v):
+            raise ValueError(f"arith levels are a non-empty list of {', '.join(map(str, LEVELS))}, not {v}")
+        return v
+
 
 class ValidateConfig(_Strict):
     mode_share_min: float = Field(0.2, ge=0, le=1, description="minimum share of each mode")
@@ -76,18 +115,42 @@ class ValidateConfig(_Strict):
         10_000, ge=0, description="records per family whose answers are re-verified (all if fewer; 0: none)"
     )
 
+    @field_validator("overlap_suites")
+    @classmethod
+    def _known_overlap_suites(cls, v: list[str]) -> list[str]:
+        return _known_families(v)
+
+    @field_validator("mode_share_max")
+    @classmethod
+    def _max_above_min(cls, v: float, info: ValidationInfo) -> float:
+        low = info.data.get("mode_share_min")
+        if low is not None and v < low:
+            raise ValueError(f"must be at least mode_share_min ({low}), got {v}")
+        return v
+
 
 class ModelConfig(_Strict):
     """The causal LM: a hub id or local path (`base`), or a fresh small Llama-style model from the sizes."""
 
     base: str | None = Field(None, description="HF model dir or hub id; None builds a fresh model")
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 384
-    max_seq_len: int = 320
-    vocab_size: int = Field(512, description="BPE vocabulary size when training a tokenizer")
+    hidden_size: int = Field(128, ge=1)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1, description="attention heads; they divide hidden_size into even head sizes")
+    intermediate_size: int = Field(384, ge=1)
+    max_seq_len: int = Field(320, ge=16)
+    vocab_size: int = Field(512, ge=1, description="BPE vocabulary size when training a tokenizer")
     mtp_depth: int = Field(1, ge=0, description="number of sequential MTP modules (0 disables)")
+
+    @field_validator("num_heads")
+    @classmethod
+    def _heads_divide_hidden(cls, v: int, info: ValidationInfo) -> int:
+        hidden = info.data.get("hidden_size")
+        if hidden is not None and hidden % v:
+            raise ValueError(f"{v} heads do not divide hidden_size {hidden}")
+        if hidden is not None and (hidden // v) % 2:
+            raise ValueError(f"hidden_size {hidden} / {v} heads = head size {hidden // v}, which must be even "
+                             "(rotary position embeddings)")
+        return v
 
 
 class TrainConfig(_Strict):
@@ -96,17 +159,17 @@ class TrainConfig(_Strict):
     backend: Literal["torch", "deepspeed"] = "torch"
     zero_stage: int = Field(0, ge=0, le=3)
     bf16: Literal["auto", True, False] = Field("auto", description="auto: bf16 where the hardware has it")
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    steps: int = 200
-    micro_batch_size: int = 16
-    grad_accum: int = 1
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    log_every: int = 10
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="gradient norm clip (0: none)")
+    steps: int = Field(200, ge=1, description="optimizer steps")
+    micro_batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    checkpoint_every: int = Field(50, description="steps between checkpoints (0 or less: only at the end)")
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
 
 
 class PretrainConfig(_Strict):
@@ -201,11 +264,18 @@ class SrpoConfig(_Strict):
 class EvalConfig(_Strict):
     """The `evaluate` stage: suites, modes and sample counts (see kat_core.eval.evaluate)."""
 
-    suites: list[str] = Field(default_factory=lambda: ["arith"])
+    suites: list[str] = Field(default_factory=lambda: ["arith"], description="task families to evaluate on")
     limit: int | None = Field(200, ge=1, description="items per suite (None: the whole test split)")
     n_samples: int = Field(2, ge=0, description="sampled responses per item and mode for pass@1 and the oracle")
     temperature: float = Field(0.7, ge=0)
     max_new_tokens: int = Field(160, ge=1)
+
+    @field_validator("suites")
+    @classmethod
+    def _known_suites(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one evaluation suite, e.g. [arith]")
+        return _known_families(v)
 
 
 class RegistryConfig(_Strict):
@@ -214,6 +284,10 @@ class RegistryConfig(_Strict):
     model_name: str = "kat"
     acc_margin: float = Field(0.01, ge=0, description="accuracy differences within this count as equal")
     tok_margin: float = Field(0.05, ge=0, description="relative token saving needed at equal accuracy")
+    min_accuracy: float = Field(0.05, ge=0, le=1, description="no model becomes champion below this accuracy, "
+                                "not even the first")
+    min_well_formed: float = Field(0.5, ge=0, le=1, description="no model becomes champion when a smaller share "
+                                   "of its answers follows the response grammar, not even the first")
 
 
 class ImagesConfig(_Strict):
@@ -278,6 +352,8 @@ class ClusterConfig(_Strict):
 
 class KatConfig(_Strict):
     profile: str = "smoke"
+    purpose: str = Field("", description="what runs of this profile are for, printed with them (e.g. smoke: a "
+                         "plumbing check whose model learns nothing)")
     seed: int = 0
     tasks: TasksConfig = Field(default_factory=TasksConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
@@ -340,7 +416,9 @@ def _explain(error: ValidationError, source: str) -> str:
         close = difflib.get_close_matches(key, _all_keys(KatConfig), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"{source}: unknown config key {key!r}{hint}"
-    return f"{source}: config key {key!r}: {first['msg']}"
+    given = first.get("input")
+    shown = f" = {given!r}" if isinstance(given, int | float | str) and not isinstance(given, bool) else ""
+    return f"{source}: config key {key!r}{shown}: {first['msg'].removeprefix('Value error, ')}"
 
 
 def _over_defaults(default: BaseModel, data: dict[str, Any]) -> dict[str, Any]:

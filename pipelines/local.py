@@ -1,8 +1,9 @@
 """The local back end: the pipeline in this process with kfp.local's SubprocessRunner (each task a
-subprocess of the current Python environment), task caching on, state under KAT_HOME (default `./.kat`):
+subprocess of the current Python environment), task caching on, state under KAT_HOME (kat_core.platform.kat_home):
 
     pipeline_root/        kfp.local task outputs (and its cache, pipeline_root/.kfp_cache)
-    runs/<run id>/        run.json (what `kat runs show` prints) and pipeline.log (every task's output)
+    runs/<run id>/        run.json (what `kat runs show` prints), pipeline.log (every task's output, as a
+                          person reads it) and pipeline.debug.log (all of it: executor JSON, colours, bars)
     checkpoints/          resumable work of training stages (see components/runtime.py `resumable`)
     scheduler.db          cron schedules (the application's store, handed in as `schedules`)
 """
@@ -29,10 +30,25 @@ from kat_core.platform import kat_home
 from kat_core.util import atomic_write_json, patched_env, pid_alive
 from pipelines.interface import RunBackend, ScheduleStore
 from pipelines.records import RunInfo, ScheduleInfo, StageInfo, now_iso
+from pipelines.runlog import RunLog
 
 log = logging.getLogger(__name__)
 
-Event = Callable[[str, StageInfo], None]  # (kind: "start" | "end", stage)
+Event = Callable[[str, StageInfo], None]  # (kind: "start" | "progress" | "end", stage)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def progress_text(step: int, total: int, loss: float, elapsed: float, first: tuple[int, float] | None) -> str:
+    """`step 50/300 · loss 1.392 · 1m50s · ETA 4m30s`; the ETA from the pace since the first step line seen
+    (`first`: its step and elapsed time), else since the stage started."""
+    done, spent = (step - first[0], elapsed - first[1]) if first and step > first[0] else (step, elapsed)
+    eta = f" · ETA {_duration(spent / done * (total - step))}" if done > 0 and step < total else ""
+    return f"step {step}/{total} · loss {loss:.4g} · {_duration(elapsed)}{eta}"
 
 
 def _failure_reason(log_text: str) -> str | None:
@@ -130,10 +146,28 @@ class LocalBackend(RunBackend):
         env = {"KAT_CHECKPOINT_DIR": str((self.home / "checkpoints").resolve()), "KAT_RUN_ID": info.run_id,
                "KAT_HOME": str(self.home.resolve()), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
         stages: dict[str, StageInfo] = {}
-        log = open(info.log, "a", buffering=1)  # every task's output; stdout goes here during the run
+        clock: dict[str, Any] = {}  # the running stage: its name, start time and first step line seen
+
+        def step_seen(step: int, total: int, loss: float) -> None:
+            stage = stages.get(clock.get("task", ""))
+            if stage is None or stage.status != "running":
+                return
+            elapsed = time.monotonic() - clock["t0"]
+            clock.setdefault("first", (step, elapsed))
+            stage.progress = progress_text(step, total, loss, elapsed, clock["first"])
+            self._save(info)
+            if self.on_event:
+                self.on_event("progress", stage)
+
+        # every task's output: readable lines in pipeline.log, all of it in pipeline.debug.log
+        human = open(info.log, "a", buffering=1)
+        debug = open(Path(info.log).with_name("pipeline.debug.log"), "a", buffering=1)
+        log = RunLog(human, debug, on_step=step_seen)
 
         def started(task: str) -> None:
             stage = stages[task] = StageInfo(name=task, status="running")
+            clock.clear()
+            clock.update(task=task, t0=time.monotonic())
             info.stages.append(stage)
             self._save(info)
             print(f"\n==> kat: task {task}", flush=True)  # a marker in the log, to find this task's part
@@ -148,7 +182,7 @@ class LocalBackend(RunBackend):
             fresh = all(uri.startswith(run_root) for uri in stage.outputs.values())
             stage.status = "failed" if not ok else ("succeeded" if fresh else "cached")
             if not ok:
-                log.flush()
+                log.close_pending()
                 part = Path(info.log).read_text(errors="replace").rsplit(f"==> kat: task {task}\n", 1)[-1]
                 stage.error = _failure_reason(part) or "see the log"
                 info.error = f"{task}: {stage.error}"
@@ -156,7 +190,7 @@ class LocalBackend(RunBackend):
             if self.on_event:
                 self.on_event("end", stage)
 
-        with log, patched_env(env), contextlib.redirect_stdout(log), warnings.catch_warnings(), \
+        with human, debug, patched_env(env), contextlib.redirect_stdout(log), warnings.catch_warnings(), \
                 _observe_tasks(started, ended, str(root)):
             # kfp.local warns about every image without "python" in its name, and about settings it ignores
             warnings.simplefilter("ignore")

@@ -18,6 +18,7 @@ class StageInfo:
     seconds: float | None = None
     outputs: dict[str, str] = field(default_factory=dict)  # output name -> URI (a local path on `local`)
     error: str | None = None
+    progress: str | None = None  # a training stage's last step line: step/total, loss, elapsed, ETA
 
 
 @dataclass

@@ -72,7 +72,7 @@ def test_a_profile_key_overrides_only_itself_within_a_section():
     assert config.srpo.train.steps == 7 and config.srpo.train.lr == SrpoConfig().train.lr
     assert config.coldstart.train.lr == 3e-4  # the smoke profile sets other coldstart.train keys
     # a dict-valued field is replaced, not merged
-    assert load_config("smoke", ["synth.families={gsm8k: 3}"]).synth.families == {"gsm8k": 3}
+    assert load_config("smoke", ["cluster.node_selector={pool: gpu}"]).cluster.node_selector == {"pool": "gpu"}
 
 
 def test_unknown_family_lists_the_known_ones(tmp_path):

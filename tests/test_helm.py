@@ -25,6 +25,7 @@ VALUE_SETS = {
     "external-db": {"mlflow": {"backendStore": {"mode": "external",
                                                 "external": {"existingSecret": "mlflow-dsn", "key": "DSN"}}}},
     "no-mlflow": {"mlflow": {"enabled": False, "externalTrackingUri": "https://mlflow.example.org"}},
+    "model-server": {"modelServer": {"enabled": True, "alias": "candidate", "pollSeconds": 10}},
 }
 CREDENTIAL_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "POSTGRES_PASSWORD", "KAT_API_TOKEN",
                   "MLFLOW_TRACKING_PASSWORD"}
@@ -189,6 +190,22 @@ def test_ingress_and_dashboard_switches(chart):
     assert manifests[("ConfigMap", "kat-platform")]["data"]["MLFLOW_TRACKING_URI"] == "https://mlflow.example.org"
 
 
+def test_the_optional_model_server_serves_the_registry_alias(chart):
+    manifests, _ = render(chart, {})
+    assert not [k for k in manifests if k[1] == "kat-platform-model"]  # off by default
+    manifests, notes = render(chart, VALUE_SETS["model-server"])
+    assert 'model "kat@candidate"' in notes
+    spec = manifests[("Deployment", "kat-platform-model")]["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    assert c["command"] == ["kat"]
+    assert c["args"] == ["serve-model", "kat@candidate", "--host", "0.0.0.0", "--port", "8000", "--poll-s", "10"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert {"configMapRef": {"name": "kat-platform"}} in c["envFrom"]  # MLFLOW_TRACKING_URI, the S3 endpoint
+    assert {e["name"] for e in c["env"]} >= {"KAT_HOME", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    service = manifests[("Service", "kat-platform-model")]["spec"]
+    assert service["ports"][0]["targetPort"] == "http" and service["ports"][0]["port"] == 80
+
+
 @pytest.mark.parametrize("values, where, what", [
     ({"mlflow": {"port": "5000"}}, "/mlflow/port", "got string, want integer"),
     ({"dashboard": {"ingress": {"enabled": "yes"}}}, "/dashboard/ingress/enabled", "want boolean"),
@@ -202,6 +219,7 @@ def test_ingress_and_dashboard_switches(chart):
     ({"checkpoints": {"accessModes": ["ReadWriteSometimes"]}}, "/checkpoints/accessModes/0", "must be one of"),
     ({"mlflow": {"resources": {"requests": {"cpu": "lots"}}}}, "/mlflow/resources/requests/cpu", "does not match"),
     ({"dashboard": {"typo": 1}}, "/dashboard", "additional properties 'typo' not allowed"),
+    ({"modelServer": {"alias": "@champion"}}, "/modelServer/alias", "does not match"),
 ])
 def test_schema_rejects_bad_values_readably(chart, values, where, what):
     hp = helm()

@@ -41,6 +41,28 @@ def test_gate(cand, champ, passed, why):
     assert ok is passed and why in reason, reason
 
 
+def test_the_floor_keeps_a_malformed_or_useless_model_out_even_as_the_first():
+    broken = EvalSummary(accuracy=0.0, mean_tokens=96.0, n=20, well_formed=0.0)  # the smoke model of issue 20
+    ok, why = gate(broken, None)
+    assert not ok and "not well-formed: 0.0%" in why and "registry.min_well_formed" in why, why
+    ok, why = gate(EvalSummary(accuracy=0.01, mean_tokens=50.0, well_formed=0.9), None)
+    assert not ok and "below the minimum 0.05 (registry.min_accuracy)" in why, why
+    assert gate(EvalSummary(accuracy=0.3, mean_tokens=50.0, well_formed=0.9), None)[0]
+    # better than a broken champion is not enough
+    assert not gate(broken, EvalSummary(accuracy=0.0, mean_tokens=200.0, well_formed=0.0))[0]
+    # the floors are configurable (0: off), and read from a report's well_formed_rate
+    assert gate(broken, None, Margins(min_accuracy=0, min_well_formed=0)) == (
+        True, "first model: there is no champion yet")
+    report = {"overall": {"auto": {"n": 4, "accuracy": {"greedy": 0.5}, "mean_tokens": {"total": 9.0},
+                                   "well_formed_rate": 0.25}}}
+    assert summary_from_report(report).well_formed == 0.25
+    assert "not well-formed: 25.0%" in gate(report, None)[1]
+    from kat_core.config import load_config
+
+    margins = Margins.from_config(load_config("smoke", ["registry.min_well_formed=0.2"]).registry)
+    assert (margins.min_well_formed, margins.min_accuracy) == (0.2, 0.05) and gate(report, None, margins)[0]
+
+
 def test_gate_reads_report_dicts_and_margins():
     cand = {"accuracy": 0.62, "mean_tokens": 50, "items": [{"id": "b"}, {"id": "a"}]}
     champ = {"accuracy": 0.60, "mean_tokens": 50, "items": [{"id": "a"}, {"id": "b"}]}  # same items, any order
@@ -227,6 +249,11 @@ def test_manual_promotion_respects_the_gate_unless_forced(registered):
     assert aliases()["champion"] == 3
     registry.promote("kat", 2, "demo needs the short one", who="bob")  # a person overrides the gate
     assert aliases()["champion"] == 2
+    registry.rollback("kat", "back", who="bob")
+    # forced past the gate: the history says so, and why the gate said no
+    registry.promote("kat", 2, "forced on purpose", who="bob", gate_margins=Margins(), force=True)
+    assert aliases()["champion"] == 2
+    assert registry.history("kat")[-1].reason.startswith("forced on purpose; gate overridden (forced): lower accuracy")
     registry.rollback("kat", "back", who="bob")
     assert aliases()["champion"] == 3
 

@@ -18,11 +18,35 @@ for _group in ("stages", "runs", "models", "evaluation"):  # registers their com
     importlib.import_module(f"kat_app.cli.{_group}")
 
 
+def _plain_metavars(command) -> None:
+    """Help that names what an option takes (TEXT, INTEGER, NUMBER, PATH; nothing after a flag) rather than
+    the Python type typer 0.29 shows (`<bool>` on every flag, `--help` included, `<list[str]>`)."""
+    from typer._click import Context
+
+    help_option = command.get_help_option(Context(command, help_option_names=["-h", "--help"]))
+    for param in [*command.params, *([help_option] if help_option else [])]:
+        if param.param_type_name != "option" or param.metavar is not None:
+            continue
+        desc = param.type_descriptor
+        if param.is_flag:
+            param.metavar = ""
+        elif not desc.is_choice:
+            ann = desc.annotation
+            param.metavar = ("PATH" if desc.is_path else "INTEGER" if ann is int else "NUMBER" if ann is float
+                             else "TEXT")
+    for sub in getattr(command, "commands", {}).values():
+        _plain_metavars(sub)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit code 1. `argv` (default: the
     process's arguments) lets a test run the command in-process."""
+    import typer
+
+    command = typer.main.get_command(app)
+    _plain_metavars(command)
     try:
-        app(args=argv, prog_name="kat")
+        command.main(args=argv, prog_name="kat")
     except ValidationFailed as e:
         _say(f"error: {e}")
         sys.exit(1)

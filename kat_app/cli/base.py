@@ -17,10 +17,12 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="smoke | demo | cluster, or a YAML file")]
+ProfileOpt = Annotated[str, typer.Option("--profile", "-p", metavar="PROFILE",
+                                         help="smoke | demo | cluster, or a YAML file")]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="override a config key, e.g. --set synth.mirror_share=0.3 (repeatable)"),
+    typer.Option("--set", "-s", metavar="KEY=VALUE",
+                 help="override a config key, e.g. --set synth.mirror_share=0.3 (repeatable)"),
 ]
 
 

@@ -75,10 +75,27 @@ TokenCostOpt = Annotated[float, typer.Option(
     help="the decision criterion's token cost: V = accuracy - token_cost * tokens / max_new_tokens")]
 
 
+def _eval_name(path: Path, served) -> str:
+    """The folder an evaluation of a model goes to, named after the model: NAME-vN for a registered one; for a
+    checkpoint, its stage and a digest of its manifest (every stage's folder is called `model`); else the
+    directory's name."""
+    import hashlib
+
+    if served is not None:
+        return f"{served.name}-v{served.version}"
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        stage = json.loads(manifest.read_text()).get("stage") or path.resolve().name
+        return f"{stage}-{hashlib.sha256(manifest.read_bytes()).hexdigest()[:10]}"
+    return path.resolve().name
+
+
 @eval_app.command("run")
 def eval_run(
-    model: Annotated[Path, typer.Argument(help="checkpoint (or any HF causal LM) directory")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="report dir (default .kat/eval/<model name>)")] = None,
+    model: Annotated[str, typer.Argument(
+        metavar="MODEL", help="checkpoint (or any HF causal LM) directory, or a registered NAME@ALIAS / NAME/VERSION")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="report dir (default $KAT_HOME/eval/<model>: "
+                                             "NAME-vN, or the checkpoint's stage and manifest digest)")] = None,
     suites: SuitesOpt = "arith",
     modes: ModesOpt = "auto,on,off",
     limit: LimitOpt = None,
@@ -95,11 +112,14 @@ def eval_run(
 ) -> None:
     """Evaluate MODEL on suites in auto and forced modes: writes report.json, report.md and PNG plots."""
     from kat_core.eval.evaluate import evaluate
+    from kat_core.platform import kat_home
+    from kat_core.platform.served import model_path
 
     _setup_logging()
     _torch_threads(threads)
-    out = out or Path(".kat/eval") / model.resolve().name
-    report = evaluate(model, _csv(suites), _csv(modes), out_dir=out, progress=not quiet,
+    path, served = model_path(model, kat_home() / "models")
+    out = out or kat_home() / "eval" / _eval_name(path, served)
+    report = evaluate(path, _csv(suites), _csv(modes), out_dir=out, progress=not quiet,
                       **_eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, token_cost,
                                     benchmarks_dir, device))
     typer.echo(f"{'mode':6s} {'n':>5s} {'accuracy':>8s} {'pass@1':>7s} {'tokens':>7s} {'think-on':>8s}")
@@ -125,8 +145,8 @@ def eval_run(
 def eval_compare(
     a: Annotated[Path, typer.Argument(help="A, the baseline: an evaluation dir, a report.json, or a model dir")],
     b: Annotated[Path, typer.Argument(help="B, the challenger: the same kinds")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="where compare.md/.json/.png (and new evaluations) go")
-                   ] = Path(".kat/eval/compare"),
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="where compare.md/.json/.png (and new "
+                                             "evaluations) go (default $KAT_HOME/eval/compare)")] = None,
     suites: SuitesOpt = "arith",
     modes: ModesOpt = "auto,on,off",
     limit: LimitOpt = None,
@@ -144,9 +164,11 @@ def eval_compare(
     """Put A and B side by side on the same items (model dirs are evaluated first, with the options given)."""
     from kat_core.eval.evaluate import compare
     from kat_core.eval.report import render_comparison
+    from kat_core.platform import kat_home
 
     _setup_logging()
     _torch_threads(threads)
+    out = out or kat_home() / "eval" / "compare"
     result = compare(a, b, out_dir=out, suites=_csv(suites), modes=_csv(modes), progress=not quiet,
                      **_eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, token_cost,
                                     benchmarks_dir, device))
@@ -156,10 +178,18 @@ def eval_compare(
 
 @app.command("serve-model")
 def serve_model(
-    model: Annotated[Path, typer.Argument(help="checkpoint (or any HF causal LM) directory")],
+    model: Annotated[str, typer.Argument(
+        metavar="MODEL", help="a registered model, NAME@ALIAS (kat@champion: follows the alias) or NAME/VERSION "
+        "(kat/3); or a checkpoint (or any HF causal LM) directory")],
     port: Annotated[int, typer.Option("--port", "-P", help="TCP port")] = 8000,
     host: Annotated[str, typer.Option(help="interface to listen on (0.0.0.0 for all)")] = "127.0.0.1",
-    name: Annotated[str | None, typer.Option(help="model id clients ask for (default: the dir name)")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="model id clients ask for (default: NAME@ALIAS, NAME-vN, or the directory's name)")] = None,
+    poll_s: Annotated[float, typer.Option(
+        "--poll-s", help="NAME@ALIAS: seconds between looks at the registry; when the alias has moved (promote, "
+        "rollback) the new version is served under the same id, without a restart")] = 30.0,
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="MLflow tracking URI of the registry (default: MLFLOW_TRACKING_URI, else KAT_HOME's SQLite)")] = None,
     max_batch: Annotated[int, typer.Option(help="most rows (requests x n) one batch runs")] = 64,
     max_wait_ms: Annotated[float, typer.Option(help="idle gap that closes a batch once it is as big as the last")
                            ] = 2.0,
@@ -171,12 +201,24 @@ def serve_model(
 ) -> None:
     """Serve MODEL with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models), thinking
     control per request (`thinking: auto|on|off`) and dynamic batching."""
+    from kat_core.platform import kat_home
+    from kat_core.platform.served import follower, model_path
     from kat_core.serve import serve
 
+    if poll_s <= 0:
+        raise KatError(f"--poll-s must be > 0, got {poll_s}")
     _setup_logging()
     _torch_threads(threads)
-    serve(model, host=host, port=port, name=name or model.resolve().name, max_rows=max_batch, max_wait_ms=max_wait_ms,
-          max_delay_ms=max_delay_ms, default_max_tokens=max_tokens, seed=seed, device=device)
+    path, served = model_path(model, kat_home() / "models", tracking_uri=tracking_uri)
+    follow = None
+    if served is not None:
+        _say(f"{model}: {served.label} ({path})")
+        if not served.ref.isdigit():  # an alias: follow it
+            follow = follower(served, kat_home() / "models", tracking_uri=tracking_uri)
+
+    serve(path, host=host, port=port, name=name or (served.model_id if served else path.resolve().name),
+          max_rows=max_batch, max_wait_ms=max_wait_ms, max_delay_ms=max_delay_ms, default_max_tokens=max_tokens,
+          seed=seed, device=device, follow=follow, poll_s=poll_s, source=served.label if served else None)
 
 
 @app.command("generate")

@@ -59,8 +59,9 @@ def models_show(
     as_json: Annotated[bool, typer.Option("--json", help="print the whole record as JSON")] = False,
     tracking_uri: TrackingUriOpt = None,
 ) -> None:
-    """A version's lineage: data digests, config hash, code version, pipeline run, evaluation."""
-    info = _service(tracking_uri=tracking_uri).version(name, version)
+    """A version's lineage (data digests, config hash, code version, pipeline run, evaluation) and where its
+    checkpoint lies on this machine."""
+    info = _service(tracking_uri=tracking_uri).version(name, version, local_path=True)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return

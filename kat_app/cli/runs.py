@@ -23,12 +23,33 @@ from kat_app.cli.base import (
 from kat_core.errors import KatError
 
 
+def _print_version() -> None:
+    from kat_core.manifest import code_version
+    from kat_core.platform import kat_home
+    from kat_core.platform.tracking import resolve_tracking_uri
+
+    typer.echo(f"kat {code_version()}")
+    typer.echo(f"KAT_HOME {kat_home()}  (runs, pipeline outputs, queue, schedules; set KAT_HOME to move it)")
+    typer.echo(f"MLflow   {resolve_tracking_uri()}")
+
+
+def _version_option(value: bool) -> None:
+    if value:
+        _print_version()
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_version_option, help="the version, KAT_HOME and MLflow URI, then exit"
+)] = False) -> None:
+    pass
+
+
 @app.command()
 def version() -> None:
-    """Print the platform version and code revision."""
-    from kat_core.manifest import code_version
-
-    typer.echo(code_version())
+    """Print the platform version and code revision, where KAT_HOME is and the MLflow tracking URI."""
+    _print_version()
 
 
 @app.command()
@@ -44,12 +65,18 @@ def run(
     stage killed mid-way resumes from its last checkpoint. Ends with where everything went."""
     service = _service()
     out = out or service.home / "latest"
-    info = service.run_here(profile, overrides or [], out=out, on_event=_stage_progress)
+    purpose = service.check_config(profile, overrides, profile_files=True)["purpose"]
+    if purpose:
+        _say(f"profile {profile}: {purpose}")
+    info = service.run_here(profile, overrides or [], out=out, on_event=_stage_progress,
+                            on_prepared=lambda i: _say(f"run {i.run_id}: log {i.log}"))
     run_id = info.run_id
     _say(tables.run_summary(info))
     _say(f"outputs linked under {out}/ (run.json, one link per stage); log {info.log}")
     if info.status == "succeeded":
         _say(tables.model_summary({s.name: s.outputs for s in info.stages}))
+    if purpose:
+        _say(f"profile {profile}: {purpose}")
     if info.status != "succeeded":
         raise KatError(f"run {run_id} failed at {info.error}; log: {info.log}")
     typer.echo(json.dumps({"run_id": run_id, "status": info.status, "out": str(out),
@@ -128,7 +155,10 @@ def runs_list(
 ) -> None:
     """The newest pipeline runs: id, status (queued: waiting for the dashboard's run worker), profile, start
     time and stages."""
-    runs = _service(backend, host).list_runs(backend, limit)["runs"]
+    service = _service(backend, host)
+    runs = service.list_runs(backend, limit)["runs"]
+    if backend == "local":
+        _say(f"KAT_HOME {service.home}")
     if not runs:
         _say(f"no runs on the {backend} back end")
     for r in runs:

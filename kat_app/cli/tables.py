@@ -14,9 +14,11 @@ if TYPE_CHECKING:
 
 
 def stage_line(kind: str, stage: Any) -> str:
-    """One line of a run's progress: a stage started ("start") or ended."""
+    """One line of a run's progress: a stage started ("start"), trained some steps ("progress") or ended."""
     if kind == "start":
         return f"  {stage.name:<18} running ..."
+    if kind == "progress":
+        return f"  {stage.name:<18} {stage.progress}"
     if stage.status == "failed":
         return f"  {stage.name:<18} FAILED after {stage.seconds:.1f}s: {stage.error}"
     where = ", ".join(stage.outputs.values())
@@ -101,6 +103,10 @@ def version_details(info: dict[str, Any]) -> str:
         f"  checkpoint digest:     {info['checkpoint_digest'] or '-'}",
         f"  model source:          {info['source']}",
     ]
+    if "local_path" in info:
+        lines.append(f"  checkpoint (local):    {info['local_path']}" if info["local_path"] else
+                     f"  checkpoint (local):    - (on a remote store; `kat serve-model {info['name']}/"
+                     f"{info['version']}` downloads it)")
     if ev:
         lines.append(f"  evaluation ({ev.get('mode')}): accuracy {ev.get('accuracy'):.4f}, "
                      f"mean tokens {ev.get('mean_tokens'):.1f}, n {ev.get('n')}, items {ev.get('items_digest')}")

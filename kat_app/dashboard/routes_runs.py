@@ -121,7 +121,15 @@ def router(web: Web) -> APIRouter:
 
     @r.get("/runs/{run_id}/files/{stage}/{output}/{path:path}", include_in_schema=False,
              dependencies=[Depends(page_read)])
-    def run_file_page(run_id: str, stage: str, output: str, path: str):
-        return file_response(svc.run_file(run_id, stage, output, path))
+    def run_file_page(request: Request, run_id: str, stage: str, output: str, path: str, raw: bool = False):
+        target = svc.run_file(run_id, stage, output, path)
+        if target.suffix.lower() == ".md" and not raw:  # a report as a page; ?raw=1 for the file itself
+            from markdown_it import MarkdownIt
+
+            # html=False: HTML inside the file is shown as text, never run
+            body = MarkdownIt("commonmark", {"html": False}).enable("table").render(target.read_text(errors="replace"))
+            return render(request, "markdown.html", title=f"{run_id} · {stage}/{output}/{path}", body=body,
+                          raw=f"{request.url.path}?raw=1")
+        return file_response(target)
 
     return r

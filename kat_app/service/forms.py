@@ -44,7 +44,8 @@ class FormsService(ServiceBase):
             config = load_config(profile, overrides)
         except KatError as e:
             raise Invalid(str(e)) from None
-        return {"profile": profile, "overrides": overrides, "config_hash": config_hash(config)}
+        return {"profile": profile, "overrides": overrides, "config_hash": config_hash(config),
+                "purpose": config.purpose}
 
     def config_fields(self, profile: str) -> list[dict[str, Any]]:
         """Every setting of `profile` for a form: dotted key, section, the profile's value as `--set` text,
@@ -57,7 +58,7 @@ class FormsService(ServiceBase):
         def walk(model: type[BaseModel], values: dict[str, Any], prefix: str, section: str) -> None:
             for name, info in model.model_fields.items():
                 key = info.alias or name
-                if not prefix and key == "profile":
+                if not prefix and key in ("profile", "purpose"):
                     continue
                 ann, value = info.annotation, values.get(key)
                 if isinstance(ann, type) and issubclass(ann, BaseModel):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -76,8 +76,16 @@ class ModelsService(ServiceBase):
             })
         return sorted(out, key=lambda v: v["version"], reverse=True)
 
-    def version(self, name: str, version: int | str) -> dict[str, Any]:
-        return registry.show_version(self._model_name(name), version, tracking_uri=self.tracking_uri)
+    def version(self, name: str, version: int | str, *, local_path: bool = False) -> dict[str, Any]:
+        """A version's record; with `local_path`, also where its checkpoint lies on this machine ("local_path":
+        None when its artifacts are on a remote store)."""
+        info = registry.show_version(self._model_name(name), version, tracking_uri=self.tracking_uri)
+        if local_path:
+            from kat_core.platform.served import local_checkpoint
+
+            path = local_checkpoint(info["name"], info["version"], tracking_uri=self.tracking_uri)
+            info["local_path"] = str(path) if path else None
+        return info
 
     @staticmethod
     def _aliases(registered: Any) -> dict[str, int]:
@@ -191,7 +199,7 @@ class ModelsService(ServiceBase):
                 recorded = Margins.from_config(load_config(info.get("profile") or "demo").registry)
             except KatError:  # a profile file that is gone: the defaults every shipped profile uses
                 recorded = Margins.from_config(RegistryConfig())
-        return Margins(acc_margin=recorded.acc_margin if acc_margin is None else float(acc_margin),
+        return replace(recorded, acc_margin=recorded.acc_margin if acc_margin is None else float(acc_margin),
                        tok_margin=recorded.tok_margin if tok_margin is None else float(tok_margin))
 
     def promote(self, name: str, version: int, reason: str | None, who: str | None = None, *,
@@ -203,9 +211,9 @@ class ModelsService(ServiceBase):
 
         name, reason = self._model_name(name), self._reason(reason)
         info = self.version(name, version)
-        margins = None if force else self.gate_margins(name, version, info=info, acc_margin=acc_margin,
-                                                        tok_margin=tok_margin)
-        event = registry.promote(name, int(version), reason, who, gate_margins=margins, tracking_uri=self.tracking_uri)
+        margins = self.gate_margins(name, version, info=info, acc_margin=acc_margin, tok_margin=tok_margin)
+        event = registry.promote(name, int(version), reason, who, gate_margins=margins, force=force,
+                                 tracking_uri=self.tracking_uri)
         return {"event": asdict(event) if event else None, "aliases": self.aliases(name)}
 
     def rollback(self, name: str, reason: str | None, who: str | None = None) -> dict[str, Any]:

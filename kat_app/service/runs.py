@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,12 +101,18 @@ class RunsService(ServiceBase):
         return self.get_run(run_id)
 
     def run_here(self, profile: str, overrides: list[str] | None = None, *, name: str | None = None,
-                 out: str | Path | None = None, on_event: Event | None = None) -> RunInfo:
+                 out: str | Path | None = None, on_event: Event | None = None,
+                 on_prepared: Callable[[RunInfo], None] | None = None) -> RunInfo:
         """A local run in this process, to its end (`kat run`, `kat pipeline submit --backend local`):
-        `on_event` sees each stage start and end, `out` gets links to the outputs. A failed run is
-        returned (its record says where it failed), not raised; a config that does not load is."""
+        `on_prepared` sees the run's record before it starts (its id and log), `on_event` each stage's start,
+        training progress and end, `out` gets links to the outputs. A failed run is returned (its record says where it
+        failed), not raised; a config that does not load is."""
         local = LocalBackend(home=self.home, on_event=on_event, schedules=self.local.schedules)
-        return local.status(local.submit(profile, list(overrides or []), name=name, out=out))
+        run_id = local.prepare(profile, list(overrides or []), name=name)
+        if on_prepared:
+            on_prepared(local.status(run_id))
+        local.execute(run_id, out=out)
+        return local.status(run_id)
 
     def cancel_run(self, run_id: str, backend: str | None = None) -> dict[str, Any]:
         """Stop a run: a queued one never starts; a running local one gets SIGTERM (its process group)."""

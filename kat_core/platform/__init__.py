@@ -12,9 +12,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def default_home() -> Path:
+    """Where KAT_HOME is when the environment does not say: the `.kat` of the source checkout this code runs
+    from (where `make run` leaves it), else `~/.kat` (an installed package). Never relative to the working
+    directory, so `kat runs list` finds the same runs from any folder."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file() and (root / "kat_core").is_dir():
+        return root / ".kat"
+    return Path.home() / ".kat"
+
+
 def kat_home() -> Path:
-    """The platform's local state (MLflow database, pipeline root, locks): `$KAT_HOME`, default `./.kat`."""
-    home = Path(os.environ.get("KAT_HOME") or ".kat").expanduser().resolve()
+    """The platform's local state (MLflow database, pipeline root, locks): `$KAT_HOME`, else `default_home()`."""
+    home = Path(os.environ["KAT_HOME"]).expanduser() if os.environ.get("KAT_HOME") else default_home()
+    home = home.resolve()
     home.mkdir(parents=True, exist_ok=True)
     return home
 

@@ -18,14 +18,16 @@ if TYPE_CHECKING:  # the config is pydantic: built only where a config is read
 
 @dataclass(frozen=True)
 class EvalSummary:
-    """What the gate reads from an evaluation report: one mode's overall accuracy and mean tokens, and a
-    digest of the items they were measured on (two summaries only compare when the items match)."""
+    """What the gate reads from an evaluation report: one mode's overall accuracy, mean tokens and share of
+    well-formed responses (None: the report has none), and a digest of the items they were measured on (two
+    summaries only compare when the items match)."""
 
     accuracy: float
     mean_tokens: float
     n: int = 0
     items_digest: str | None = None
     mode: str = "auto"
+    well_formed: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -38,10 +40,14 @@ class EvalSummary:
 @dataclass(frozen=True)
 class Margins:
     """acc_margin: accuracies closer than this (absolute) count as equal; tok_margin: "fewer tokens" means at
-    least this fraction fewer (relative, so the same margin fits smoke and cluster lengths)."""
+    least this fraction fewer (relative, so the same margin fits smoke and cluster lengths); min_accuracy and
+    min_well_formed: the floor any champion, the first one too, must reach (a model that answers nothing in
+    the grammar, or nothing right, is never crowned). The defaults are RegistryConfig's."""
 
     acc_margin: float = 0.01
     tok_margin: float = 0.05
+    min_accuracy: float = 0.05
+    min_well_formed: float = 0.5
 
     @classmethod
     def from_config(cls, registry: RegistryConfig, *, acc_margin: float | None = None,
@@ -49,7 +55,8 @@ class Margins:
         """The gate's one configuration: the config's `registry` section, either margin overridable per call.
         The pipeline's register stage, the CLI and the dashboard all build their margins here."""
         return cls(acc_margin=registry.acc_margin if acc_margin is None else float(acc_margin),
-                   tok_margin=registry.tok_margin if tok_margin is None else float(tok_margin))
+                   tok_margin=registry.tok_margin if tok_margin is None else float(tok_margin),
+                   min_accuracy=registry.min_accuracy, min_well_formed=registry.min_well_formed)
 
 
 def summary_from_report(report: dict[str, Any] | EvalSummary, mode: str = "auto") -> EvalSummary:
@@ -69,7 +76,7 @@ def summary_from_report(report: dict[str, Any] | EvalSummary, mode: str = "auto"
         if isinstance(block, dict) and "accuracy" in block:
             n = int(block.get("n") or report.get("n") or (len(items) if items else 0))
             return EvalSummary(_metric(block["accuracy"], "greedy"), _metric(_tokens(block), "total"), n,
-                               digest, mode)
+                               digest, mode, _well_formed([block]))
     suites = report.get("suites")
     if isinstance(suites, dict):
         blocks = [s.get("modes", s) for s in suites.values() if isinstance(s, dict)]
@@ -79,9 +86,18 @@ def summary_from_report(report: dict[str, Any] | EvalSummary, mode: str = "auto"
             total = sum(weights)
             acc = sum(w * _metric(r["accuracy"], "greedy") for w, r in zip(weights, rows, strict=True)) / total
             tok = sum(w * _metric(_tokens(r), "total") for w, r in zip(weights, rows, strict=True)) / total
-            return EvalSummary(acc, tok, total, digest, mode)
+            return EvalSummary(acc, tok, total, digest, mode, _well_formed(rows, weights))
     raise KatError(f"evaluation report has no accuracy/mean_tokens for mode {mode!r} "
                    f"(top-level keys: {', '.join(sorted(report)) or 'none'})")
+
+
+def _well_formed(blocks: list[dict[str, Any]], weights: list[int] | None = None) -> float | None:
+    """The (weighted) share of well-formed responses of the blocks; None when any block lacks it."""
+    rates = [b.get("well_formed_rate") for b in blocks]
+    if not rates or any(r is None for r in rates):
+        return None
+    weights = weights or [1] * len(rates)
+    return sum(w * _metric(r, "greedy") for w, r in zip(weights, rates, strict=True)) / sum(weights)
 
 
 def _tokens(block: dict[str, Any]) -> Any:
@@ -111,15 +127,29 @@ def items_digest(items: list[Any]) -> str:
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
 
 
+def below_floor(cand: EvalSummary, m: Margins) -> str | None:
+    """Why `cand` may not be champion whatever the champion is (None: it reaches the floors)."""
+    if cand.well_formed is not None and cand.well_formed < m.min_well_formed:
+        return (f"not well-formed: {cand.well_formed:.1%} of its answers follow the response grammar, below the "
+                f"minimum {m.min_well_formed:.0%} (registry.min_well_formed)")
+    if cand.accuracy < m.min_accuracy:
+        return (f"accuracy {cand.accuracy:.4f} is below the minimum {m.min_accuracy} (registry.min_accuracy)")
+    return None
+
+
 def gate(
     candidate: dict[str, Any] | EvalSummary,
     champion: dict[str, Any] | EvalSummary | None,
     margins: Margins | None = None,
 ) -> tuple[bool, str]:
-    """Pass when there is no champion; when the candidate has higher accuracy (by more than acc_margin) at no
-    more mean tokens; or equal accuracy (within acc_margin) with at least tok_margin fewer tokens."""
+    """Refuse a candidate below the floors (min_well_formed, min_accuracy), the first one too. Else pass when
+    there is no champion; when the candidate has higher accuracy (by more than acc_margin) at no more mean
+    tokens; or equal accuracy (within acc_margin) with at least tok_margin fewer tokens."""
     m = margins or Margins()
     cand = summary_from_report(candidate)
+    floor = below_floor(cand, m)
+    if floor:
+        return False, floor
     if champion is None:
         return True, "first model: there is no champion yet"
     champ = summary_from_report(champion)

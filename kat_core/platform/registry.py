@@ -62,6 +62,8 @@ EVENT_PREFIX = "kat.alias_event."
 TAG_SUMMARY = "kat.eval.summary"
 TAG_GATE_ACC = "kat.gate.acc_margin"  # the margins of the config that registered the version
 TAG_GATE_TOK = "kat.gate.tok_margin"
+TAG_GATE_MIN_ACC = "kat.gate.min_accuracy"
+TAG_GATE_MIN_WF = "kat.gate.min_well_formed"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 DEFAULT_MAX_NEW_TOKENS = 128  # the pyfunc's default too
 
@@ -101,7 +103,8 @@ def register_model(
         manifest = read_manifest(ckpt) or {}
         tags = _version_tags(ckpt, manifest, lineage, summary)
         if margins is not None:
-            tags.update({TAG_GATE_ACC: repr(margins.acc_margin), TAG_GATE_TOK: repr(margins.tok_margin)})
+            tags.update({TAG_GATE_ACC: repr(margins.acc_margin), TAG_GATE_TOK: repr(margins.tok_margin),
+                         TAG_GATE_MIN_ACC: repr(margins.min_accuracy), TAG_GATE_MIN_WF: repr(margins.min_well_formed)})
         if parent_run_id:
             exp = client.get_run(parent_run_id).info.experiment_id
         else:
@@ -184,18 +187,27 @@ class AliasEvent:
 
 
 def promote(name: str, version: int, reason: str, who: str | None = None, *, alias: str = CHAMPION,
-            gate_margins: Margins | None = None, tracking_uri: str | None = None) -> AliasEvent | None:
+            gate_margins: Margins | None = None, force: bool = False,
+            tracking_uri: str | None = None) -> AliasEvent | None:
     """Point `alias` (default champion) at `version` and record who and why; None when it already points
     there. With `gate_margins` the gate must pass against the current champion first (a KatError says why
-    not); without, this is the unconditional move a person decides on."""
+    not), unless `force`: then the move is made and the history says the gate was overridden and why it
+    would have refused. Without margins, this is the unconditional move a person decides on."""
     uri = resolve_tracking_uri(tracking_uri)
     with mlflow_errors(uri), _alias_lock(name):
         client = get_client(uri)
         if gate_margins is not None and alias == CHAMPION:
-            passed, why = _check_gate(client, name, int(version), gate_margins)
-            if not passed:
+            try:
+                passed, why = _check_gate(client, name, int(version), gate_margins)
+            except KatError as e:  # e.g. a version registered without kat's evaluation summary
+                if not force:
+                    raise
+                passed, why = False, f"not judged ({e})"
+            if not passed and not force:
                 raise GateRefused(f"the promotion gate keeps {name} v{version} out: {why}")
-            reason = f"{reason}; gate: {why}"
+            reason = f"{reason}; gate: {why}" if passed else f"{reason}; gate overridden (forced): {why}"
+        elif force:
+            reason = f"{reason}; gate overridden (forced)"
         return _move_alias(client, name, alias, int(version), "promote", reason, who)
 
 
@@ -359,7 +371,9 @@ def show_version(name: str, version: int | str, *, tracking_uri: str | None = No
         "data": {k.removeprefix("kat.data."): v for k, v in sorted(tags.items()) if k.startswith("kat.data.")},
         "inputs": {k.removeprefix("kat.input."): v for k, v in sorted(tags.items()) if k.startswith("kat.input.")},
         "evaluation": json.loads(tags[TAG_SUMMARY]) if TAG_SUMMARY in tags else None,
-        "gate": {"acc_margin": float(tags[TAG_GATE_ACC]), "tok_margin": float(tags[TAG_GATE_TOK])}
+        "gate": {"acc_margin": float(tags[TAG_GATE_ACC]), "tok_margin": float(tags[TAG_GATE_TOK]),
+                 **{key: float(tags[tag]) for key, tag in (("min_accuracy", TAG_GATE_MIN_ACC),
+                                                            ("min_well_formed", TAG_GATE_MIN_WF)) if tag in tags}}
         if TAG_GATE_ACC in tags and TAG_GATE_TOK in tags else None,
     }
 

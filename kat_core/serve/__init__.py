@@ -14,6 +14,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,11 @@ def load_for_serving(model_dir: str | Path, device: str | None = None):
 
 
 def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
-          device: str | None = None, log_level: str = "info", **app_options: Any) -> None:
-    """Load the model (failing fast with one line), then serve it until interrupted."""
+          device: str | None = None, log_level: str = "info", follow: Follow | None = None, poll_s: float = 30.0,
+          **app_options: Any) -> None:
+    """Load the model (failing fast with one line), then serve it until interrupted. With `follow`, every
+    `poll_s` seconds `follow()` says whether another model should be served now (a registry alias moved):
+    a (checkpoint dir, label) to load and switch to under the same model id, or None."""
     import uvicorn
 
     from kat_core.serve.app import create_app
@@ -40,8 +44,32 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, n
     model, tokenizer = load_for_serving(model_dir, device)
     name = name or Path(model_dir).name
     app = create_app(model, tokenizer, model_name=name, **app_options)
+    if follow is not None:
+        threading.Thread(target=_follow, args=(app, follow, poll_s, device), name="kat-follow", daemon=True).start()
     log.info("serving %s as %r on http://%s:%d/v1", model_dir, name, host, port)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+Follow = Callable[[], "tuple[Path, str] | None"]
+
+
+def _follow(app, follow: Follow, poll_s: float, device: str | None) -> None:
+    """The poll loop of `serve(follow=...)`: a failed look or load keeps the model being served."""
+    from kat_core.errors import KatError
+
+    while True:
+        time.sleep(poll_s)
+        try:
+            found = follow()
+            if found is None:
+                continue
+            path, label = found
+            model, tokenizer = load_for_serving(path, device)
+        except (KatError, OSError) as e:
+            log.warning("still serving the previous model: %s", e)
+            continue
+        app.state.swap(model, tokenizer, label)
+        log.info("now serving %s (%s)", label, path)
 
 
 class ServerThread:

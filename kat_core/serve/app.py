@@ -56,8 +56,11 @@ def finish_reason(sample) -> str:
 
 
 def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wait_ms: float = 2.0,
-               max_delay_ms: float = 200.0, default_max_tokens: int = 256, seed: int = 0) -> FastAPI:
-    """An app serving `model`. The batching engine starts and stops with the app (its lifespan)."""
+               max_delay_ms: float = 200.0, default_max_tokens: int = 256, seed: int = 0,
+               source: str | None = None) -> FastAPI:
+    """An app serving `model` under the id `model_name`. The batching engine starts and stops with the app (its
+    lifespan). `app.state.swap(model, tokenizer, source)` serves another model under the same id from the next
+    batch on (a registry alias that moved); `source` (e.g. "kat v3") is what /health says is served."""
     # the worker thread gets its own tokenizer: an HF fast tokenizer mutates its state inside calls, and two
     # threads sharing one fail with "Already borrowed"
     loops: list[asyncio.AbstractEventLoop] = []
@@ -77,8 +80,14 @@ def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wai
 
     engine = BatchEngine(model, copy.deepcopy(tokenizer), max_rows=max_rows, max_wait_ms=max_wait_ms,
                          max_delay_ms=max_delay_ms, seed=seed, settle=settle)
-    max_len = getattr(model.config, "max_position_embeddings", None)
+    current = {"tokenizer": tokenizer, "max_len": getattr(model.config, "max_position_embeddings", None),
+               "source": source}
     created = int(time.time())
+
+    def swap(new_model, new_tokenizer, new_source: str | None = None) -> None:
+        engine.swap(new_model, copy.deepcopy(new_tokenizer))
+        current.update(tokenizer=new_tokenizer, source=new_source,
+                       max_len=getattr(new_model.config, "max_position_embeddings", None))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -91,6 +100,7 @@ def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wai
 
     app = FastAPI(title="KAT AutoThink inference server", lifespan=lifespan)
     app.state.engine = engine
+    app.state.swap = swap
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
@@ -132,7 +142,7 @@ def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wai
         return req
 
     def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return current["tokenizer"](text, add_special_tokens=False)["input_ids"]
 
     def plan(prompt: str, req, max_tokens: int | None) -> tuple[GenRequest, int]:
         """The engine request for one prompt, and its prompt tokens; refuses what does not fit the context."""
@@ -140,6 +150,7 @@ def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wai
         forced = forced_for_request(prompt, mode)
         n_prompt = len(encode(prompt_text(prompt)))
         n_forced = len(encode(forced)) if forced else 0
+        max_len = current["max_len"]
         room = max_len - n_prompt if max_len else None  # completion tokens the context has room for
         budget = max_tokens
         if budget is None:
@@ -192,24 +203,26 @@ def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wai
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "engine": engine.stats}
+        return {"status": "ok", "model": model_name, "source": current["source"], "engine": engine.stats}
 
     @app.get("/v1/models")
     async def list_models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "kat", "max_model_len": max_len}]}
+                                            "owned_by": "kat", "max_model_len": current["max_len"]}]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
         if model_id != model_name:
             raise APIError(404, f"the model '{model_id}' does not exist", param="model", code="model_not_found")
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "kat", "max_model_len": max_len}
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "kat",
+                "max_model_len": current["max_len"]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = await parse(request, ChatRequest)
         gen, prompt_tokens = plan(chat_prompt(req.messages), req, req.max_completion_tokens or req.max_tokens)
         (samples,) = await run([gen])
+        tokenizer = current["tokenizer"]
         splits = [split_response(response_ids(s), tokenizer, per_token=req.stream) for s in samples]
         reasons = [finish_reason(s) for s in samples]
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
@@ -248,6 +261,7 @@ def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wai
         planned = [plan(p, req, req.max_tokens) for p in prompts]
         results = await run([g for g, _ in planned])
         samples = [s for group in results for s in group]  # choice index = prompt index * n + sample index
+        tokenizer = current["tokenizer"]
         ids = [response_ids(s) for s in samples]
         splits = [split_response(i, tokenizer) for i in ids]  # for the counts
         reasons = [finish_reason(s) for s in samples]

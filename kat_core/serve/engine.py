@@ -50,6 +50,8 @@ class BatchEngine:
     def __init__(self, model, tokenizer, *, max_rows: int = 64, max_wait_ms: float = 2.0, max_delay_ms: float = 200.0,
                  seed: int = 0, settle: Callable[[float], None] | None = None):
         self.model, self.tokenizer = model, tokenizer
+        self._next: tuple | None = None  # a model (and tokenizer) to switch to before the next batch
+        self._swap_lock = threading.Lock()
         self.settle = settle  # settle(timeout): returns once the front end has handed over what it holds
         self.max_rows, self.max_wait, self.max_delay = max_rows, max_wait_ms / 1000, max_delay_ms / 1000
         self._seed = seed
@@ -68,6 +70,11 @@ class BatchEngine:
             self._queue.put(None)
             self._thread.join(timeout)
             self._thread = None
+
+    def swap(self, model, tokenizer) -> None:
+        """Serve `model` from the next batch on (the batch running now finishes on the current one)."""
+        with self._swap_lock:
+            self._next = (model, tokenizer)
 
     def submit(self, *requests: GenRequest) -> list[Future]:
         """Queue requests; requests submitted together are never split between batches."""
@@ -125,6 +132,9 @@ class BatchEngine:
         return more
 
     def _run(self, batch: list[GenRequest]) -> None:
+        with self._swap_lock:
+            if self._next is not None:
+                (self.model, self.tokenizer), self._next = self._next, None
         groups: dict[tuple, list[GenRequest]] = defaultdict(list)
         for r in batch:
             if r.future.set_running_or_notify_cancel():  # a cancelled request costs nothing

@@ -79,6 +79,13 @@ def known_tasks() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def task_splits(name: str) -> tuple[str, ...] | None:
+    """The splits of the task family `name` (None: no such family), without loading its data."""
+    _load_families()
+    factory = _REGISTRY.get(name)
+    return None if factory is None else tuple(getattr(factory, "splits", ("test",)))
+
+
 def get_task(name: str, **options: Any) -> Task:
     """The task family `name`; options (e.g. `benchmarks_dir`) go to its constructor."""
     _load_families()

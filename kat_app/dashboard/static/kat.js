@@ -2,6 +2,30 @@
 (function () {
   "use strict";
 
+  // A log panel opens at its tail; a refresh keeps it there unless the reader scrolled up, and keeps the
+  // sections (<details>) the reader opened or closed as they were.
+  const pinLogs = function (root) {
+    root.querySelectorAll("pre.log").forEach(function (pre) { pre.scrollTop = pre.scrollHeight; });
+  };
+  const viewState = function (root) {
+    return {
+      open: Array.from(root.querySelectorAll("details")).map(function (d) { return d.open; }),
+      logs: Array.from(root.querySelectorAll("pre.log")).map(function (pre) {
+        return {atEnd: pre.scrollHeight - pre.scrollTop - pre.clientHeight < 24, top: pre.scrollTop};
+      }),
+    };
+  };
+  const restoreView = function (root, state) {
+    root.querySelectorAll("details").forEach(function (d, i) {
+      if (i < state.open.length) d.open = state.open[i];
+    });
+    root.querySelectorAll("pre.log").forEach(function (pre, i) {
+      const was = state.logs[i];
+      pre.scrollTop = !was || was.atEnd ? pre.scrollHeight : was.top;
+    });
+  };
+  pinLogs(document);
+
   // Live refresh: the [data-live] element is re-fetched from the same URL every data-live milliseconds
   // while it contains something active ([data-active]: a queued or running run).
   const live = document.querySelector("[data-live]");
@@ -15,7 +39,9 @@
           const doc = new DOMParser().parseFromString(await response.text(), "text/html");
           const fresh = doc.querySelector("[data-live]");
           if (fresh) {
+            const state = viewState(live);
             live.innerHTML = fresh.innerHTML;
+            restoreView(live, state);
             bind(live);
           }
         }
@@ -76,7 +102,7 @@
         if (response.ok) {
           result.className = "check ok";
           result.textContent = "OK: " + (overrides.length ? overrides.join(" ") : "the profile as it is") +
-            " (config " + body.config_hash + ")";
+            " (config " + body.config_hash + ")" + (body.purpose ? ". Profile " + body.profile + ": " + body.purpose : "");
         } else {
           result.className = "check error";
           result.textContent = body.detail;
