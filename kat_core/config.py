@@ -160,6 +160,9 @@ class ColdStartConfig(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(160, ge=8)
     batch_size: int = Field(64, ge=1)
+    min_well_formed: float = Field(0.0, ge=0, le=1, description="share of the forced answers that must be well "
+                                   "formed, else the stage fails (labels measured on answers the grammar cannot "
+                                   "read say nothing about the model); 0 only warns when none is")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=60, lr=3e-4, warmup_steps=5))
 
 
