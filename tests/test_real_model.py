@@ -145,3 +145,40 @@ def test_after_twenty_sft_steps_the_base_writes_every_tag(smollm2_dir):
     written = {tag for tag in SPECIAL_TOKENS if any(tag in t for t in texts)}
     assert written == set(SPECIAL_TOKENS), texts
     assert sum(parse(t).well_formed for t in texts) >= 1, texts
+
+
+def test_plain_mode_says_what_the_untouched_base_can_do(smollm2_dir, tmp_path):
+    """Before it speaks the grammar the base scores 0 in every grammar mode, its malformed answers counted as
+    such; plain mode, through its own chat template, is reported beside them as a mode of its own."""
+    from kat_core.eval.evaluate import evaluate, plain_prompt
+    from kat_core.model.lm import load_model
+
+    _, tokenizer = load_model(smollm2_dir)
+    text = plain_prompt(tokenizer, "Compute 2+3.")
+    assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nCompute 2+3.<|im_end|>" in text
+    report = evaluate(smollm2_dir, ["arith"], ["plain", "off"], out_dir=tmp_path / "eval", limit=6, n_samples=0,
+                      max_new_tokens=32, progress=False)
+    plain, off = report["overall"]["plain"], report["overall"]["off"]
+    assert plain["n"] == off["n"] == 6 and plain["accuracy"]["greedy"] is not None
+    assert plain["well_formed_rate"] == 0.0 and plain["mean_tokens"]["judge"] == 0  # no grammar asked, none written
+    assert off["accuracy"]["greedy"] == 0.0 and off["well_formed_rate"] < 0.5  # malformed: counted, never correct
+    assert "| plain | 6 |" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_plain_scoring_reads_the_answer_as_the_verifier_does():
+    """A plain response is scored on its whole text, the task's verifier extracting the answer; the same text
+    in a grammar mode is malformed and wrong."""
+    from kat_core.eval.evaluate import score
+    from kat_core.rollout import Sample
+    from kat_core.tasks.arith import ArithTask, make_item
+
+    task, item = ArithTask(), make_item("2+3", 1)
+
+    def sample(text):
+        return Sample(prompt_index=0, sample_index=0, text=text, token_ids=[], logprobs=[], finish_reason="eos",
+                      forced_ids=[], forced_mode=None, segment_counts={"total": 7})
+
+    assert score(task, item, sample("2 + 3 = 5"), {}, plain=True).correct
+    assert not score(task, item, sample("2 + 3 = 6"), {}, plain=True).correct
+    assert not score(task, item, sample("2 + 3 = 5"), {}).correct  # grammar modes: malformed is never correct
+    assert score(task, item, sample("<judge>x</judge><think_off><answer>5</answer>"), {}, plain=True).correct
