@@ -24,6 +24,13 @@ train_app = typer.Typer(
 app.add_typer(data_app, name="data")
 app.add_typer(tasks_app, name="tasks")
 app.add_typer(train_app, name="train")
+
+
+@train_app.callback()
+def _train_setup() -> None:
+    from kat_core.util import cpu_threads
+
+    cpu_threads()  # the stages' one CPU thread policy, for `kat train srpo` too
 model_app = typer.Typer(help="Base models: import a GGUF file or HF directory as a clean HF directory.",
                         no_args_is_help=True)
 app.add_typer(model_app, name="model")

@@ -170,7 +170,9 @@ def coldstart(config: KatConfig, checkpoint: str | Path, out_dir: str | Path, *,
     from kat_core.data.dataset import read_pool, write_jsonl
     from kat_core.model.checkpoint import check_checkpoint, load_checkpoint
     from kat_core.train.pretrain import pretrain
+    from kat_core.util import cpu_threads
 
+    cpu_threads()  # sampling and SFT under the one thread policy
     cfg = config.coldstart
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     check_checkpoint(checkpoint)
