@@ -182,3 +182,27 @@ def test_plain_scoring_reads_the_answer_as_the_verifier_does():
     assert not score(task, item, sample("2 + 3 = 6"), {}, plain=True).correct
     assert not score(task, item, sample("2 + 3 = 5"), {}).correct  # grammar modes: malformed is never correct
     assert score(task, item, sample("<judge>x</judge><think_off><answer>5</answer>"), {}, plain=True).correct
+
+
+def test_untied_output_rows_start_from_the_spelling_too(smollm2_dir):
+    """A model with its own output head (untied): the new tags' output rows are set as their input rows are, each
+    from its own table. A small random Llama over the real tokenizer keeps this cheap."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from kat_core.model.lm import prepare_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    vocab = len(tokenizer)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    assert prepare_tokenizer(model, tokenizer) == len(SPECIAL_TOKENS)
+    inp, out = model.get_input_embeddings().weight.detach(), model.get_output_embeddings().weight.detach()
+    assert out.shape[0] == inp.shape[0] == len(tokenizer)
+    for tag in SPECIAL_TOKENS:
+        row = tokenizer.convert_tokens_to_ids(tag)
+        pieces = tokenizer(tag, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        assert row >= vocab and max(pieces) < vocab
+        assert torch.allclose(inp[row], inp[pieces].mean(dim=0)) and torch.allclose(out[row], out[pieces].mean(dim=0))
+    assert _max_cosine(out[vocab:vocab + len(SPECIAL_TOKENS)]) < 0.99
