@@ -203,6 +203,8 @@ class EvalConfig(_Strict):
     """The `evaluate` stage: suites, modes and sample counts (see kat_core.eval.evaluate)."""
 
     suites: list[str] = Field(default_factory=lambda: ["arith"])
+    modes: list[str] = Field(default_factory=lambda: ["auto", "on", "off"],
+                             description="auto, on, off, and plain (the model's own chat template, no grammar)")
     limit: int | None = Field(200, ge=1, description="items per suite (None: the whole test split)")
     n_samples: int = Field(2, ge=0, description="sampled responses per item and mode for pass@1 and the oracle")
     temperature: float = Field(0.7, ge=0)
