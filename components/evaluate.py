@@ -15,7 +15,7 @@ def evaluate(profile: str, overrides: list, model: dsl.Input[dsl.Model], report:
     with user_errors():
         config = stage_config(profile, overrides)
         e = config.evaluate
-        result = run_stage(model.path, e.suites, out_dir=report.path, limit=e.limit, n_samples=e.n_samples,
+        result = run_stage(model.path, e.suites, e.modes, out_dir=report.path, limit=e.limit, n_samples=e.n_samples,
                            temperature=e.temperature, max_new_tokens=e.max_new_tokens, seed=config.seed,
                            criterion=config.autothink,
                            benchmarks_dir=config.tasks.benchmarks_dir, progress=False)

@@ -225,6 +225,9 @@ class ColdStartConfig(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(160, ge=8)
     batch_size: int = Field(64, ge=1)
+    min_well_formed: float = Field(0.0, ge=0, le=1, description="share of the forced answers that must be well "
+                                   "formed, else the stage fails (labels measured on answers the grammar cannot "
+                                   "read say nothing about the model); 0 only warns when none is")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=60, lr=3e-4, warmup_steps=5))
 
 
@@ -265,10 +268,21 @@ class EvalConfig(_Strict):
     """The `evaluate` stage: suites, modes and sample counts (see kat_core.eval.evaluate)."""
 
     suites: list[str] = Field(default_factory=lambda: ["arith"], description="task families to evaluate on")
+    modes: list[Literal["auto", "on", "off", "plain"]] = Field(
+        default_factory=lambda: ["auto", "on", "off"],
+        description="auto, on, off, and plain (the model's own chat template, no grammar)")
     limit: int | None = Field(200, ge=1, description="items per suite (None: the whole test split)")
     n_samples: int = Field(2, ge=0, description="sampled responses per item and mode for pass@1 and the oracle")
     temperature: float = Field(0.7, ge=0)
     max_new_tokens: int = Field(160, ge=1)
+
+    @field_validator("modes", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare on/off as true/false: `--set evaluate.modes=[on,off]` means the modes
+        if not isinstance(v, list):
+            return v
+        return [("on" if m else "off") if isinstance(m, bool) else m for m in v]
 
     @field_validator("suites")
     @classmethod

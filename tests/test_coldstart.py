@@ -99,3 +99,21 @@ def test_coldstart_on_a_quickly_trained_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "cs")
+
+
+def test_min_well_formed_fails_the_stage_on_a_model_without_the_grammar(tmp_path, tiny_tokenizer):
+    """An untrained model writes no well-formed answer: with coldstart.min_well_formed set the stage stops with
+    one readable error before any training, and writes nothing."""
+    from kat_core.config import load_config
+    from kat_core.data.synth import synthesize
+    from kat_core.errors import KatError
+    from kat_core.model import build_model, save_checkpoint
+    from kat_core.train.coldstart import coldstart
+
+    config = load_config("smoke", ["coldstart.prompts=4", "coldstart.max_new_tokens=8",
+                                   "coldstart.min_well_formed=0.5", "synth.pool=20"])
+    synthesize(config, tmp_path / "data", progress=False)
+    save_checkpoint(tmp_path / "ckpt", build_model(config.model, tiny_tokenizer), tiny_tokenizer)
+    with pytest.raises(KatError, match=r"only 0 of 8 forced answers .* well formed"):
+        coldstart(config, tmp_path / "ckpt", tmp_path / "out", data_dir=tmp_path / "data", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -37,7 +37,8 @@ app.add_typer(eval_app, name="eval")
 
 SuitesOpt = Annotated[str, typer.Option(
     "--suites", help="comma-separated: arith, gsm8k, math500, aime24, humaneval, mbpp")]
-ModesOpt = Annotated[str, typer.Option("--modes", help="comma-separated evaluation modes: auto, on, off")]
+ModesOpt = Annotated[str, typer.Option(
+    "--modes", help="comma-separated evaluation modes: auto, on, off, plain (own chat template, no grammar)")]
 LimitOpt = Annotated[int | None, typer.Option("--limit", "-n", help="items per suite (seeded sample); default all")]
 SamplesOpt = Annotated[int, typer.Option("--samples", help="sampled responses per item and mode for pass@1 (0: none)")]
 TemperatureOpt = Annotated[float, typer.Option(help="sampling temperature of the pass@1 samples")]

@@ -25,6 +25,31 @@ app.add_typer(data_app, name="data")
 app.add_typer(tasks_app, name="tasks")
 app.add_typer(train_app, name="train")
 
+
+@train_app.callback()
+def _train_setup() -> None:
+    from kat_core.util import cpu_threads
+
+    cpu_threads()  # the stages' one CPU thread policy, for `kat train srpo` too
+model_app = typer.Typer(help="Base models: import a GGUF file or HF directory as a clean HF directory.",
+                        no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("import")
+def model_import(
+    source: Annotated[Path, typer.Argument(help="a .gguf file or a Hugging Face model directory")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="HF directory to write")],
+    dtype: Annotated[str, typer.Option(help="weights dtype: fp32 or bf16")] = "fp32",
+) -> None:
+    """Write SOURCE as an HF directory (weights, tokenizer, chat template, digested manifest) every stage loads."""
+    from kat_core.model.importer import import_model
+
+    _setup_logging()
+    m = import_model(source, out, dtype)
+    _say(f"imported {source} -> {out}: {m['architecture']}, {m['parameters'] / 1e6:.1f}M parameters, {m['dtype']}, "
+         f"chat template {'yes' if m['chat_template'] else 'no'}; content digest {m['content_digest'][:16]}")
+
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Option("--out", "-o", help="dataset directory to write")],

@@ -116,7 +116,8 @@ _TOKEN_RE = re.compile(rf"{_TAG_ALTERNATIVES}|\d|[^\W\d_]+|\S")
 _WORD_RE = re.compile(r"\w+")
 _SPACE_RE = re.compile(r"\s+")
 _GX_TYPES = {str: ["str"], int: ["int"], float: ["float", "int"]}  # JSON writes 1.0 as 1 in some writers
-_DOMAINS: dict[str, list[Any]] = {"mode": ["on", "off"], "regime": ["tagged", "mirror"], "difficulty": [0, 1, 2, 3, 4, 5]}
+_DOMAINS: dict[str, list[Any]] = {"mode": ["on", "off"], "regime": ["tagged", "mirror"],
+                                  "difficulty": [0, 1, 2, 3, 4, 5]}
 
 
 def approx_tokens(text: str) -> int:

@@ -10,6 +10,13 @@ accuracy, from which the oracles of `metrics.mode_selection` are measured when t
 temperature; greedy decoding, the default, values the modes by the greedy responses). A response is correct when it is
 well formed and the suite's verifier accepts its answer (math through math-verify, code in the sandbox).
 
+A fourth mode, "plain", asks what a base model can do before it speaks the grammar: the request goes through
+the model's own chat template (a user turn; the assistant's turn opened), nothing is forced, and the whole
+response goes to the suite's verifier, which extracts the answer as it always does (arith: the stated final
+integer; math: math-verify). Plain is reported beside auto/on/off as a mode of its own; its `well_formed_rate`
+says how often the model wrote the grammar unasked. Malformed responses in auto/on/off stay counted there
+(`well_formed_rate`) and are never correct.
+
 Items whose prompt and longest forced prefix plus `max_new_tokens` do not fit the model's context
 (`max_position_embeddings`) are skipped and counted, never silently truncated: a cut prompt is a different
 question.
@@ -35,6 +42,8 @@ from kat_core.tasks.base import Item, Task
 log = logging.getLogger(__name__)
 
 REPORT_JSON, REPORT_MD, ITEMS_JSONL = "report.json", "report.md", "items.jsonl"
+PLAIN = "plain"
+EVAL_MODES = (*MODES, PLAIN)
 
 
 def default_device() -> str:
@@ -44,10 +53,27 @@ def default_device() -> str:
 
 
 def forced_for(task: Task, item: Item, mode: str) -> str | None:
-    """The prefix that forces an evaluation mode on an item; None for auto."""
-    if mode == "auto":
+    """The prefix that forces an evaluation mode on an item; None for auto and plain."""
+    if mode in ("auto", PLAIN):
         return None
     return forced_prefix(judge_text(task.intent_features(item), mode), mode)
+
+
+def plain_prompt(tokenizer, prompt: str) -> str:
+    """`prompt` as one user turn through the tokenizer's chat template, the assistant's turn opened (the
+    prompt itself when the tokenizer has no template). The rollout lays it out as `prompt_text` does, which
+    keeps a ChatML template's text exactly (it ends in one newline)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt.strip()}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def _context(task: Task, item: Item, mode: str, tokenizer) -> tuple[str, str | None]:
+    """(prompt, forced prefix) of an item in an evaluation mode."""
+    if mode == PLAIN:
+        return plain_prompt(tokenizer, item.prompt), None
+    return item.prompt, forced_for(task, item, mode)
 
 
 def fitting_items(task: Task, items: list[Item], tokenizer, modes: Sequence[str], max_len: int | None,
@@ -61,21 +87,24 @@ def fitting_items(task: Task, items: list[Item], tokenizer, modes: Sequence[str]
 
     kept = []
     for item in items:
-        prefix = max((length(forced_for(task, item, m) or "") for m in modes), default=0)
-        if length(prompt_text(item.prompt)) + prefix + max_new_tokens <= max_len:
+        longest = max(length(prompt_text(p)) + length(f or "") for p, f in (_context(task, item, m, tokenizer)
+                                                                         for m in modes))
+        if longest + max_new_tokens <= max_len:
             kept.append(item)
     return kept, len(items) - len(kept)
 
 
-def score(task: Task, item: Item, sample, cache: dict[tuple[str, str], bool]) -> Outcome:
+def score(task: Task, item: Item, sample, cache: dict[tuple[str, str], bool], plain: bool = False) -> Outcome:
     """Verify one rollout `Sample`. `cache` maps (item id, answer) to the verdict: greedy and sampled answers
-    repeat a lot, and a code verdict costs a sandbox run."""
+    repeat a lot, and a code verdict costs a sandbox run. `plain`: the whole text is the answer the verifier
+    reads (or the grammar's answer, when the model wrote the grammar anyway)."""
     parsed = parse(sample.text)
     correct = False
-    if parsed.well_formed:
-        key = (item.id, parsed.answer or "")
+    if parsed.well_formed or plain:
+        answer = (parsed.answer or "") if parsed.well_formed else sample.text
+        key = (item.id, answer)
         if key not in cache:
-            cache[key] = bool(task.verify(item, parsed.answer or ""))
+            cache[key] = bool(task.verify(item, answer))
         correct = cache[key]
     tokens = {k: int(v) for k, v in sample.segment_counts.items()}
     return Outcome(mode=parsed.mode, correct=correct, well_formed=parsed.well_formed, tokens=tokens,
@@ -92,8 +121,8 @@ def run_suite(model, tokenizer, task: Task, items: list[Item], modes: Sequence[s
 
     # all modes in one rollout call: the engine drops finished rows, so short think-off rows and long
     # think-on rows share batches at no cost
-    prompts = [it.prompt for _ in modes for it in items]
-    forced = [forced_for(task, it, m) for m in modes for it in items]
+    contexts = [_context(task, it, m, tokenizer) for m in modes for it in items]
+    prompts, forced = [c[0] for c in contexts], [c[1] for c in contexts]
     greedy = generate(model, tokenizer, prompts, forced=forced, n=1, temperature=0.0,
                       max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, progress=progress)
     sampled = []
@@ -110,20 +139,21 @@ def run_suite(model, tokenizer, task: Task, items: list[Item], modes: Sequence[s
     with tqdm(total=total, desc=f"{task.name} verify", unit="resp", disable=not progress) as bar:
         for s in greedy:
             m, i = divmod(s.prompt_index, len(items))
-            results[i].greedy[modes[m]] = score(task, items[i], s, cache)
+            results[i].greedy[modes[m]] = score(task, items[i], s, cache, plain=modes[m] == PLAIN)
             bar.update()
         for s in sampled:
             m, i = divmod(s.prompt_index, len(items))
-            results[i].sampled.setdefault(modes[m], []).append(score(task, items[i], s, cache))
+            results[i].sampled.setdefault(modes[m], []).append(score(task, items[i], s, cache,
+                                                                     plain=modes[m] == PLAIN))
             bar.update()
     return results
 
 
 def _check_modes(modes: Sequence[str]) -> list[str]:
     modes = list(dict.fromkeys(modes))
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes if m not in EVAL_MODES]
     if bad or not modes:
-        raise KatError(f"unknown evaluation mode(s) {', '.join(bad) or '(none)'}; choose from {', '.join(MODES)}")
+        raise KatError(f"unknown evaluation mode(s) {', '.join(bad) or '(none)'}; choose from {', '.join(EVAL_MODES)}")
     return modes
 
 

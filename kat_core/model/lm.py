@@ -50,15 +50,18 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int = 0):
 def load_model(path_or_id: str | Path, tokenizer=None, dtype=None):
     """Load any causal LM (a local HF dir; a hub id on a cluster) -> (model, tokenizer).
 
+    Weights come back in fp32 whatever the checkpoint's dtype (transformers' own default, "auto", would keep
+    a bf16 checkpoint in bf16, and training would then update bf16 weights directly: small steps round away).
+    Training takes bf16 only through autocast over these fp32 weights; pass `dtype` to choose otherwise.
     The tokenizer comes from the same place unless given. When it lacks the grammar tags they are added
     and the embeddings grown to fit (never shrunk: many models pad their vocab past the tokenizer)."""
+    import torch
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = _resolve(path_or_id)
-    kwargs = {"dtype": dtype} if dtype is not None else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:  # foreign dir, bad weights
@@ -72,15 +75,46 @@ def load_model(path_or_id: str | Path, tokenizer=None, dtype=None):
 
 def prepare_tokenizer(model, tokenizer) -> int:
     """Give `tokenizer` the grammar tags (and a pad token) and `model` rows for every token; returns how
-    many tokens were added."""
+    many tokens were added. New tag rows start from their spelling (`init_tag_rows`)."""
     added = _ensure_tags(tokenizer)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer))
+        init_tag_rows(model, tokenizer, first_new=rows)
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
         if model.generation_config is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
     return added
+
+
+def init_tag_rows(model, tokenizer, first_new: int) -> list[str]:
+    """Start each new grammar tag's embedding row (input, and output when untied) at the mean of the rows of
+    the sub-tokens its spelling splits into ("<think_on>" -> "<", "think", "_", "on", ">"); returns the tags
+    so set. HF's resize gives every new row the same vector (mean of the old rows plus ~1e-9 noise): eight tags
+    the model cannot tell apart, `<think_on>` and `<think_off>` included, which a few steps do not separate.
+    The spelling makes them distinct and puts each near what it means. Only rows at or past `first_new`
+    (the ones the resize added) change; a spelling without old sub-tokens keeps its row."""
+    import torch
+
+    from kat_core.format import SPECIAL_TOKENS
+
+    tables = [model.get_input_embeddings().weight]
+    out = model.get_output_embeddings()
+    if out is not None and out.weight is not tables[0]:
+        tables.append(out.weight)
+    done = []
+    for tag in SPECIAL_TOKENS:
+        row = tokenizer.convert_tokens_to_ids(tag)
+        pieces = [i for i in tokenizer(tag, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                  if i < first_new]
+        if row < first_new or not pieces:
+            continue
+        with torch.no_grad():
+            for table in tables:
+                table[row] = table[pieces].mean(dim=0)
+        done.append(tag)
+    return done
 
 
 def _ensure_tags(tokenizer) -> int:

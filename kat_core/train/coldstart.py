@@ -13,7 +13,8 @@ The SFT example for a prompt is its shortest verified response in the labelled m
 from intent features for that mode, so the model learns both the choice and why. A prompt with no verified
 response in its labelled mode falls back to the task's reference response (counted as `from_reference`);
 when no response at all was well formed (the model does not speak the grammar yet) the stage says so loudly
-and records `well_formed_answers: 0` in its summary.
+and records `well_formed_answers: 0` in its summary; with `coldstart.min_well_formed` set, fewer well-formed
+answers than that share fail the stage instead.
 
 Output: a checkpoint (as `pretrain` writes it) with `labels.jsonl` (per prompt: accuracy and tokens in each
 mode, preference, cell, label, reason) and `coldstart.json` (label distribution and accuracy per level).
@@ -32,6 +33,7 @@ from typing import Any
 from kat_core.autothink import cell_modes, cell_of, preference_off
 from kat_core.config import AutoThinkConfig, ColdStartConfig, KatConfig
 from kat_core.data.judge import judge_text
+from kat_core.errors import KatError
 from kat_core.format import forced_prefix, parse, render
 from kat_core.tasks.base import Item, Task
 
@@ -168,7 +170,9 @@ def coldstart(config: KatConfig, checkpoint: str | Path, out_dir: str | Path, *,
     from kat_core.data.dataset import read_pool, write_jsonl
     from kat_core.model.checkpoint import check_checkpoint, load_checkpoint
     from kat_core.train.pretrain import pretrain
+    from kat_core.util import cpu_threads
 
+    cpu_threads()  # sampling and SFT under the one thread policy
     cfg = config.coldstart
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     check_checkpoint(checkpoint)
@@ -182,10 +186,15 @@ def coldstart(config: KatConfig, checkpoint: str | Path, out_dir: str | Path, *,
     labels, sft = label_items(pairs, sampled, config.autothink)
     summary = summarize(labels)
     summary["well_formed_answers"] = sum(row["well_formed"] for row in sampled)
+    answers = len(pairs) * 2 * (1 if config.autothink.temperature == 0 else cfg.k)
+    if summary["well_formed_answers"] < cfg.min_well_formed * answers:
+        raise KatError(f"cold start: only {summary['well_formed_answers']} of {answers} forced answers of "
+                       f"{checkpoint} are well formed (coldstart.min_well_formed {cfg.min_well_formed}): the model "
+                       "does not speak the response grammar yet; train it longer first (pretrain on the dataset)")
     if not summary["well_formed_answers"]:  # loud: the labels below say nothing about this model
         log.warning("cold start: NONE of %s's forced answers is well formed (it does not speak the response "
-                    "grammar yet): every label is its level's default and every SFT example a reference trace",
-                    checkpoint)
+                    "grammar yet): the labels rest on answer lengths alone and every SFT example is a reference "
+                    "trace; set coldstart.min_well_formed to fail here instead", checkpoint)
     elif summary["from_reference"] > len(labels) / 2:
         log.warning("cold start: %d of %d SFT examples are reference traces, not the model's own answers",
                     summary["from_reference"], len(labels))

@@ -207,12 +207,13 @@ def pretrain(
     from kat_core.model.checkpoint import save_checkpoint
     from kat_core.model.mtp import LMWithMTP, build_mtp
     from kat_core.train.engine import epoch_sampler, train
+    from kat_core.util import cpu_threads
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     model_cfg, train_cfg = model_cfg or config.model, train_cfg or config.train
     records = check_dataset(data_dir, require_report=stage == "pretrain",
                             report_dir=Path(validation) if validation else None)
-    torch.set_num_threads(max(1, torch.get_num_threads()))  # respect OMP_NUM_THREADS / the launcher
+    cpu_threads()  # the one thread policy (kat_core.util)
 
     teacher_model, teacher_cache, tokenizer = None, None, None
     if teacher is not None:

