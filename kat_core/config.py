@@ -64,8 +64,6 @@ class SynthConfig(_Strict):
     mirror_share: float = Field(
         0.5, ge=0, le=1, description="share of items also rendered in the other regime"
     )
-    digit_facts: bool = Field(False, description="arith: also train on every one-column fact a trace uses "
-                              "(`7+8+1`, `4*6+4`; level 0), so traces stop failing on a column's value")
     agent_backend: Literal["programmatic", "openai"] = "programmatic"
     draft_error_rate: float = Field(
         0.15, ge=0, le=1, description="programmatic backend: share of drafts with an injected error"

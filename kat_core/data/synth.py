@@ -26,7 +26,6 @@ from kat_core.data.tagger import Tagger
 from kat_core.errors import KatError
 from kat_core.format import SPECIAL_TOKENS, render
 from kat_core.manifest import write_manifest
-from kat_core.tasks.arith import digit_facts
 from kat_core.tasks.base import Item, Task, get_task
 
 
@@ -44,8 +43,6 @@ def training_items(config: KatConfig) -> list[tuple[Task, Item]]:
                 "synthesis draws from train splits, e.g. arith"
             )
         pairs += [(task, item) for item in task.examples("train", n=n, seed=config.seed)]
-        if family == "arith" and config.synth.digit_facts:
-            pairs += [(task, item) for item in digit_facts()]
     return pairs
 
 

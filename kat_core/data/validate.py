@@ -9,8 +9,8 @@ Every check has a readable name; the report (`validation.json`) and the Validati
     lines.json               every non-blank UTF-8 shard line is a JSON object
     records.count            at least one record
     schema.<field>           each field of the record schema (dataset.RECORD_FIELDS) is present, non-null, of
-                             its type, and in its domain (mode on/off, regime tagged/mirror, difficulty 0..5
-                             (0: arith's digit facts), complexity 0..1)
+                             its type, and in its domain (mode on/off, regime tagged/mirror, difficulty 1..5,
+                             complexity 0..1)
     records.unique_ids       record ids are unique
     grammar.well_formed      every completion parses under the response grammar (kat_core.format)
     grammar.answer_closed    every well-formed completion ends with </answer>. The grammar's parser tolerates a
@@ -116,8 +116,7 @@ _TOKEN_RE = re.compile(rf"{_TAG_ALTERNATIVES}|\d|[^\W\d_]+|\S")
 _WORD_RE = re.compile(r"\w+")
 _SPACE_RE = re.compile(r"\s+")
 _GX_TYPES = {str: ["str"], int: ["int"], float: ["float", "int"]}  # JSON writes 1.0 as 1 in some writers
-_DOMAINS: dict[str, list[Any]] = {"mode": ["on", "off"], "regime": ["tagged", "mirror"],
-                                  "difficulty": [0, 1, 2, 3, 4, 5]}
+_DOMAINS: dict[str, list[Any]] = {"mode": ["on", "off"], "regime": ["tagged", "mirror"], "difficulty": [1, 2, 3, 4, 5]}
 
 
 def approx_tokens(text: str) -> int:

@@ -158,22 +158,17 @@ def _level_expression(level: int, rng: random.Random) -> tuple[str, list[int]]:
     raise ValueError(f"arith level must be one of {LEVELS}, not {level}")
 
 
-_EXPRESSION = r"(\d+)([+\-*])(\d+)(?:([+\-])(\d+))?"
-_STEPS_OF = {"+": add_steps, "-": sub_steps, "*": mul_steps}
-
-
 def solve(expression: str) -> tuple[int, list[str]]:
-    """Value and digit-level trace of `a op b` or `a op b op c` (the levels' shapes, `a*b+c`, and the digit
-    facts' `7+8+1`, `13-1-8`, `4*6+4`)."""
-    m = re.fullmatch(_EXPRESSION, expression)
+    """Value and digit-level trace of `a op b` or `a*b+c` (the shapes the levels produce)."""
+    m = re.fullmatch(r"(\d+)([+\-*])(\d+)(?:\+(\d+))?", expression)
     if not m:
         raise ValueError(f"not an arith expression: {expression!r}")
-    a, op, b, op2, c = int(m[1]), m[2], int(m[3]), m[4], m[5]
+    a, op, b, c = int(m[1]), m[2], int(m[3]), m[4]
     if op == "*" and a < 10 <= b:  # 6*47: multiply the long number by the digit, as on paper
         a, b = b, a
-    value, steps = _STEPS_OF[op](a, b)
+    value, steps = {"+": add_steps, "-": sub_steps, "*": mul_steps}[op](a, b)
     if c is not None:
-        value, more = _STEPS_OF[op2](value, int(c))
+        value, more = add_steps(value, int(c))
         steps += more
     return value, steps
 
@@ -202,33 +197,6 @@ def make_item(expression: str, level: int) -> Item:
         steps=steps,
         meta={"expression": expression, "operands": operands, "ops": re.findall(r"[+\-*]", expression)},
     )
-
-
-def digit_facts() -> list[Item]:
-    """Every one-column step a trace can take, as its own item (level 0): `7+8+1` (a column with a carry in),
-    `13-1-8` (a borrowed ten and a borrow paid back), `4*6+4` (a digit product plus the carry). Traces fail
-    on these facts (a wrong column value, not a wrong plan, is most of what the think-on errors are), and a
-    fact occurs in only a few of the traces, so a drill of the whole table teaches them cheaply. The trace of
-    a fact is the one step `13-1-8=4`."""
-    facts = set()
-    for x in range(10):
-        for y in range(10):
-            facts.update({f"{x}+{y}", f"{x}+{y}+1"})
-            for borrow_in in (0, 1):
-                top = x + 10 * (x - borrow_in < y)
-                facts.add(f"{top}" + (f"-{borrow_in}" if borrow_in else "") + f"-{y}")
-        for d in range(2, 10):
-            facts.update(f"{x}*{d}" + (f"+{c}" if c else "") for c in range(d))  # a carry is below d
-    # `13-8` (a borrow without one paid back) is also a level-3 expression: the levels own it, in its split
-    facts = {f for f in facts if not re.fullmatch(r"\d\d-\d", f)}
-    items = []
-    for expr in sorted(facts):
-        value = _safe_eval(expr)
-        operands = [int(x) for x in re.findall(r"\d+", expr)]
-        items.append(Item(id=f"arith-L0-{expr}", family="arith", prompt=prompt_of(expr), answer=str(value),
-                          difficulty=0, steps=[f"{expr}={value}"],
-                          meta={"expression": expr, "operands": operands, "ops": re.findall(r"[+\-*]", expr)}))
-    return items
 
 
 _STEP_RE = re.compile(r"^(?P<expr>[\d+\-*]+)=(?P<value>-?\d+)(?: w(?P<w>\d+))?(?: (?P<cb>[cb])(?P<k>\d+))?$")
@@ -330,7 +298,7 @@ class ArithTask(Task):
         # the expression is in the prompt ("Compute 61-6."), so the item (and its true value) is rebuilt
         # from the prompt rather than looked up: any level, any split
         prompt = record.get("prompt")
-        m = re.search(rf"Compute ({_EXPRESSION})\.\s*$", prompt) if isinstance(prompt, str) else None
+        m = re.search(r"Compute (\d+[+\-*]\d+(?:\+\d+)?)\.\s*$", prompt) if isinstance(prompt, str) else None
         if m is None:
             return None
         level = record.get("difficulty")
