@@ -177,7 +177,7 @@ def test_browser_submit_watch_report_schedule_compare_promote(server, browser):
     expect(page.locator("input[name='cfg.train.steps']")).to_have_value("30")
     page.fill("input[name='cfg.train.zero_stage']", "7")
     page.click("#check-button")
-    expect(page.locator("#check-result")).to_contain_text("config key 'train.zero_stage': Input should be less than")
+    expect(page.locator("#check-result")).to_contain_text("config key 'train.zero_stage' = 7: Input should be less than")
     page.click("#submit-run")  # submitting checks first: nothing is queued
     expect(page.locator("#check-result")).to_contain_text("train.zero_stage")
     assert page.url.endswith("/runs/new")
