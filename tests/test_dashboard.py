@@ -463,7 +463,7 @@ def test_api_reads(server, done_run):
 def test_api_refuses_bad_input_with_readable_messages(server, done_run):
     run = done_run["run_id"]
     cases = [
-        ("POST", "/api/runs", {"profile": "nope"}, "unknown profile 'nope'; choose one of: cluster, demo, smoke"),
+        ("POST", "/api/runs", {"profile": "nope"}, "unknown profile 'nope'; choose one of: cluster, demo, real, smoke"),
         ("POST", "/api/runs", {"profile": "smoke", "overrides": ["trian.steps=3"]},
          "profile smoke with --set: unknown config key 'trian'"),
         ("POST", "/api/runs", {"profile": "smoke", "overrides": ["train.steps=many"]}, "train.steps"),
