@@ -67,31 +67,38 @@ def test_models(client):
 
 @pytest.mark.parametrize("mode", ["auto", "on", "off"])
 def test_chat_each_mode_with_usage_from_the_tokenizer(client, server, mode):
-    from kat_core.data.judge import judge_text
-    from kat_core.serve.protocol import request_features
+    from kat_core.serve.protocol import forced_for_request
 
+    tok = server.tokenizer
     r = chat(client, mode)
     choice = r.choices[0]
     assert choice.finish_reason in ("stop", "length")
+    # a forced mode's judge is the server's pre-fill: part of the prompt, not of the model's completion
+    forced = forced_for_request(PROMPT, mode) or ""
+    n_forced = len(tok(forced, add_special_tokens=False)["input_ids"]) if forced else 0
     if mode != "auto":
-        assert choice.thinking_mode == mode
-        # the pre-filled judge is the start of the reasoning
-        assert choice.message.reasoning_content.startswith(judge_text(request_features(PROMPT), mode))
-    # the same greedy request through /v1/completions returns the raw text, tags and all
+        assert choice.thinking_mode == mode and n_forced > 0
+    # the same greedy request through /v1/completions returns the generated text, tags and all
     raw = client.completions.create(model="tiny", prompt=PROMPT, temperature=0, max_tokens=64,
                                     extra_body={"thinking": mode})
     text = raw.choices[0].text
-    counts = count_tokens(text, server.tokenizer)
-    assert r.usage.prompt_tokens == len(server.tokenizer(prompt_text(PROMPT), add_special_tokens=False)["input_ids"])
-    assert r.usage.completion_tokens == counts["total"] == raw.usage.completion_tokens
-    assert r.usage.completion_tokens_details.reasoning_tokens == counts["judge"] + counts["think"]
+    assert raw.choices[0].thinking_mode == choice.thinking_mode
+    whole, prefilled = count_tokens(forced + text, tok), count_tokens(forced, tok)
+    assert r.usage.prompt_tokens == len(tok(prompt_text(PROMPT), add_special_tokens=False)["input_ids"]) + n_forced
+    assert r.usage.completion_tokens == whole["total"] - n_forced == raw.usage.completion_tokens
+    assert r.usage.completion_tokens_details.reasoning_tokens == (
+        whole["judge"] + whole["think"] - prefilled["judge"] - prefilled["think"])
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
-    assert r.usage.completion_tokens <= 64
-    parsed = parse(text)
+    assert r.usage.completion_tokens <= 64  # max_tokens bounds what the model generates, in every mode
+    parsed = parse(forced + text)
     assert parsed.mode == choice.thinking_mode
-    if parsed.well_formed:  # reasoning = judge (+ newline + think), content = answer, tags dropped
+    if parsed.well_formed:  # reasoning = the model's judge (+ newline + think), content = answer, tags dropped
         assert choice.message.content == parsed.answer
-        assert choice.message.reasoning_content == parsed.judge + (f"\n{parsed.think}" if parsed.think else "")
+        said = [parsed.judge] if mode == "auto" else []
+        said += [parsed.think] if parsed.think else []
+        assert choice.message.reasoning_content == ("\n".join(said) or None)
+        if mode == "off":
+            assert choice.message.reasoning_content is None
     assert "<" not in (choice.message.content or "") + (choice.message.reasoning_content or "")
 
 
@@ -145,10 +152,14 @@ def test_n_choices_and_the_last_user_message(client, server):
                   {"role": "user", "content": [{"type": "text", "text": PROMPT}]}])
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert all(c.thinking_mode == "off" for c in r.choices)
-    # the request text is the last user message, counted once; the three completions are summed
-    assert r.usage.prompt_tokens == len(server.tokenizer(prompt_text(PROMPT), add_special_tokens=False)["input_ids"])
-    judge = server.tokenizer(r.choices[0].message.reasoning_content, add_special_tokens=False)["input_ids"]
-    assert r.usage.completion_tokens_details.reasoning_tokens >= 3 * len(judge)
+    # the request text is the last user message, counted once with the forced judge; the three completions
+    # are summed
+    from kat_core.serve.protocol import forced_for_request
+
+    n_prompt = len(server.tokenizer(prompt_text(PROMPT), add_special_tokens=False)["input_ids"])
+    n_forced = len(server.tokenizer(forced_for_request(PROMPT, "off"), add_special_tokens=False)["input_ids"])
+    assert r.usage.prompt_tokens == n_prompt + n_forced
+    assert r.usage.completion_tokens <= 3 * 48
     again = client.chat.completions.create(
         model="tiny", n=3, max_tokens=48, temperature=1.0, seed=1, extra_body={"thinking": "off"},
         messages=[{"role": "user", "content": PROMPT}])

@@ -45,10 +45,15 @@ def _sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def response_ids(sample) -> list[int]:
-    """The response as its text shows it: forced prefix and generated ids, without a final EOS token."""
-    generated = sample.token_ids[:-1] if sample.finish_reason == "eos" else sample.token_ids
-    return list(sample.forced_ids) + list(generated)
+def generated_ids(sample) -> list[int]:
+    """What the model generated, as its text shows it: without a final EOS token."""
+    return list(sample.token_ids[:-1] if sample.finish_reason == "eos" else sample.token_ids)
+
+
+def split_sample(sample, tokenizer, *, per_token: bool = False) -> Split:
+    """A sample's reasoning/content split; its forced prefix gives the context, not pieces or counts."""
+    return split_response(list(sample.forced_ids) + generated_ids(sample), tokenizer, per_token=per_token,
+                          prefilled=len(sample.forced_ids))
 
 
 def finish_reason(sample) -> str:
@@ -145,25 +150,23 @@ def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wai
         return current["tokenizer"](text, add_special_tokens=False)["input_ids"]
 
     def plan(prompt: str, req, max_tokens: int | None) -> tuple[GenRequest, int]:
-        """The engine request for one prompt, and its prompt tokens; refuses what does not fit the context."""
+        """The engine request for one prompt, and its prompt tokens (a forced judge included: the server wrote
+        it); refuses what does not fit the context."""
         mode = thinking_mode(req)
         forced = forced_for_request(prompt, mode)
-        n_prompt = len(encode(prompt_text(prompt)))
-        n_forced = len(encode(forced)) if forced else 0
+        n_prompt = len(encode(prompt_text(prompt))) + (len(encode(forced)) if forced else 0)
         max_len = current["max_len"]
         room = max_len - n_prompt if max_len else None  # completion tokens the context has room for
         budget = max_tokens
         if budget is None:
             budget = default_max_tokens if room is None else max(min(default_max_tokens, room), 0)
-        if room is not None and budget > room:
+        if room is not None and (budget > room or budget < 1):
             raise APIError(400, f"this model's maximum context length is {max_len} tokens; the request needs "
-                           f"{n_prompt + budget} ({n_prompt} in the prompt, {budget} for the completion)",
+                           f"{n_prompt + max(budget, 1)} ({n_prompt} in the prompt"
+                           f"{', forced judge included' if forced else ''}, {max(budget, 1)} for the completion)",
                            param="max_tokens" if max_tokens is not None else "messages",
                            code="context_length_exceeded")
-        if budget - n_forced < 1:
-            raise APIError(400, f"max_tokens {budget} leaves no room after the {n_forced}-token forced judge",
-                           param="max_tokens")
-        gen = GenRequest(prompt=prompt, forced=forced, n=req.n, max_new_tokens=budget - n_forced,
+        gen = GenRequest(prompt=prompt, forced=forced, n=req.n, max_new_tokens=budget,
                          temperature=req.temperature, top_p=req.top_p, seed=req.seed)
         return gen, n_prompt
 
@@ -223,7 +226,7 @@ def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wai
         gen, prompt_tokens = plan(chat_prompt(req.messages), req, req.max_completion_tokens or req.max_tokens)
         (samples,) = await run([gen])
         tokenizer = current["tokenizer"]
-        splits = [split_response(response_ids(s), tokenizer, per_token=req.stream) for s in samples]
+        splits = [split_sample(s, tokenizer, per_token=req.stream) for s in samples]
         reasons = [finish_reason(s) for s in samples]
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         use = usage(prompt_tokens, splits)
@@ -262,8 +265,8 @@ def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wai
         results = await run([g for g, _ in planned])
         samples = [s for group in results for s in group]  # choice index = prompt index * n + sample index
         tokenizer = current["tokenizer"]
-        ids = [response_ids(s) for s in samples]
-        splits = [split_response(i, tokenizer) for i in ids]  # for the counts
+        ids = [generated_ids(s) for s in samples]  # the text continues the prompt and any forced judge
+        splits = [split_sample(s, tokenizer) for s in samples]  # for the counts and the mode
         reasons = [finish_reason(s) for s in samples]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         use = usage(sum(n for _, n in planned), splits)

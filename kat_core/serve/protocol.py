@@ -6,14 +6,18 @@ honour are refused with a 400 rather than silently dropped: `stop`, `logprobs`, 
 - Thinking control: `thinking: "auto" | "on" | "off"` at the top level, or inside `chat_template_kwargs`
   (`{"thinking": "off"}`, or Qwen-style `{"enable_thinking": false}`); the top-level field wins. "on"/"off"
   pre-fill the judge and the mode token, as evaluation does; "auto" (the default) lets the model choose.
+  The pre-fill is the server's words, not the model's: it belongs to the prompt (counted in `prompt_tokens`,
+  not in `completion_tokens`, not shown in `reasoning_content` or the completion text), so `thinking: off`
+  returns no reasoning and `max_tokens` bounds what the model generates in every mode, as evaluation's
+  `max_new_tokens` does.
 - Chat messages become one request text: the content of the LAST user message (its text parts joined by
   newlines). System, assistant and earlier user messages are not shown to the model: our models are trained
   on single requests laid out by `format.prompt_text`, with no chat template.
-- `max_tokens` (or `max_completion_tokens`) bounds the completion as usage counts it, forced prefix included.
+- `max_tokens` (or `max_completion_tokens`) bounds the completion as usage counts it: the generated tokens.
 
-Responses. Completion tokens are the response's tokens as its text shows them: the forced prefix (when a
-mode was forced) and the generated tokens, without a final EOS token (it is not in the text).
-`reasoning_tokens` are those of the judge and think segments, grammar tags included. In chat responses,
+Responses. Completion tokens are the generated tokens as the text shows them, without a final EOS token (it is
+not in the text). `reasoning_tokens` are those of the judge and think segments the model wrote, grammar tags
+included. In chat responses,
 like vLLM's reasoning parsers: `reasoning_content` holds the judge and the reasoning (joined by a newline),
 `content` holds the answer, and the grammar tags are dropped; `thinking_mode` on each choice says which mode
 the response took. `/v1/completions` returns the raw text, tags and all.
@@ -177,8 +181,11 @@ class Split:
         return "".join(t for c, t in self.pieces if c == channel)
 
 
-def split_response(ids: list[int], tokenizer, *, per_token: bool = False) -> Split:
+def split_response(ids: list[int], tokenizer, *, per_token: bool = False, prefilled: int = 0) -> Split:
     """Cut a response (forced prefix + generated ids, no EOS) into reasoning and content pieces.
+
+    The first `prefilled` ids are the forced prefix: they give the mode and the segments their context but are
+    not the model's output, so they yield no piece and no count.
 
     Judge and think tokens are reasoning, everything else content; tag tokens are structure and produce no
     text. `per_token=True` yields one piece per token (what streaming sends); otherwise one per run of
@@ -203,12 +210,14 @@ def split_response(ids: list[int], tokenizer, *, per_token: bool = False) -> Spl
 
     mode = None
     has_answer = "answer" in labels
-    for tok, label in zip(ids, labels, strict=True):
+    for k, (tok, label) in enumerate(zip(ids, labels, strict=True)):
         tag = by_id.get(tok)
+        if tag in (THINK_ON, THINK_OFF) and mode is None:
+            mode = "on" if tag == THINK_ON else "off"
+        if k < prefilled:
+            continue
         if tag is not None:
             flush()
-            if tag in (THINK_ON, THINK_OFF) and mode is None:
-                mode = "on" if tag == THINK_ON else "off"
             if tag == THINK_OPEN and said_reasoning:  # the judge and the reasoning read as two paragraphs
                 pieces.append(("reasoning", "\n"))
             continue
@@ -229,8 +238,8 @@ def split_response(ids: list[int], tokenizer, *, per_token: bool = False) -> Spl
                     pieces.append((channel, text[len(emitted):]))
                 emitted = text
     flush()
-    reasoning = sum(label in ("judge", "think") for label in labels)
-    return Split(pieces, len(ids), reasoning, mode)
+    reasoning = sum(label in ("judge", "think") for label in labels[prefilled:])
+    return Split(pieces, len(ids) - prefilled, reasoning, mode)
 
 
 def raw_pieces(ids: list[int], tokenizer, *, per_token: bool = False) -> list[str]:
