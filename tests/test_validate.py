@@ -410,3 +410,35 @@ def test_a_large_family_is_verified_on_a_seeded_sample():
     first, _ = V._verify_answers(records, config, None)
     again, _ = V._verify_answers(records, config, None)
     assert len(first) == 10 and first == again
+
+
+def test_data_docs_are_styled_offline(tmp_path):
+    """The GX pages load Bootstrap, jQuery, ... from local copies (make install fetches them with npm): in a
+    browser that can reach no network, the page is styled and its scripts run."""
+    import os
+
+    from playwright.sync_api import sync_playwright
+
+    from kat_core.data.docs_assets import assets_dir
+    from tests.test_dashboard import CHROMIUM
+
+    assert (assets_dir() / "bootstrap@4.3.1" / "package.json").is_file(), (
+        f"no data docs assets in {assets_dir()}: run `make install` (python -m kat_core.data.docs_assets fetch)")
+    summary = V.validate_dataset(write_dataset(tmp_path / "ds", make_records(10)))
+    page_path = tmp_path / "ds.validation" / summary["data_docs_pages"][0]
+    assert "https://" not in "".join(re.findall(r"<(?:link|script)\b[^>]*>", page_path.read_text()))
+    blocked = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"] if os.geteuid() == 0 else [])
+        page = browser.new_page()
+        page.route("http*://**/*", lambda route: (blocked.append(route.request.url), route.abort()))
+        page.goto(page_path.as_uri())
+        page.wait_for_load_state("load")
+        jquery = page.evaluate("typeof window.jQuery")
+        font = page.evaluate("getComputedStyle(document.body).fontFamily")
+        table_styled = page.evaluate("getComputedStyle(document.querySelector('table')).borderCollapse")
+        browser.close()
+    assert jquery == "function"  # the scripts ran: jQuery, Bootstrap and bootstrap-table came from disk
+    assert "Segoe UI" in font  # Bootstrap 4's font stack: its stylesheet applied
+    assert table_styled == "collapse"
+    assert all("great-expectations-web-assets" in u or "greatexpectations.io" in u for u in blocked), blocked

@@ -69,7 +69,9 @@ digests in its manifest stay untouched), written to a temp dir and renamed into 
                       `data_docs` is the absolute path of docs/index.html, `data_docs_pages` the validation
                       pages relative to the report directory
     docs/index.html   GX data docs (built by the context's `build_data_docs` into a filesystem site): the
-                      expectation suites and their validation results
+                      expectation suites and their validation results; the CDN files the pages load are copied
+                      under docs/static/vendor when `make install` fetched them (kat_core.data.docs_assets), so
+                      the docs are styled offline
     manifest.json
 On failure the report is still written, then `ValidationFailed` names the failed checks and the report.
 """
@@ -92,6 +94,7 @@ from typing import Any
 
 from kat_core.config import TasksConfig, ValidateConfig
 from kat_core.data.dataset import RECORD_FIELDS, atomic_output_dir, shard_paths
+from kat_core.data.docs_assets import localize
 from kat_core.errors import KatError, ValidationFailed
 from kat_core.format import ANSWER_CLOSE, SPECIAL_TOKENS, parse
 from kat_core.manifest import read_manifest, sha256_file, write_manifest
@@ -702,6 +705,7 @@ def validate_dataset(
         ]
         t = lap("gx_validate_s", t)
         context.build_data_docs(site_names=["kat"])
+        localize(tmp / DOCS_DIR)  # the pages' Bootstrap, jQuery, ... from local copies: styled offline
         t = lap("gx_docs_s", t)
 
         order = list(dict.fromkeys(["files.manifest", "files.nonempty", "lines.utf8", "lines.json"]
