@@ -12,22 +12,16 @@ def register(profile: str, overrides: list, model: dsl.Input[dsl.Model], report:
     """Log the model with its lineage under the pipeline's MLflow parent run, alias it `candidate`, and make
     it `champion` only when the gate says it beats the current one (the first model always does)."""
     import json
-    import os
     from pathlib import Path
 
-    from components.runtime import stage_config, user_errors
-    from kat_core.manifest import config_hash
+    from components.runtime import open_pipeline_run, stage_config, user_errors
     from kat_core.platform.artifacts import ArtifactStore
     from kat_core.platform.gate import Margins
     from kat_core.platform.registry import promote_if_better, register_model
-    from kat_core.platform.tracking import start_pipeline_run
 
     with user_errors():
         config = stage_config(profile, overrides)
-        # get-or-create: the run back end usually made the parent already; a lone task makes its own
-        parent = start_pipeline_run(f"autothink-{config.profile}", config.model_dump(mode="json"),
-                                    kfp_run_id=os.environ.get("KAT_RUN_ID"), profile=config.profile,
-                                    config_hash=config_hash(config))
+        parent = open_pipeline_run(config)  # the DAG's head made it; a lone task makes its own
         evaluation = json.loads((Path(report.path) / "report.json").read_text())
         name = config.registry.model_name
         margins = Margins.from_config(config.registry)  # the one gate configuration, recorded with the version

@@ -116,15 +116,22 @@ def resumable(out: str, stage: str, config: Any, inputs: dict[str, str]) -> Iter
     shutil.rmtree(work, ignore_errors=True)
 
 
+def open_pipeline_run(config: Any) -> str:
+    """The MLflow parent run of this pipeline run (found or made from KAT_RUN_ID), logged with `config`: the
+    DAG's head opens it with the whole config; a stage that asks later gets the same run."""
+    from kat_core.manifest import config_hash
+    from kat_core.platform.tracking import start_pipeline_run
+
+    return start_pipeline_run(f"autothink-{config.profile}", config.model_dump(mode="json"),
+                              kfp_run_id=os.environ.get("KAT_RUN_ID"), profile=config.profile,
+                              config_hash=config_hash(config))
+
+
 def track(stage: str, config: Any, out_dir: str, inputs: dict[str, str] | None = None,
           params: dict[str, Any] | None = None) -> None:
     """Record the finished stage in MLflow: a child run (params, its metrics.jsonl, manifest, input datasets)
-    of the pipeline's parent run, which is found or made from KAT_RUN_ID (one parent per pipeline run)."""
-    from kat_core.manifest import config_hash
-    from kat_core.platform.tracking import log_stage, start_pipeline_run
+    of the pipeline's parent run."""
+    from kat_core.platform.tracking import log_stage
 
-    parent = start_pipeline_run(f"autothink-{config.profile}", config.model_dump(mode="json"),
-                                kfp_run_id=os.environ.get("KAT_RUN_ID"), profile=config.profile,
-                                config_hash=config_hash(config))
-    log_stage(parent, stage, out_dir, {"profile": config.profile, "seed": config.seed, **(params or {})},
-              inputs=inputs)
+    log_stage(open_pipeline_run(config), stage, out_dir, {"profile": config.profile, "seed": config.seed,
+                                                          **(params or {})}, inputs=inputs)

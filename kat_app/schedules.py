@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 STORE_FILE = "scheduler.db"
 LEGACY_FILE = "schedules.json"
 FIRE = "kat_app.firing:fire"
+MOVED_FIRE = ("kat_core.platform.schedules:fire",)  # where earlier versions had it; stored jobs still name it
 HEARTBEAT_S = 10
 MANUAL_MARK = "--now-"  # one-off "trigger now" jobs: <schedule id>--now-<hex>
 
@@ -158,6 +159,7 @@ def _start(home: Path, live: bool) -> Any:
     create its table (SQLAlchemy checks, then creates): the one that loses sees it exists, and tries again."""
     from sqlalchemy.exc import OperationalError
 
+    _repoint_moved_jobs(home / STORE_FILE)
     for attempt in range(3):
         scheduler = _new_scheduler(home, live=live)
         try:
@@ -168,6 +170,29 @@ def _start(home: Path, live: bool) -> Any:
                 raise
             time.sleep(0.2)
     raise AssertionError("unreachable")
+
+
+def _repoint_moved_jobs(store: Path) -> int:
+    """Point stored jobs whose function moved (MOVED_FIRE) at FIRE; returns how many. Without this APScheduler
+    cannot resolve them when it loads the store, and drops them: the schedules would vanish."""
+    import pickle
+    import sqlite3
+
+    if not store.is_file():
+        return 0
+    with contextlib.closing(sqlite3.connect(store, timeout=30)) as db, db:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='apscheduler_jobs'").fetchone():
+            return 0
+        moved = []
+        for job_id, blob in db.execute("SELECT id, job_state FROM apscheduler_jobs").fetchall():
+            state = pickle.loads(blob)  # our own store, written by APScheduler's pickling of the same state
+            if state.get("func") in MOVED_FIRE:
+                state["func"] = FIRE
+                moved.append((pickle.dumps(state, pickle.HIGHEST_PROTOCOL), job_id))
+        db.executemany("UPDATE apscheduler_jobs SET job_state = ? WHERE id = ?", moved)
+    if moved:
+        log.info("schedules: %d stored job(s) now call %s (moved from %s)", len(moved), FIRE, MOVED_FIRE[0])
+    return len(moved)
 
 
 @contextlib.contextmanager

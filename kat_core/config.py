@@ -464,3 +464,47 @@ def load_config(profile: str = "smoke", overrides: list[str] | None = None) -> K
         return KatConfig.model_validate(_over_defaults(KatConfig(), data))
     except ValidationError as e:
         raise KatError(_explain(e, f"profile {path.stem}" + (" with --set" if overrides else ""))) from None
+
+
+# What each pipeline stage reads of the config, by top-level key, in the DAG's order. A stage also depends on
+# what the stages before it read (their outputs are its inputs), so its keys are its own plus all earlier
+# ones. The pipeline hands each stage only the overrides of its keys: the stage's cache key (and its
+# resumable work) then changes only when something it depends on does, so `--set evaluate.limit=500`
+# re-runs evaluation and registration, not synthesis and training.
+STAGE_READS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("synthesize", ("seed", "tasks", "synth")),
+    ("validate", ("validate",)),
+    ("pretrain", ("model", "train", "pretrain", "cluster")),  # pretrain-teacher too
+    ("coldstart", ("autothink", "coldstart")),
+    ("srpo", ("srpo",)),
+    ("evaluate", ("evaluate",)),
+    ("register", ("registry", "profile", "purpose")),
+)
+PIPELINE_STAGES = tuple(stage for stage, _ in STAGE_READS)
+
+
+def stage_keys(stage: str) -> set[str]:
+    """The top-level config keys `stage`'s result depends on (see STAGE_READS)."""
+    stage = "pretrain" if stage == "pretrain-teacher" else stage
+    if stage not in PIPELINE_STAGES:
+        raise KatError(f"unknown pipeline stage {stage!r}; known: {', '.join(PIPELINE_STAGES)}")
+    keys: set[str] = set()
+    for name, reads in STAGE_READS:
+        keys.update(reads)
+        if name == stage:
+            return keys
+    raise AssertionError("unreachable")
+
+
+def stage_overrides(stage: str, overrides: list[str]) -> list[str]:
+    """The overrides `stage` depends on, in their order. A key no stage declares goes to every stage: a
+    stage may rebuild once too often, never serve a result made with other settings."""
+    keys = stage_keys(stage)
+    declared = {key for _, reads in STAGE_READS for key in reads}
+    kept = []
+    for text in overrides:
+        top = parse_override(text)[0].split(".")[0]
+        top = "validate" if top == "validate_" else top
+        if top in keys or top not in declared:
+            kept.append(text)
+    return kept

@@ -9,7 +9,6 @@ subprocess of the current Python environment), task caching on, state under KAT_
 """
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -25,7 +24,6 @@ from typing import Any
 from components.runtime import code_digest
 from kat_core.config import load_config
 from kat_core.errors import Conflict, KatError, NotFound
-from kat_core.manifest import config_hash
 from kat_core.platform import kat_home
 from kat_core.util import atomic_write_json, patched_env, pid_alive
 from pipelines.interface import RunBackend, ScheduleStore
@@ -113,10 +111,12 @@ class LocalBackend(RunBackend):
                 return info
             raise Conflict(f"run {run_id} was already started (it is {info.status})")
         profile, overrides = info.profile or "demo", list(info.overrides)
-        config = load_config(profile, overrides)
+        load_config(profile, overrides)  # the one config check, before anything runs
         info.status, info.pid, info.started_at = "running", os.getpid(), now_iso()
         self._save(info)
-        salt = hashlib.sha256(f"{config_hash(config)}:{code_digest()}".encode()).hexdigest()[:16]
+        # the code (and the shipped profiles) the tasks run: the config is in each task's own inputs, scoped to
+        # what the stage reads (components/configure.py), so it must not be in a salt every task shares
+        salt = code_digest()
         try:
             self._execute(info, profile, overrides, salt)
         except BaseException as e:  # Ctrl-C included: the record must not stay "running"
@@ -178,6 +178,11 @@ class LocalBackend(RunBackend):
             stage = stages[task]
             stage.seconds = round(seconds, 2)
             stage.outputs = {k: v.uri for k, v in outputs.items() if hasattr(v, "uri")}
+            task_dir = Path(run_root) / task
+            if not ok and task_dir.is_dir():
+                # a failed task returns no outputs, but what it wrote before failing is in its folder of the run
+                # (a failed validation's report, which says why)
+                stage.outputs = {p.name: str(p) for p in sorted(task_dir.iterdir()) if not p.name.startswith(".")}
             # a cache hit hands back the outputs of the run that made them, outside this run's folder
             fresh = all(uri.startswith(run_root) for uri in stage.outputs.values())
             stage.status = "failed" if not ok else ("succeeded" if fresh else "cached")

@@ -120,3 +120,56 @@ def test_the_form_says_what_is_wrong_and_queues_nothing(server):
         expect(page.locator("#check-result")).to_contain_text("Profile smoke: a plumbing check")
         browser.close()
     assert api(server, "GET", "/api/runs")[1]["runs"] == []
+
+
+# --------------------------------------------------------------------------- what each pipeline stage depends on
+
+def test_every_config_key_belongs_to_a_stage_and_later_stages_read_more():
+    from kat_core.config import PIPELINE_STAGES, STAGE_READS, KatConfig, stage_keys
+
+    declared = [key for _, reads in STAGE_READS for key in reads]
+    # a new top-level section must be placed in the DAG, or its overrides would be cached out
+    assert sorted(declared) == sorted(f.alias or n for n, f in KatConfig.model_fields.items())
+    assert len(set(declared)) == len(declared)
+    for earlier, later in zip(PIPELINE_STAGES, PIPELINE_STAGES[1:], strict=False):
+        assert stage_keys(earlier) < stage_keys(later)
+    assert stage_keys("pretrain-teacher") == stage_keys("pretrain")
+    with pytest.raises(KatError, match="unknown pipeline stage 'train'"):
+        stage_keys("train")
+
+
+def test_a_stage_gets_only_the_overrides_it_depends_on():
+    from kat_core.config import stage_overrides
+
+    given = ["seed=3", "train.steps=9", "validate.mode_share_min=0.1", "evaluate.limit=7", "registry.min_accuracy=0"]
+    assert stage_overrides("synthesize", given) == ["seed=3"]
+    assert stage_overrides("validate", given) == ["seed=3", "validate.mode_share_min=0.1"]
+    assert stage_overrides("pretrain-teacher", given) == ["seed=3", "train.steps=9", "validate.mode_share_min=0.1"]
+    assert stage_overrides("evaluate", given) == given[:4]
+    assert stage_overrides("register", given) == given
+    # the stage's config is the profile with those overrides: what it reads is what the whole config says
+    whole = load_config("smoke", given)
+    for stage in ("synthesize", "evaluate"):
+        scoped = load_config("smoke", stage_overrides(stage, given))
+        assert scoped.seed == whole.seed and scoped.synth == whole.synth
+    assert load_config("smoke", stage_overrides("evaluate", given)).evaluate == whole.evaluate
+
+
+def test_the_configure_component_returns_one_list_per_stage(tmp_path, monkeypatch):
+    from components.configure import configure
+    from kat_core.config import PIPELINE_STAGES
+
+    assert list(configure.component_spec.outputs) == list(PIPELINE_STAGES)
+    monkeypatch.setenv("KAT_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("KAT_RUN_ID", "local-configure-test")
+    scoped = configure.python_func(profile="smoke", overrides=["evaluate.limit=7", "synth.tag_threshold=0.4"])
+    assert scoped.synthesize == ["synth.tag_threshold=0.4"]
+    assert scoped.register == ["evaluate.limit=7", "synth.tag_threshold=0.4"]
+    # it opened the run's MLflow parent with the whole config
+    from kat_core.platform.tracking import find_pipeline_run, get_client, resolve_tracking_uri
+
+    parent = find_pipeline_run("local-configure-test", tracking_uri=resolve_tracking_uri(None))
+    assert get_client(resolve_tracking_uri(None)).get_run(parent).data.params["evaluate.limit"] == "7"
+    with pytest.raises(SystemExit):  # a bad config ends the task with one `error:` line
+        configure.python_func(profile="smoke", overrides=["train.steps=-5"])

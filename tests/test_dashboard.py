@@ -177,7 +177,8 @@ def test_browser_submit_watch_report_schedule_compare_promote(server, browser):
     expect(page.locator("input[name='cfg.train.steps']")).to_have_value("30")
     page.fill("input[name='cfg.train.zero_stage']", "7")
     page.click("#check-button")
-    expect(page.locator("#check-result")).to_contain_text("config key 'train.zero_stage' = 7: Input should be less than")
+    expect(page.locator("#check-result")).to_contain_text(
+        "config key 'train.zero_stage' = 7: Input should be less than")
     page.click("#submit-run")  # submitting checks first: nothing is queued
     expect(page.locator("#check-result")).to_contain_text("train.zero_stage")
     assert page.url.endswith("/runs/new")
@@ -411,8 +412,8 @@ def test_api_reads(server, done_run):
     assert detail["status"] == "succeeded" and detail["backend"] == "local" and detail["duration_s"] > 0
     assert "pid" not in detail
     status, stages = api(server, "GET", f"/api/runs/{run}/stages")
-    assert [s["name"] for s in stages["stages"]] == ["synthesize", "validate", "pretrain", "coldstart", "srpo",
-                                                    "evaluate", "register"]
+    assert [s["name"] for s in stages["stages"]] == ["configure", "synthesize", "validate", "pretrain", "coldstart",
+                                                    "srpo", "evaluate", "register"]
     status, log = api(server, "GET", f"/api/runs/{run}/log?stage=pretrain&lines=500")
     assert status == 200 and log["stage"] == "pretrain" and log["lines"]
     assert not any(TOKEN in line for line in log["lines"])

@@ -334,3 +334,29 @@ def test_open_reads_still_guard_changes(tmp_path):
     token = (tmp_path / "api_token").read_text().strip()
     assert stat.S_IMODE((tmp_path / "api_token").stat().st_mode) == 0o600
     assert "generated an API token" in err and err.count(token) == 1
+
+
+def test_a_store_whose_jobs_name_the_old_fire_function_keeps_its_schedules(tmp_path):
+    """Earlier versions stored `kat_core.platform.schedules:fire` in each job; that module moved, and
+    APScheduler drops a job whose function it cannot import. Opening the store repoints them."""
+    import pickle
+    import sqlite3
+
+    from kat_app.schedules import FIRE, STORE_FILE, LocalSchedules
+
+    store = LocalSchedules(tmp_path)
+    schedule_id = store.create("0 3 * * *", "smoke", ["train.steps=5"], name="from an older version")
+    with sqlite3.connect(tmp_path / STORE_FILE) as db:  # as that version left it
+        (blob,) = db.execute("SELECT job_state FROM apscheduler_jobs WHERE id = ?", (schedule_id,)).fetchone()
+        state = pickle.loads(blob)
+        assert state["func"] == FIRE
+        state["func"] = "kat_core.platform.schedules:fire"
+        db.execute("UPDATE apscheduler_jobs SET job_state = ? WHERE id = ?", (pickle.dumps(state), schedule_id))
+    db.close()
+
+    (listed,) = LocalSchedules(tmp_path).list_all()
+    assert listed.schedule_id == schedule_id and listed.name == "from an older version" and listed.enabled
+    with sqlite3.connect(tmp_path / STORE_FILE) as db:
+        (blob,) = db.execute("SELECT job_state FROM apscheduler_jobs WHERE id = ?", (schedule_id,)).fetchone()
+    db.close()
+    assert pickle.loads(blob)["func"] == FIRE

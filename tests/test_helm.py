@@ -104,12 +104,12 @@ def test_lints_renders_and_validates(chart, label):
 def test_defaults_match_what_the_pipeline_expects(chart):
     """The names the cluster pipeline refers to (kat_core ClusterConfig) are the ones the chart creates, and
     the config map holds every key the pipeline's tasks read."""
-    from pipelines.autothink import ClusterOptions
+    from pipelines.autothink import CONFIG_MAP_KEYS
 
     manifests, _ = render(chart, {})
     expected = ClusterConfig()
     cm = manifests[("ConfigMap", expected.config_map)]["data"]
-    assert set(ClusterOptions().config_map_keys) <= set(cm)
+    assert set(CONFIG_MAP_KEYS) <= set(cm)
     assert cm["MLFLOW_TRACKING_URI"] == "http://kat-platform-mlflow.kat.svc.cluster.local:5000"
     assert cm["KAT_S3_ENDPOINT"] == "https://s3.us-east-1.amazonaws.com"  # external, no endpoint: AWS S3
     assert ("ServiceAccount", expected.service_account) in manifests

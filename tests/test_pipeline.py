@@ -42,8 +42,9 @@ def test_compiled_dag_gates_training_on_validation(tmp_path):
     spec, platform = load_ir(tmp_path / "autothink.yaml")
     tasks = spec["root"]["dag"]["tasks"]
     # smoke trains no teacher
-    assert set(tasks) == {"synthesize", "validate", "pretrain", "coldstart", "srpo", "evaluate", "register"}
-    assert tasks["validate"]["dependentTasks"] == ["synthesize"]
+    assert set(tasks) == {"configure", "synthesize", "validate", "pretrain", "coldstart", "srpo", "evaluate",
+                          "register"}
+    assert tasks["validate"]["dependentTasks"] == ["configure", "synthesize"]
     assert tasks["coldstart"]["inputs"]["artifacts"]["pretrained"]["taskOutputArtifact"] == {
         "producerTask": "pretrain", "outputArtifactKey": "model"}
     # RL starts from the cold start, and the model evaluated and registered is the RL one
@@ -57,7 +58,11 @@ def test_compiled_dag_gates_training_on_validation(tmp_path):
     assert "validate" in tasks["pretrain"]["dependentTasks"]
     gate = tasks["pretrain"]["inputs"]["artifacts"]["validation"]["taskOutputArtifact"]
     assert gate == {"producerTask": "validate", "outputArtifactKey": "report"}
-    assert all(t["cachingOptions"]["enableCache"] for t in tasks.values())
+    # every stage is cached, keyed on the overrides it reads, which the never-cached configure task hands it
+    assert all(bool(t["cachingOptions"].get("enableCache")) == (name != "configure") for name, t in tasks.items())
+    for name in ("synthesize", "evaluate"):
+        assert tasks[name]["inputs"]["parameters"]["overrides"]["taskOutputParameter"] == {
+            "producerTask": "configure", "outputParameterKey": name}
     assert tasks["pretrain"]["retryPolicy"]["maxRetryCount"] == 2
     assert "retryPolicy" not in tasks["synthesize"] and "retryPolicy" not in tasks["validate"]
     params = spec["root"]["inputDefinitions"]["parameters"]
@@ -77,8 +82,8 @@ def test_teacher_is_trained_first_when_the_profile_asks(tmp_path):
 
     spec, _ = load_ir(compile_pipeline(tmp_path / "t.yaml", "smoke", ["pretrain.train_teacher=true"]))
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"synthesize", "validate", "pretrain-teacher", "pretrain", "coldstart", "srpo", "evaluate",
-                          "register"}
+    assert set(tasks) == {"configure", "synthesize", "validate", "pretrain-teacher", "pretrain", "coldstart", "srpo",
+                          "evaluate", "register"}
     assert "validate" in tasks["pretrain-teacher"]["dependentTasks"]
     teacher = tasks["pretrain"]["inputs"]["artifacts"]["teacher"]["taskOutputArtifact"]
     assert teacher == {"producerTask": "pretrain-teacher", "outputArtifactKey": "model"}
@@ -154,13 +159,14 @@ def run_record(home: Path, stdout: str) -> dict:
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
-    """The smoke pipeline twice with the same config: a first run, then one served from the cache."""
+    """The smoke pipeline twice with the same config (a first run, then one served from the cache), then once
+    with a registry setting changed."""
     home = tmp_path_factory.mktemp("kat_home")
     out = home / "out"
     timings, records = [], []
-    for _ in range(2):
+    for extra in ([], [], ["--set", "registry.min_accuracy=0"]):
         t0 = time.perf_counter()
-        r = kat("run", "--profile", "smoke", "--out", out, env={"KAT_HOME": str(home)})
+        r = kat("run", "--profile", "smoke", "--out", out, *extra, env={"KAT_HOME": str(home)})
         timings.append(time.perf_counter() - t0)
         assert r.returncode == 0, r.stderr[-3000:]
         records.append(run_record(home, r.stdout))
@@ -175,18 +181,18 @@ def test_smoke_pipeline_produces_a_loadable_checkpoint(smoke_runs):
 
     from kat_core.manifest import dir_digest, read_manifest, verify_manifest
 
-    home, out, (first, second), _ = smoke_runs
+    home, out, (first, second, _), _ = smoke_runs
     assert first["status"] == "succeeded"
     assert [(s["name"], s["status"]) for s in first["stages"]] == [
-        ("synthesize", "succeeded"), ("validate", "succeeded"), ("pretrain", "succeeded"),
+        ("configure", "succeeded"), ("synthesize", "succeeded"), ("validate", "succeeded"), ("pretrain", "succeeded"),
         ("coldstart", "succeeded"), ("srpo", "succeeded"), ("evaluate", "succeeded"), ("register", "succeeded")]
-    model_dir = Path(first["stages"][2]["outputs"]["model"])
+    model_dir = Path(first["stages"][3]["outputs"]["model"])
     assert model_dir.is_relative_to(home / "pipeline_root")
-    assert (out / "pretrain").resolve() == Path(second["stages"][2]["outputs"]["model"])  # the latest run's
+    assert (out / "pretrain").resolve() == Path(second["stages"][3]["outputs"]["model"])  # the latest run's (cached)
     assert verify_manifest(model_dir) == []
     manifest = read_manifest(model_dir)
     assert manifest["stage"] == "pretrain"
-    assert manifest["inputs"]["data"] == dir_digest(Path(first["stages"][0]["outputs"]["dataset"]))
+    assert manifest["inputs"]["data"] == dir_digest(Path(first["stages"][1]["outputs"]["dataset"]))
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = tok("Compute 3+4.\n<judge>", return_tensors="pt", add_special_tokens=False)
@@ -199,14 +205,24 @@ def test_smoke_pipeline_produces_a_loadable_checkpoint(smoke_runs):
 
 @pytest.mark.slow
 def test_identical_rerun_is_served_from_the_cache(smoke_runs):
-    home, _, (first, second), (t_first, t_second) = smoke_runs
-    assert [s["status"] for s in second["stages"]] == ["cached"] * 7
+    home, _, (first, second, _), (t_first, t_second, _) = smoke_runs
+    assert [s["status"] for s in second["stages"]] == ["succeeded"] + ["cached"] * 7  # configure always runs
     # the same outputs, made by the first run; the pretrain stage did not run again
     assert [s["outputs"] for s in second["stages"]] == [s["outputs"] for s in first["stages"]]
     log = Path(second["log"]).read_text()
-    assert "Executing task" not in log and "pretraining" not in log
+    assert "Executing task 'configure'" in log and "pretraining" not in log
+    assert "Executing task 'synthesize'" not in log and "Executing task 'pretrain'" not in log
     assert "pretraining" in Path(first["log"]).read_text()
     assert t_second < 0.5 * t_first
+
+
+@pytest.mark.slow
+def test_a_changed_setting_reruns_only_the_stages_that_read_it(smoke_runs):
+    _, _, (first, _, third), _ = smoke_runs
+    # registry.min_accuracy is read by registration alone: nothing before it runs again
+    assert [(s["name"], s["status"]) for s in third["stages"]] == [("configure", "succeeded")] + [
+        (s["name"], "cached") for s in first["stages"][1:-1]] + [("register", "succeeded")]
+    assert [s["outputs"] for s in third["stages"][:-1]] == [s["outputs"] for s in first["stages"][:-1]]
 
 
 @pytest.mark.slow
@@ -220,12 +236,19 @@ def test_failed_validation_stops_before_training(tmp_path):
     (run_dir,) = (tmp_path / "home" / "runs").iterdir()
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "failed"
-    assert [(s["name"], s["status"]) for s in record["stages"]] == [("synthesize", "succeeded"),
-                                                                   ("validate", "failed")]
+    assert [(s["name"], s["status"]) for s in record["stages"]] == [
+        ("configure", "succeeded"), ("synthesize", "succeeded"), ("validate", "failed")]
     assert not list((tmp_path / "home" / "pipeline_root").glob("*/pretrain"))
     # the report explaining why was still written
-    report = json.loads(Path(record["stages"][1]["error"].split("report: ")[1]).read_text())
+    report = json.loads(Path(record["stages"][2]["error"].split("report: ")[1]).read_text())
     assert report["success"] is False and "mode.share" in report["failed"]
+    # the failed task's report is recorded as its output, so the datasets view reads it from there
+    assert Path(record["stages"][2]["outputs"]["report"], "validation.json").is_file()
+    from kat_app.service import Service
+
+    (dataset,) = Service(tmp_path / "home").datasets()
+    assert dataset["validation"]["success"] is False and dataset["validation"]["failed"] == ["mode.share"]
+    assert dataset["validation"]["docs"].endswith("/validate/report/docs/index.html")
 
 
 @pytest.mark.slow
@@ -312,7 +335,7 @@ def test_submit_and_watch_runs_on_kubeflow(kfp_server):
     assert run["display_name"] == "nightly"
     assert run["runtime_config"]["parameters"] == {"profile": "smoke", "overrides": ["train.steps=5"]}
     assert set(run["pipeline_spec"]["root"]["dag"]["tasks"]) == {
-        "synthesize", "validate", "pretrain", "coldstart", "srpo", "evaluate", "register"}
+        "configure", "synthesize", "validate", "pretrain", "coldstart", "srpo", "evaluate", "register"}
     (experiment,) = kfp_server.experiments.values()
     assert experiment["display_name"] == "kat" and run["experiment_id"] == experiment["experiment_id"]
     assert all(h.get("authorization") == "Bearer t0ken" for _, _, h in kfp_server.requests)

@@ -52,11 +52,5 @@ class DatasetsService(ServiceBase):
                                       for f in summary.get("failed") or []]})
             if (Path(report) / "docs" / "index.html").is_file():
                 result["docs"] = f"/runs/{run_id}/files/validate/report/docs/index.html"
-        elif stage.status == "failed" and stage.error and "report: " in stage.error:
-            path = Path(stage.error.split("report: ", 1)[1].split()[0].rstrip(").,;"))
-            summary = json.loads(path.read_text()) if path.name.endswith(".json") and path.is_file() else {}
-            result.update({"success": False, "passed": summary.get("passed"), "total": summary.get("total"),
-                           "failed": [f.get("name", str(f)) if isinstance(f, dict) else str(f)
-                                      for f in summary.get("failed") or []]})
         return result
 
