@@ -2,10 +2,11 @@
 
     samples = generate(model, tokenizer, prompts, forced=[forced_prefix(judge, "on"), None], n=4)
 
-Each request is laid out as `prompt_text(prompt)`, then its forced prefix if any (pre-filled, so the mode is
-chosen for the model and never sampled). Rows are LEFT-padded so that every row's next token sits in the
-same column; the attention mask hides the padding and position ids count real tokens only, so a padded row
-computes what it would alone (up to float rounding).
+Each request (a string, or a conversation: a list of chat messages) is laid out as
+`kat_core.chat.request_text` says (the model's chat template when its tokenizer has one), then its forced
+prefix if any (pre-filled, so the mode is chosen for the model and never sampled). Rows are LEFT-padded so
+that every row's next token sits in the same column; the attention mask hides the padding and position ids
+count real tokens only, so a padded row computes what it would alone (up to float rounding).
 
 Why it is faster than `model.generate` on the same model:
 - finished rows leave the batch at once: their rows are dropped from the KV cache and the inputs, so a
@@ -39,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from kat_core.format import ANSWER_CLOSE, SEGMENTS, SPECIAL_TOKENS, THINK_OFF, THINK_ON, prompt_text, token_segments
+from kat_core.chat import request_text
+from kat_core.format import ANSWER_CLOSE, SEGMENTS, SPECIAL_TOKENS, THINK_OFF, THINK_ON, token_segments
 
 FinishReason = Literal["stop", "eos", "length"]
 
@@ -152,7 +154,9 @@ class _LlamaStep:
     HF's forward spends most of a small model's decode step in Python: module calls, decorators, mask and
     rotary set-up. This is the same arithmetic in a dozen tensor ops per layer, written to mirror HF's
     modules op for op (same dtype casts, same kernels) so that it computes the same logits. The prefill
-    still runs HF's forward; both write the same slab cache."""
+    still runs HF's forward; both write the same slab cache. Grouped-query attention (fewer key/value heads
+    than query heads: SmolLM2, Llama 3, Qwen, Mistral) runs as HF's SDPA path runs it for one query token:
+    `enable_gqa` without a mask, else the query heads folded onto their key/value head."""
 
     @staticmethod
     def supports(model, cache: Cache) -> bool:
@@ -162,7 +166,7 @@ class _LlamaStep:
             cfg.model_type == "llama"
             and type(model).__name__ == "LlamaForCausalLM"
             and rope.get("rope_type", "default") == "default"
-            and cfg.num_key_value_heads == cfg.num_attention_heads
+            and cfg.num_attention_heads % cfg.num_key_value_heads == 0
             and not getattr(cfg, "attention_bias", False)
             and not getattr(cfg, "mlp_bias", False)
             and cfg.hidden_act == "silu"
@@ -175,6 +179,7 @@ class _LlamaStep:
         self.embed, self.head = base.embed_tokens.weight, model.lm_head.weight
         self.norm = (base.norm.weight, base.norm.variance_epsilon)
         self.head_dim, self.scaling = base.layers[0].self_attn.head_dim, base.layers[0].self_attn.scaling
+        self.groups = model.config.num_attention_heads // model.config.num_key_value_heads
         # plain tensors per layer: nn.Module attribute lookups are a measurable share of a tiny model's step
         self.weights = [
             ((layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
@@ -216,7 +221,14 @@ class _LlamaStep:
             k = self._rope(F.linear(h, wk).view(n, 1, -1, hd).transpose(1, 2), cos, sin)
             v = F.linear(h, wv).view(n, 1, -1, hd).transpose(1, 2)
             keys, values = kv.update(k, v)
-            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
+            if self.groups == 1:
+                a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
+            elif mask is None:
+                a = F.scaled_dot_product_attention(q, keys, values, scale=self.scaling, enable_gqa=True)
+            else:  # (n, heads, 1, hd) -> (n, kv heads, groups, hd): each key/value head's queries in one call
+                folded = q.reshape(n, -1, self.groups, hd)
+                a = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=self.scaling)
+                a = a.reshape(n, -1, 1, hd)
             x = x + F.linear(a.transpose(1, 2).reshape(n, 1, -1), wo)
             h = self._rms(x, norm2)
             x = x + F.linear(F.silu(F.linear(h, wg)) * F.linear(h, wu), wd)
@@ -362,7 +374,7 @@ def _run_batch(model, rows: list[_Row], *, pad_id: int, stop: torch.Tensor, answ
 def generate(
     model,
     tokenizer,
-    prompts: list[str],
+    prompts: list[str | list[dict]],
     *,
     forced: list[str | None] | None = None,
     n: int = 1,
@@ -404,7 +416,7 @@ def generate(
     rows = []
     for i, p in enumerate(prompts):
         pre = encode(forced[i]) if forced is not None and forced[i] else []
-        ctx = encode(prompt_text(p)) + pre
+        ctx = encode(request_text(tokenizer, p)) + pre
         rows += [_Row(i, k, ctx, pre) for k in range(n)]
 
     bar = None

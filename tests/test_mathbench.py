@@ -251,3 +251,25 @@ def test_a_broken_record_is_a_readable_error(tmp_path, cls, record, complaint):
 def test_only_a_test_split(tmp_path):
     with pytest.raises(KatError, match="no split 'train'"):
         GSM8K(benchmarks_dir=str(tmp_path)).examples("train")
+
+
+# ---- retention: plain questions asked before and after fine-tuning a base --------------------------------------
+
+def test_retention_accepts_the_answer_in_a_sentence_and_refuses_hedges():
+    from kat_core.tasks.base import get_task
+
+    task = get_task("retention")
+    items = task.examples()
+    assert len(items) == 20 and len({i.id for i in items}) == 20 and task.splits == ("test",)
+    france, water_formula, hours = items[0], items[4], items[17]
+    assert task.verify(france, "The capital of France is Paris.")
+    assert task.verify(france, "PARIS")
+    assert task.verify(france, task.answer_text(france))
+    assert not task.verify(france, "Paris or London")  # a hedge names a wrong candidate
+    assert not task.verify(france, "Parisian food is great")  # whole words only
+    assert not task.verify(france, "")
+    assert task.verify(water_formula, "Water is H2O.") and not task.verify(water_formula, "H2O2")
+    assert task.verify(hours, "There are twenty-four hours in a day.") and task.verify(hours, "24 hours")
+    assert not task.verify(hours, "12 or 24")
+    assert all(task.verify(i, task.answer_text(i)) for i in items)  # every gold passes its own verifier
+    assert all(not task.verify(i, " ".join(i.meta["accepted"] + i.meta["wrong"])) for i in items)

@@ -151,3 +151,15 @@ def test_kd_loss_is_zero_on_itself_and_the_cache_lower_bounds_it():
     q = torch.softmax(student[0, 0] / T, -1)
     one = kd_loss(student[:1, :2], teacher[:1, :2], torch.ones(1, 2), T).item()
     assert one == pytest.approx(T**2 * (p * (p / q).log()).sum().item(), rel=1e-5)
+
+
+def test_rows_longer_than_the_base_context_are_refused(data, teacher, tmp_path):
+    # the teacher checkpoint's context is the smoke profile's max_seq_len; a base's positions past it were never
+    # trained, so asking for longer rows is one readable error before any training
+    context = json.loads((teacher / "config.json").read_text())["max_position_embeddings"]
+    r = kat_here("train", "pretrain", "--data", data, "--out", tmp_path / "o", "--set", f"model.base={teacher}",
+                 "--set", f"model.max_seq_len={context + 64}")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        f"error: model.max_seq_len {context + 64} is longer than the context of {teacher} ({context} tokens); "
+        f"set model.max_seq_len <= {context}")
+    assert not (tmp_path / "o").exists()

@@ -117,9 +117,11 @@ def _grammar_examples(tokenizer, n: int = 8):
     return examples
 
 
-def test_after_twenty_sft_steps_the_base_writes_every_tag(smollm2_dir):
-    """20 steps of 2 examples (lr 1e-4) on the real base: greedy answers to new prompts use all eight tags and
-    some are well formed. With HF's resize alone (eight equal rows) the same steps wrote none well formed."""
+def test_after_thirty_sft_steps_the_base_writes_every_tag(smollm2_dir):
+    """30 steps of 2 examples (lr 1e-4) on the real base, its chat template laying the prompts out: greedy
+    answers to new prompts use all eight tags and some are well formed. With HF's resize alone (eight equal
+    rows) 20 steps wrote none well formed. Measured with the template layout: after 20 steps the mode token did
+    not follow the judge yet (think-off after "think" on all six prompts); after 30 it does."""
     from kat_core.model.lm import load_model
     from kat_core.rollout import generate
     from kat_core.tasks.arith import ArithTask
@@ -129,7 +131,7 @@ def test_after_twenty_sft_steps_the_base_writes_every_tag(smollm2_dir):
     examples = _grammar_examples(tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     model.train()
-    for step in range(20):
+    for step in range(30):
         batch = [examples[(2 * step) % len(examples)], examples[(2 * step + 1) % len(examples)]]
         width = max(len(e.ids) for e in batch)
         ids = torch.tensor([e.ids + [tokenizer.pad_token_id] * (width - len(e.ids)) for e in batch])
@@ -150,11 +152,12 @@ def test_after_twenty_sft_steps_the_base_writes_every_tag(smollm2_dir):
 def test_plain_mode_says_what_the_untouched_base_can_do(smollm2_dir, tmp_path):
     """Before it speaks the grammar the base scores 0 in every grammar mode, its malformed answers counted as
     such; plain mode, through its own chat template, is reported beside them as a mode of its own."""
-    from kat_core.eval.evaluate import evaluate, plain_prompt
+    from kat_core.chat import request_text
+    from kat_core.eval.evaluate import evaluate
     from kat_core.model.lm import load_model
 
     _, tokenizer = load_model(smollm2_dir)
-    text = plain_prompt(tokenizer, "Compute 2+3.")
+    text = request_text(tokenizer, "Compute 2+3.")  # how every mode lays the request out for this base
     assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nCompute 2+3.<|im_end|>" in text
     report = evaluate(smollm2_dir, ["arith"], ["plain", "off"], out_dir=tmp_path / "eval", limit=6, n_samples=0,
                       max_new_tokens=32, progress=False)
@@ -206,3 +209,67 @@ def test_untied_output_rows_start_from_the_spelling_too(smollm2_dir):
         assert row >= vocab and max(pieces) < vocab
         assert torch.allclose(inp[row], inp[pieces].mean(dim=0)) and torch.allclose(out[row], out[pieces].mean(dim=0))
     assert _max_cosine(out[vocab:vocab + len(SPECIAL_TOKENS)]) < 0.99
+
+
+def test_rollout_lays_requests_out_through_the_template_and_decodes_as_hf_generate(smollm2):
+    """The rollout engine on the real base (a GQA Llama, through HF's forward): the request goes through the
+    chat template, and greedy decoding gives HF `generate`'s tokens for the same context."""
+    from kat_core.chat import request_text
+    from kat_core.rollout import generate
+
+    model, tokenizer = smollm2
+    prompts = ["What is the capital of France?", "Compute 12+30."]
+    samples = generate(model, tokenizer, prompts, temperature=0.0, max_new_tokens=10, stop_at_answer=False)
+    for prompt, sample in zip(prompts, samples, strict=True):
+        ids = tokenizer(request_text(tokenizer, prompt), add_special_tokens=False, return_tensors="pt").input_ids
+        assert tokenizer.decode(ids[0]).endswith("<|im_start|>assistant\n")
+        hf = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        expected = hf[0, ids.shape[1]:].tolist()
+        assert sample.token_ids == expected[: len(sample.token_ids)] and len(sample.token_ids) >= 1
+    assert "Paris" in samples[0].text
+
+
+def test_serve_applies_the_chat_template_to_the_whole_conversation(smollm2):
+    """`kat serve-model` of the real base answers the openai client; the system prompt and earlier turns reach
+    the model through its chat template (usage counts them), and thinking on/off pre-fills the judge."""
+    openai = pytest.importorskip("openai")
+    from kat_core.serve import ServerThread
+    from kat_core.serve.app import create_app
+    from kat_core.serve.protocol import forced_for_request
+
+    model, tokenizer = smollm2
+    app = create_app(model, tokenizer, model_name="smollm2", max_wait_ms=20, default_max_tokens=16)
+    conversation = [{"role": "system", "content": "You answer in one word."},
+                    {"role": "user", "content": "Which planet is red?"}, {"role": "assistant", "content": "Mars."},
+                    {"role": "user", "content": "What is the capital of France?"}]
+    laid_out = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    expected = len(tokenizer(laid_out, add_special_tokens=False)["input_ids"])
+    with ServerThread(app) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="test", max_retries=0, timeout=120)
+        r = client.chat.completions.create(model="smollm2", messages=conversation, max_tokens=8, temperature=0)
+        assert r.usage.prompt_tokens == expected  # the whole conversation, as the template lays it out
+        assert "Paris" in (r.choices[0].message.content or "") + (r.choices[0].message.reasoning_content or "")
+        short = client.chat.completions.create(model="smollm2", messages=conversation[-1:], max_tokens=8,
+                                               temperature=0)
+        assert short.usage.prompt_tokens < expected
+        for mode in ("on", "off"):
+            forced = client.chat.completions.create(model="smollm2", messages=conversation, max_tokens=4,
+                                                    temperature=0, extra_body={"thinking": mode})
+            n_forced = len(tokenizer(forced_for_request(conversation[-1]["content"], mode),
+                                     add_special_tokens=False)["input_ids"])
+            assert forced.choices[0].thinking_mode == mode and forced.usage.prompt_tokens == expected + n_forced
+
+
+def test_retention_questions_measure_what_the_base_knows(smollm2_dir, tmp_path):
+    """The 20 plain questions through the untouched base's chat template: it answers most, and comparing it
+    with itself keeps all it got right (the figure a fine-tuned model is held to)."""
+    from kat_core.eval.evaluate import compare, evaluate
+
+    report = evaluate(smollm2_dir, ["retention"], ["plain"], out_dir=tmp_path / "base", n_samples=0,
+                      max_new_tokens=40, progress=False)
+    accuracy = report["overall"]["plain"]["accuracy"]["greedy"]
+    print(f"\nSmolLM2-135M-Instruct, 20 retention questions, plain greedy: {accuracy:.2f}")
+    assert report["overall"]["plain"]["n"] == 20 and accuracy >= 0.5
+    same = compare(tmp_path / "base", tmp_path / "base", out_dir=tmp_path / "cmp", suites=["retention"],
+                   modes=["plain"], progress=False)
+    assert same["head_to_head"]["plain"]["kept"] == 1.0 and same["head_to_head"]["plain"]["b_only"] == 0

@@ -61,16 +61,33 @@ def test_greedy_equals_hf_generate(lm, fast):
     assert "length" in reasons and len({s.num_generated for s in ours}) > 1  # rows left at different steps
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "mistral-sliding-window"])
-def test_greedy_equals_hf_generate_on_other_architectures(tiny_tokenizer, arch):
+@pytest.mark.parametrize("arch", ["gpt2", "mistral-sliding-window", "llama-gqa"])
+def test_greedy_equals_hf_generate_on_other_architectures(tiny_tokenizer, arch, monkeypatch):
     """Any causal LM: GPT-2 (absolute positions) runs on the slab cache; a sliding-window model keeps its own
-    DynamicCache. Random weights are enough to compare token for token."""
-    from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+    DynamicCache; a grouped-query Llama (SmolLM2, Llama 3, Qwen) runs the fused decode step. Random weights are
+    enough to compare token for token."""
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+    )
 
+    from kat_core import rollout
+
+    fused = []
+    step = rollout._LlamaStep.__call__
+    monkeypatch.setattr(rollout._LlamaStep, "__call__", lambda self, *a: fused.append(1) or step(self, *a))
     tok = tiny_tokenizer
     torch.manual_seed(0)
     if arch == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128))
+    elif arch == "llama-gqa":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96,
+                                             num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                                             max_position_embeddings=128, attn_implementation="sdpa"))
     else:
         model = MistralForCausalLM(MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -85,6 +102,10 @@ def test_greedy_equals_hf_generate_on_other_architectures(tiny_tokenizer, arch):
                                  eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids(ANSWER_CLOSE)],
                                  pad_token_id=tok.pad_token_id)
         assert s.token_ids == out[0, ctx.shape[1]:].tolist()
+    assert bool(fused) == (arch == "llama-gqa")  # the other two decode through their own forward
+    if arch == "llama-gqa":  # one row alone: no padding, so no mask (SDPA's enable_gqa path)
+        (alone,) = generate(model, tok, prompts[:1], forced=forced[:1], temperature=0, max_new_tokens=12)
+        assert alone.token_ids == ours[0].token_ids
 
 
 def test_forced_modes_are_honoured(lm):

@@ -48,3 +48,52 @@ def test_extend_a_tokenizer_without_the_tags(tmp_path):
 def test_load_rejects_a_dir_without_tokenizer(tmp_path):
     with pytest.raises(KatError, match="no tokenizer"):
         load_tokenizer(tmp_path)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_requests_are_laid_out_through_the_chat_template_when_there_is_one(tiny_tokenizer):
+    import copy
+
+    from kat_core.chat import request_text
+    from kat_core.format import prompt_text
+    from kat_core.train.data import encode_example
+
+    # a tokenizer trained here has no template: the request and a newline, as the models were trained
+    assert request_text(tiny_tokenizer, " Compute 2+3. ") == prompt_text("Compute 2+3.") == "Compute 2+3.\n"
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Compute 1+1."},
+                    {"role": "assistant", "content": "2"}, {"role": "user", "content": "Compute 2+3."}]
+    assert request_text(tiny_tokenizer, conversation) == "Compute 2+3.\n"  # it only ever saw single requests
+
+    chat = copy.deepcopy(tiny_tokenizer)
+    chat.chat_template = CHATML
+    text = request_text(chat, conversation)
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nCompute 1+1.<|im_end|>\n"
+                    "<|im_start|>assistant\n2<|im_end|>\n<|im_start|>user\nCompute 2+3.<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    assert request_text(chat, "Compute 2+3.") == "<|im_start|>user\nCompute 2+3.<|im_end|>\n<|im_start|>assistant\n"
+    # training examples use the same layout: the template's tokens are the unweighted prompt
+    example = encode_example({"prompt": "Compute 2+3.", "completion": render("easy", "off", "5")}, chat)
+    prompt_ids = chat(request_text(chat, "Compute 2+3."), add_special_tokens=False)["input_ids"]
+    assert example.ids[: len(prompt_ids)] == prompt_ids and example.weights[: len(prompt_ids)] == [0.0] * len(
+        prompt_ids)
+
+
+def test_a_tokenizer_that_adds_a_bos_gets_it_in_the_layout(tiny_tokenizer):
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    from kat_core.chat import bos_text, request_text
+
+    assert bos_text(tiny_tokenizer) == ""  # ours adds none
+    llama_like = copy.deepcopy(tiny_tokenizer)
+    bos = llama_like.bos_token
+    llama_like.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, llama_like.bos_token_id)])
+    assert llama_like("a")["input_ids"][0] == llama_like.bos_token_id
+    assert request_text(llama_like, "Compute 2+3.") == f"{bos}Compute 2+3.\n"
+    ids = llama_like(request_text(llama_like, "Compute 2+3."), add_special_tokens=False)["input_ids"]
+    assert ids[0] == llama_like.bos_token_id and ids.count(llama_like.bos_token_id) == 1

@@ -10,8 +10,9 @@ accuracy, from which the oracles of `metrics.mode_selection` are measured when t
 temperature; greedy decoding, the default, values the modes by the greedy responses). A response is correct when it is
 well formed and the suite's verifier accepts its answer (math through math-verify, code in the sandbox).
 
-A fourth mode, "plain", asks what a base model can do before it speaks the grammar: the request goes through
-the model's own chat template (a user turn; the assistant's turn opened), nothing is forced, and the whole
+Every mode lays the request out as training does (`kat_core.chat`: the model's own chat template when its
+tokenizer has one, a user turn with the assistant's turn opened). A fourth mode, "plain", asks what a base
+model can do before it speaks the grammar: nothing is forced, and the whole
 response goes to the suite's verifier, which extracts the answer as it always does (arith: the stated final
 integer; math: math-verify). Plain is reported beside auto/on/off as a mode of its own; its `well_formed_rate`
 says how often the model wrote the grammar unasked. Malformed responses in auto/on/off stay counted there
@@ -33,10 +34,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kat_core.chat import request_text
 from kat_core.data.judge import judge_text
 from kat_core.errors import KatError
 from kat_core.eval.metrics import MODES, ItemResult, Outcome
-from kat_core.format import forced_prefix, parse, prompt_text
+from kat_core.format import forced_prefix, parse
 from kat_core.tasks.base import Item, Task
 
 log = logging.getLogger(__name__)
@@ -59,20 +61,9 @@ def forced_for(task: Task, item: Item, mode: str) -> str | None:
     return forced_prefix(judge_text(task.intent_features(item), mode), mode)
 
 
-def plain_prompt(tokenizer, prompt: str) -> str:
-    """`prompt` as one user turn through the tokenizer's chat template, the assistant's turn opened (the
-    prompt itself when the tokenizer has no template). The rollout lays it out as `prompt_text` does, which
-    keeps a ChatML template's text exactly (it ends in one newline)."""
-    if not getattr(tokenizer, "chat_template", None):
-        return prompt
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt.strip()}], tokenize=False,
-                                         add_generation_prompt=True)
-
-
-def _context(task: Task, item: Item, mode: str, tokenizer) -> tuple[str, str | None]:
-    """(prompt, forced prefix) of an item in an evaluation mode."""
-    if mode == PLAIN:
-        return plain_prompt(tokenizer, item.prompt), None
+def _context(task: Task, item: Item, mode: str) -> tuple[str, str | None]:
+    """(prompt, forced prefix) of an item in an evaluation mode. Every mode lays the prompt out the same way
+    (kat_core.chat: the model's chat template when it has one); plain only expects no grammar."""
     return item.prompt, forced_for(task, item, mode)
 
 
@@ -87,8 +78,8 @@ def fitting_items(task: Task, items: list[Item], tokenizer, modes: Sequence[str]
 
     kept = []
     for item in items:
-        longest = max(length(prompt_text(p)) + length(f or "") for p, f in (_context(task, item, m, tokenizer)
-                                                                         for m in modes))
+        longest = max(length(request_text(tokenizer, p)) + length(f or "")
+                      for p, f in (_context(task, item, m) for m in modes))
         if longest + max_new_tokens <= max_len:
             kept.append(item)
     return kept, len(items) - len(kept)
@@ -121,7 +112,7 @@ def run_suite(model, tokenizer, task: Task, items: list[Item], modes: Sequence[s
 
     # all modes in one rollout call: the engine drops finished rows, so short think-off rows and long
     # think-on rows share batches at no cost
-    contexts = [_context(task, it, m, tokenizer) for m in modes for it in items]
+    contexts = [_context(task, it, m) for m in modes for it in items]
     prompts, forced = [c[0] for c in contexts], [c[1] for c in contexts]
     greedy = generate(model, tokenizer, prompts, forced=forced, n=1, temperature=0.0,
                       max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, progress=progress)

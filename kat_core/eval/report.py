@@ -228,6 +228,9 @@ def head_to_head(items_a: dict[str, ItemResult], items_b: dict[str, ItemResult],
     for i in shared:
         a, b = items_a[i].greedy[mode].correct, items_b[i].greedy[mode].correct
         out["both" if a and b else "a_only" if a else "b_only" if b else "neither"] += 1
+    right_before = out["both"] + out["a_only"]
+    # of what A got right, the share B still gets right: what a fine-tuned B kept of its base A
+    out["kept"] = round(out["both"] / right_before, 4) if right_before else None
     return out
 
 
@@ -290,9 +293,10 @@ def render_comparison(c: dict[str, Any]) -> str:
                   f"{_f(r['a']['think_on_rate'])} | {_f(r['b']['think_on_rate'])} |" for r in c["levels"]]
     h2h = {m: v for m, v in c["head_to_head"].items() if v}
     if h2h:
-        lines += ["", "Greedy correctness item by item:", "", "| mode | only A | only B | both | neither |",
-                  "|---|---:|---:|---:|---:|"]
-        lines += [f"| {m} | {v['a_only']} | {v['b_only']} | {v['both']} | {v['neither']} |" for m, v in h2h.items()]
+        lines += ["", "Greedy correctness item by item (kept: of what A got right, the share B gets right too):", "",
+                  "| mode | only A | only B | both | neither | kept |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {m} | {v['a_only']} | {v['b_only']} | {v['both']} | {v['neither']} | {_f(v.get('kept'))} |"
+                  for m, v in h2h.items()]
     sel = c["mode_selection"]
     if sel["a"] and sel["b"]:
         lines += ["", f"Mode-selection agreement with the oracle: A {_f(sel['a']['agreement'])}, "

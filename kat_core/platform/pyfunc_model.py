@@ -41,7 +41,7 @@ class KatCheckpointModel(PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
         import torch
 
-        from kat_core.format import prompt_text
+        from kat_core.chat import request_text
 
         prompts = _prompts(model_input)
         max_new = int((params or {}).get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
@@ -51,7 +51,7 @@ class KatCheckpointModel(PythonModel):
         out = []
         # one prompt at a time: no padding to get wrong, and the registry check only needs a few prompts
         for prompt in prompts:
-            ids = tok(prompt_text(prompt), return_tensors="pt", add_special_tokens=False)
+            ids = tok(request_text(tok, prompt), return_tensors="pt", add_special_tokens=False)
             room = max_new if limit is None else max(1, min(max_new, limit - ids["input_ids"].shape[1]))
             with torch.no_grad():
                 gen = self.model.generate(**ids, max_new_tokens=room, do_sample=False,

@@ -25,13 +25,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kat_core.format import prompt_text
+from kat_core.chat import has_template, request_text
 from kat_core.serve.engine import BatchEngine, GenRequest
 from kat_core.serve.protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
     Split,
+    chat_messages,
     chat_prompt,
     check_supported,
     forced_for_request,
@@ -149,12 +150,16 @@ def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wai
     def encode(text: str) -> list[int]:
         return current["tokenizer"](text, add_special_tokens=False)["input_ids"]
 
-    def plan(prompt: str, req, max_tokens: int | None) -> tuple[GenRequest, int]:
-        """The engine request for one prompt, and its prompt tokens (a forced judge included: the server wrote
-        it); refuses what does not fit the context."""
+    def plan(prompt: str, req, max_tokens: int | None, conversation: list[dict] | None = None
+             ) -> tuple[GenRequest, int]:
+        """The engine request for one prompt (or a conversation ending with it, for a model with a chat
+        template), and its prompt tokens (a forced judge included: the server wrote it); refuses what does not
+        fit the context."""
         mode = thinking_mode(req)
         forced = forced_for_request(prompt, mode)
-        n_prompt = len(encode(prompt_text(prompt))) + (len(encode(forced)) if forced else 0)
+        tokenizer = current["tokenizer"]
+        request = conversation if conversation and has_template(tokenizer) else prompt
+        n_prompt = len(encode(request_text(tokenizer, request))) + (len(encode(forced)) if forced else 0)
         max_len = current["max_len"]
         room = max_len - n_prompt if max_len else None  # completion tokens the context has room for
         budget = max_tokens
@@ -166,7 +171,7 @@ def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wai
                            f"{', forced judge included' if forced else ''}, {max(budget, 1)} for the completion)",
                            param="max_tokens" if max_tokens is not None else "messages",
                            code="context_length_exceeded")
-        gen = GenRequest(prompt=prompt, forced=forced, n=req.n, max_new_tokens=budget,
+        gen = GenRequest(prompt=request, forced=forced, n=req.n, max_new_tokens=budget,
                          temperature=req.temperature, top_p=req.top_p, seed=req.seed)
         return gen, n_prompt
 
@@ -223,7 +228,8 @@ def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wai
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = await parse(request, ChatRequest)
-        gen, prompt_tokens = plan(chat_prompt(req.messages), req, req.max_completion_tokens or req.max_tokens)
+        gen, prompt_tokens = plan(chat_prompt(req.messages), req, req.max_completion_tokens or req.max_tokens,
+                                  chat_messages(req.messages))
         (samples,) = await run([gen])
         tokenizer = current["tokenizer"]
         splits = [split_sample(s, tokenizer, per_token=req.stream) for s in samples]

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GenRequest:
-    prompt: str
+    prompt: str | list[dict]  # a request, or a conversation for a model with a chat template
     forced: str | None
     n: int = 1
     max_new_tokens: int = 256

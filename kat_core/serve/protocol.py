@@ -10,9 +10,11 @@ honour are refused with a 400 rather than silently dropped: `stop`, `logprobs`, 
   not in `completion_tokens`, not shown in `reasoning_content` or the completion text), so `thinking: off`
   returns no reasoning and `max_tokens` bounds what the model generates in every mode, as evaluation's
   `max_new_tokens` does.
-- Chat messages become one request text: the content of the LAST user message (its text parts joined by
-  newlines). System, assistant and earlier user messages are not shown to the model: our models are trained
-  on single requests laid out by `format.prompt_text`, with no chat template.
+- Chat messages are laid out as training laid out requests (`kat_core.chat.request_text`): a model whose
+  tokenizer has a chat template (a pretrained base) sees the whole conversation through it, system prompt and
+  earlier turns included; a model without one (trained from scratch, on single requests) sees the content of
+  the LAST user message. Text parts of a message are joined by newlines; the forced judge of "on"/"off" is
+  written from the last user message.
 - `max_tokens` (or `max_completion_tokens`) bounds the completion as usage counts it: the generated tokens.
 
 Responses. Completion tokens are the generated tokens as the text shows them, without a final EOS token (it is
@@ -115,23 +117,38 @@ def thinking_mode(req: _Request) -> Thinking:
     return "auto"
 
 
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """The conversation as plain {"role", "content"} messages for a chat template (a developer message is a
+    system one); the last user message is checked as `chat_prompt` does."""
+    chat_prompt(messages)
+    out = []
+    for i, m in enumerate(messages):
+        if m.role == "tool":
+            raise APIError(400, "tool messages are not supported by this server", param=f"messages.{i}.role")
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": _message_text(m, i)})
+    return out
+
+
+def _message_text(m: ChatMessage, i: int) -> str:
+    if isinstance(m.content, str):
+        return m.content
+    if isinstance(m.content, list):
+        parts = []
+        for part in m.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, "only text content parts are supported", param=f"messages.{i}.content")
+            parts.append(part["text"])
+        return "\n".join(parts)
+    return ""
+
+
 def chat_prompt(messages: list[ChatMessage]) -> str:
     """The request text: the last user message (see the module doc)."""
     for i in range(len(messages) - 1, -1, -1):
         m = messages[i]
         if m.role != "user":
             continue
-        if isinstance(m.content, str):
-            text = m.content
-        elif isinstance(m.content, list):
-            parts = []
-            for part in m.content:
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise APIError(400, "only text content parts are supported", param=f"messages.{i}.content")
-                parts.append(part["text"])
-            text = "\n".join(parts)
-        else:
-            text = ""
+        text = _message_text(m, i)
         if not text.strip():
             raise APIError(400, "the last user message is empty", param=f"messages.{i}.content")
         return text

@@ -96,4 +96,4 @@ def get_task(name: str, **options: Any) -> Task:
 
 def _load_families() -> None:
     # importing the family modules registers them; kept lazy so `import kat_core.tasks` stays cheap
-    from kat_core.tasks import arith, code, mathbench  # noqa: F401
+    from kat_core.tasks import arith, code, mathbench, retention  # noqa: F401

@@ -1,6 +1,7 @@
 """Turn dataset records into packed training rows.
 
-Each example is `prompt_text(prompt) + completion + EOS`. Loss weights: 0 on the prompt (we do not
+Each example is `request_text(tokenizer, prompt) + completion + EOS` (kat_core.chat: the base's chat template
+when it has one). Loss weights: 0 on the prompt (we do not
 teach the model to write requests), 1 on the completion, `mode_token_weight` on the mode token so the
 model learns to choose `<think_on>`/`<think_off>` early. Examples are packed first-fit into rows of
 `seq_len` tokens without being split; position ids restart at each example, which transformers turns
@@ -13,7 +14,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from kat_core.format import THINK_OFF, THINK_ON, prompt_text
+from kat_core.chat import request_text
+from kat_core.format import THINK_OFF, THINK_ON
 
 
 @dataclass
@@ -23,7 +25,7 @@ class Example:
 
 
 def encode_example(record: dict[str, Any], tokenizer, mode_token_weight: float = 1.0) -> Example:
-    prompt_ids = tokenizer(prompt_text(record["prompt"]), add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(request_text(tokenizer, record["prompt"]), add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
     ids = prompt_ids + completion_ids + [tokenizer.eos_token_id]
     mode_ids = {tokenizer.convert_tokens_to_ids(THINK_ON), tokenizer.convert_tokens_to_ids(THINK_OFF)}

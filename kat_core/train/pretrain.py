@@ -219,6 +219,10 @@ def pretrain(
     if teacher is not None:
         teacher_model, teacher_cache, tokenizer = _load_teacher(Path(teacher))
     model, tokenizer, heads = build_student(model_cfg, records, tokenizer, config.seed)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and model_cfg.max_seq_len > context:  # a base's positions past its context were never trained
+        raise KatError(f"model.max_seq_len {model_cfg.max_seq_len} is longer than the context of "
+                       f"{model_cfg.base or 'the model'} ({context} tokens); set model.max_seq_len <= {context}")
 
     rows = packed_rows(records, tokenizer, model_cfg.max_seq_len, config.pretrain.mode_token_weight, config.seed)
     if teacher_cache is not None:

@@ -67,10 +67,11 @@ from pathlib import Path
 from typing import Any
 
 from kat_core.autothink import decide, mode_value, preference_off
+from kat_core.chat import request_text
 from kat_core.config import AutoThinkConfig, KatConfig, SrpoConfig
 from kat_core.data.judge import judge_text
 from kat_core.errors import KatError
-from kat_core.format import forced_prefix, parse, prompt_text
+from kat_core.format import forced_prefix, parse
 from kat_core.tasks.base import Item, Task
 
 log = logging.getLogger(__name__)
@@ -433,7 +434,7 @@ def _decision_tail(tokenizer, task: Task, item: Item) -> tuple[list[int], dict[s
     common = 0
     while common < min(map(len, arms.values())) and arms["on"][common] == arms["off"][common]:
         common += 1
-    return encode(prompt_text(item.prompt)), arms, common
+    return encode(request_text(tokenizer, item.prompt)), arms, common
 
 
 def _judge_split(s, mode_ids: tuple[int, int]) -> int:
