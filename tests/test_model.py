@@ -267,3 +267,39 @@ def test_bad_dirs_give_kat_errors(tiny_tokenizer, tiny, tmp_path):
     (out / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(KatError):
         load_checkpoint(out)
+
+
+def test_tags_on_a_padded_vocabulary_start_from_their_spelling():
+    """A base whose embedding table is longer than its tokenizer (a padded vocabulary) gives the new tags rows
+    no token ever trained: they start from their spelling all the same, not from those leftovers."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from kat_core.format import SPECIAL_TOKENS
+    from kat_core.model.lm import prepare_tokenizer
+
+    raw = Tokenizer(models.BPE(unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.train_from_iterator([" ".join(SPECIAL_TOKENS) + " think judge answer on off"] * 10,
+                            trainers.BpeTrainer(special_tokens=["[UNK]", "<eos>"], vocab_size=60))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", eos_token="<eos>")
+    before = len(tokenizer)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=before + 32, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32))
+    padded = model.get_input_embeddings().weight.detach().clone()
+    assert prepare_tokenizer(model, tokenizer) >= len(SPECIAL_TOKENS)
+    table = model.get_input_embeddings().weight.detach()
+    assert table.shape[0] == before + 32  # the padding had room: no resize
+    rows = []
+    for tag in SPECIAL_TOKENS:
+        row = tokenizer.convert_tokens_to_ids(tag)
+        pieces = tokenizer(tag, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        assert row >= before and pieces and max(pieces) < before
+        assert torch.allclose(table[row], padded[pieces].mean(dim=0))
+        rows.append(table[row])
+    normed = torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+    cosine = normed @ normed.T
+    assert (cosine - torch.eye(len(rows))).max() < 0.999  # eight distinct rows
+    assert torch.equal(table[:before], padded[:before])  # the old tokens' rows untouched

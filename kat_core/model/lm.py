@@ -75,12 +75,15 @@ def load_model(path_or_id: str | Path, tokenizer=None, dtype=None):
 
 def prepare_tokenizer(model, tokenizer) -> int:
     """Give `tokenizer` the grammar tags (and a pad token) and `model` rows for every token; returns how
-    many tokens were added. New tag rows start from their spelling (`init_tag_rows`)."""
+    many tokens were added. New tag rows start from their spelling (`init_tag_rows`), whether the embeddings
+    grew for them or they took rows a padded vocabulary had left unused (Qwen, Llama 3: rows past the
+    tokenizer's length that no token ever trained)."""
+    before = len(tokenizer)
     added = _ensure_tags(tokenizer)
-    rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
-        init_tag_rows(model, tokenizer, first_new=rows)
+    if added:
+        init_tag_rows(model, tokenizer, first_new=before)
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
         if model.generation_config is not None:
@@ -94,7 +97,8 @@ def init_tag_rows(model, tokenizer, first_new: int) -> list[str]:
     so set. HF's resize gives every new row the same vector (mean of the old rows plus ~1e-9 noise): eight tags
     the model cannot tell apart, `<think_on>` and `<think_off>` included, which a few steps do not separate.
     The spelling makes them distinct and puts each near what it means. Only rows at or past `first_new`
-    (the ones the resize added) change; a spelling without old sub-tokens keeps its row."""
+    (the tokenizer's length before the tags: rows no old token uses) change, and only from rows below it; a
+    spelling without old sub-tokens keeps its row."""
     import torch
 
     from kat_core.format import SPECIAL_TOKENS
