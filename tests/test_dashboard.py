@@ -201,7 +201,7 @@ def test_browser_submit_watch_report_schedule_compare_promote(server, browser):
     server.restart()
     expect(page.locator("h1 .status")).to_have_text("succeeded", timeout=RUN_TIMEOUT * 1000)
     stages = page.locator("table.compact").first.locator("tbody tr")
-    expect(stages).to_have_count(7)
+    expect(stages).to_have_count(8)  # configure, then the seven stages
     expect(page.locator("svg.timeline")).to_be_visible()
     expect(page.locator("svg.chart").first).to_be_visible()  # training curves
     expect(page.locator("#lineage")).to_contain_text("Registered as kat v1: champion")

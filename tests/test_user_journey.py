@@ -145,7 +145,8 @@ def test_smoke_quick_look_is_labelled_logged_and_kept_from_champion(tmp_path):
     run_id = json.loads(r.stdout)["run_id"]
     log = home / "runs" / run_id / "pipeline.log"
     assert lines[1] == f"run {run_id}: log {log}"
-    assert re.fullmatch(r"\s+synthesize\s+running \.\.\.", lines[2])
+    assert re.fullmatch(r"\s+configure\s+running \.\.\.", lines[2])  # the config checked, then the stages
+    assert any(re.fullmatch(r"\s+synthesize\s+running \.\.\.", ln) for ln in lines[3:6]), lines[:8]
     # per-stage progress: step/total, loss, elapsed and an ETA while steps remain
     progress = [ln for ln in lines if re.match(r"\s+pretrain\s+step \d+/6 · loss [\d.e-]+ · \d+s", ln)]
     assert progress and progress[-1].split()[2] == "6/6", r.stderr
