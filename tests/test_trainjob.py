@@ -412,8 +412,8 @@ def test_cluster_pipeline_with_trainjobs(tmp_path):
     images = {name: e["container"]["image"] for name, e in executors.items()}
     cuda, cpu = "ghcr.io/kat-platform/kat-cuda:2.0.1", "ghcr.io/kat-platform/kat:2.0.1"
     assert images == {"exec-configure": cpu, "exec-synthesize": cpu, "exec-validate": cpu,
-                      "exec-pretrain-teacher": cuda, "exec-pretrain": cuda, "exec-coldstart": cuda, "exec-srpo": cuda, "exec-evaluate": cpu,
-                      "exec-register": cpu}
+                      "exec-pretrain-teacher": cuda, "exec-pretrain": cuda, "exec-coldstart": cuda, "exec-srpo": cuda,
+                      "exec-evaluate": cpu, "exec-register": cpu}
     for name in ("exec-pretrain", "exec-pretrain-teacher", "exec-srpo"):
         container = executors[name]["container"]
         assert "accelerator" not in container.get("resources", {})
