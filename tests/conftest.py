@@ -1,4 +1,12 @@
+import json
+import os
+import subprocess
+import time
+from types import SimpleNamespace
+
 import pytest
+
+from tests.helpers import FAST, KAT
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +46,31 @@ def smollm2_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "base"
     import_model(gguf, out)
     return out
+
+
+# FAST with the promotion gate's floors on: the model that learned nothing is judged for real (and kept from
+# champion), as a new user's quick look would be
+SMOKE_RUN_OVERRIDES = [o for o in FAST if not o.startswith("registry.min_")]
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """One `kat run --profile smoke` at its smallest (SMOKE_RUN_OVERRIDES), run once per session for every test
+    that reads what a finished local run leaves: the user journey (its console, logs and run page) and the
+    pipeline's cache tests, which rerun it on the same KAT_HOME. Run from a folder of its own, with no KAT_HOME
+    or MLflow URI inherited. `home`, `out`, `cwd`, `env`, `args`, `result` (the CompletedProcess), `seconds`,
+    `run_id`, `record` (its run.json)."""
+    base = tmp_path_factory.mktemp("smoke_run")
+    home, out, cwd = base / "home", base / "out", base / "cwd"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("KAT_HOME", "MLFLOW_TRACKING_URI")}
+    env.update({"KAT_HOME": str(home), "OMP_NUM_THREADS": "1", "KAT_API_TOKEN": "journey-token-123"})
+    args = ["--profile", "smoke", "--out", str(out), *(a for o in SMOKE_RUN_OVERRIDES for a in ("--set", o))]
+    started = time.perf_counter()
+    result = subprocess.run([*KAT, "run", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    seconds = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = json.loads(result.stdout.strip().splitlines()[-1])["run_id"]
+    record = json.loads((home / "runs" / run_id / "run.json").read_text())
+    return SimpleNamespace(home=home, out=out, cwd=cwd, env=env, args=args, result=result, seconds=seconds,
+                           run_id=run_id, record=record)

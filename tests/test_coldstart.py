@@ -1,30 +1,31 @@
 """The majority-vote cold start: labels come from the model's own forced samples."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from kat_core.autothink import cell_of, preference_off
 from kat_core.config import AutoThinkConfig
 from kat_core.train.coldstart import label_items, summarize
+from tests.helpers import kat_here
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # a smoke-sized model that learns enough in two minutes to make the labels meaningful: levels 1 and 5 only, on
-# enough items that it cannot simply memorise them (the cold start's prompts are held out from pretraining)
+# enough items that it cannot simply memorise them (the cold start's prompts are held out from pretraining); no
+# MTP head (mtp_depth=0): the labels never read it, and it made each step about 1.5x slower (the MTP path is
+# tested in test_pretrain, and the cold start on an MTP checkpoint by the smoke pipeline runs)
 SETTINGS = [
     "synth.levels=[1,5]", "synth.families={arith: 1000}", "synth.pool=240", "model.hidden_size=128",
-    "model.num_heads=4", "model.intermediate_size=256", "train.steps=400", "train.lr=3e-3", "train.weight_decay=0.1",
+    "model.num_heads=4", "model.intermediate_size=256", "model.mtp_depth=0", "train.steps=400", "train.lr=3e-3",
+    "train.weight_decay=0.1",
     "train.micro_batch_size=16", "train.checkpoint_every=300", "coldstart.prompts=60", "coldstart.train.steps=10",
 ]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def kat(*args):
-    sets = [x for s in SETTINGS for x in ("--set", s)]
-    return subprocess.run([sys.executable, "-m", "kat_app.cli", *map(str, args), "-q", *sets],
-                          capture_output=True, text=True, env=ENV, timeout=900)
+    """`kat ARGS -q` with SETTINGS, in this process (the CLI's own entry point; no Python started per command)."""
+    return kat_here(*args, "-q", *(x for s in SETTINGS for x in ("--set", s)))
 
 
 def measured(acc_off, acc_on, tokens_off=10, tokens_on=40, answer="1"):

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,25 +21,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import FAST, ROOT, free_port  # FAST: the smoke pipeline at its smallest, every stage run
+
 SHOTS = ROOT / "tests" / "artifacts" / "dashboard"
 TOKEN = "test-token-4f8c2a9e7b1d"
 CHROMIUM = os.environ.get("KAT_CHROMIUM", "/usr/bin/chromium")
-# the smoke pipeline, smaller still: every stage runs, in about a minute on 2 cores
-FAST = ["train.steps=6", "train.checkpoint_every=6", "coldstart.prompts=6", "coldstart.k=1",
-        "coldstart.max_new_tokens=16", "coldstart.train.steps=2", "srpo.train.steps=1", "srpo.prompts_per_step=2",
-        "srpo.group_size=2", "srpo.max_new_tokens=16", "evaluate.limit=5", "evaluate.max_new_tokens=16",
-        "evaluate.n_samples=0",
-        # a few steps learn nothing: the promotion gate's floors would (rightly) keep every such model from
-        # champion; these runs exercise the promotion plumbing, so the floors are off
-        "registry.min_accuracy=0", "registry.min_well_formed=0"]
 RUN_TIMEOUT = 300
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Server:

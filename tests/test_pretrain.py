@@ -1,24 +1,22 @@
-"""Pretraining on the smoke profile, as the CLI runs it: MTP, distillation, resume and bad input."""
+"""Pretraining on the smoke profile, as the CLI runs it: MTP, distillation, resume and bad input.
+
+The training commands run in this process (`kat_here`: the CLI's own entry point, without starting a Python
+each time); the resume test kills a real `kat` subprocess."""
 
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from kat_core.config import load_config
 from kat_core.data.synth import synthesize
-from tests.helpers import kat_here
+from tests.helpers import KAT, kat_here
 
-KAT = [sys.executable, "-m", "kat_app.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def kat(*args, **kw):
-    return subprocess.run([*KAT, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=600, **kw)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def metrics(path):
@@ -35,7 +33,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher") / "ckpt"
-    r = kat("train", "pretrain", "--data", data, "--out", out, "-q", "--set", "train.steps=40",
+    r = kat_here("train", "pretrain", "--data", data, "--out", out, "-q", "--set", "train.steps=40",
             "--set", "model.hidden_size=96", "--set", "model.num_heads=3")
     assert r.returncode == 0, r.stderr
     return out
@@ -64,22 +62,22 @@ def test_losses_fall(teacher):
 
 
 def test_distillation_from_checkpoint_and_cache(data, teacher, tmp_path):
-    r = kat("train", "pretrain", "--data", data, "--out", tmp_path / "student", "--teacher", teacher, "-q",
+    r = kat_here("train", "pretrain", "--data", data, "--out", tmp_path / "student", "--teacher", teacher, "-q",
             "--set", "train.steps=25")
     assert r.returncode == 0, r.stderr
     kd = [m["kd"] for m in metrics(tmp_path / "student" / "metrics.jsonl")]
     assert kd[-1] < 0.7 * kd[0]  # the student moves toward its teacher
 
-    r = kat("train", "cache-teacher", "--teacher", teacher, "--data", data, "--out", tmp_path / "cache", "-q")
+    r = kat_here("train", "cache-teacher", "--teacher", teacher, "--data", data, "--out", tmp_path / "cache", "-q")
     assert r.returncode == 0, r.stderr
-    r = kat("train", "pretrain", "--data", data, "--out", tmp_path / "student2", "--teacher", tmp_path / "cache",
+    r = kat_here("train", "pretrain", "--data", data, "--out", tmp_path / "student2", "--teacher", tmp_path / "cache",
             "-q", "--set", "train.steps=25")
     assert r.returncode == 0, r.stderr
     kd2 = [m["kd"] for m in metrics(tmp_path / "student2" / "metrics.jsonl")]
     # a teacher checkpoint is run once over the rows by default: the same top-k as the cache file, same curve
     assert kd2 == pytest.approx(kd, rel=1e-4)
 
-    r = kat("train", "pretrain", "--data", data, "--out", tmp_path / "student3", "--teacher", teacher, "-q",
+    r = kat_here("train", "pretrain", "--data", data, "--out", tmp_path / "student3", "--teacher", teacher, "-q",
             "--set", "train.steps=25", "--set", "pretrain.teacher_once=false")  # full teacher logits every step
     assert r.returncode == 0, r.stderr
     kd3 = [m["kd"] for m in metrics(tmp_path / "student3" / "metrics.jsonl")]

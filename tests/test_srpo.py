@@ -29,6 +29,7 @@ from kat_core.train.srpo import (
     ppo_token_loss,
     step_srpo_advantages,
 )
+from tests.helpers import free_port, kat, kat_here
 from tests.tiny_autothink import tiny_checkpoint
 
 CRIT = AutoThinkConfig(token_cost=0.2, token_budget=100, delta=0.0)
@@ -267,7 +268,7 @@ def test_two_processes_end_with_the_same_weights(smoke_setup, tmp_path):
     config, overrides, data, ckpt = smoke_setup
     script = Path(__file__).parent / "srpo_two_ranks.py"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(_free_port()), str(script), str(ckpt), str(data), str(tmp_path / "out"), *overrides],
+                        str(free_port()), str(script), str(ckpt), str(data), str(tmp_path / "out"), *overrides],
                        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "srpo.json").read_text())
@@ -284,39 +285,28 @@ def _without_pool(data: Path, to: Path) -> Path:
     return to
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_cli_runs_each_algorithm_and_rejects_bad_input(smoke_setup, tmp_path):
     config, overrides, data, ckpt = smoke_setup
-    base = [sys.executable, "-m", "kat_app.cli", "train", "srpo", "--model", str(ckpt), "--data", str(data),
-            "--profile", "smoke", "-q"]
+    base = ["train", "srpo", "--model", ckpt, "--data", data, "--profile", "smoke", "-q"]
     sets = [x for o in overrides if "steps" not in o for x in ("--set", o)] + ["--set", "srpo.train.steps=2"]
     from kat_core.train.srpo import srpo
 
     for algo in ("grpo", "decoupled"):  # in-process: the same stage the CLI calls
         short = load_config("smoke", [*overrides, "srpo.train.steps=2"])
         assert srpo(short, ckpt, data, tmp_path / algo, algo=algo, progress=False)["algo"] == algo
-    r = subprocess.run(base + ["--algo", "adaptthink", "--out", str(tmp_path / "adaptthink")] + sets,
-                       capture_output=True, text=True)
+    r = kat(*base, "--algo", "adaptthink", "--out", tmp_path / "adaptthink", *sets)  # the real command
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "adaptthink" / "srpo.json").read_text())["algo"] == "adaptthink"
-    # bad input: one readable line, exit 1, nothing written
+    # bad input: one readable line, exit 1 (2 for a usage error), nothing written; in this process, as `kat` runs
     cases = [
         (["--algo", "ppo"], "ppo"),
-        (["--model", str(tmp_path / "missing")], "not a KAT checkpoint"),
-        (["--data", str(tmp_path)], "no train-"),
-        (["--data", str(_without_pool(data, tmp_path / "old-data"))], "no pool.jsonl"),
+        (["--model", tmp_path / "missing"], "not a KAT checkpoint"),
+        (["--data", tmp_path], "no train-"),
+        (["--data", _without_pool(data, tmp_path / "old-data")], "no pool.jsonl"),
     ]
     for extra, needle in cases:
         out = tmp_path / "bad"
-        args = base + ["--out", str(out)] + sets + extra
-        r = subprocess.run(args, capture_output=True, text=True)
-        assert r.returncode != 0 and needle in r.stderr, r.stderr
+        r = kat_here(*base, "--out", out, *sets, *extra)
+        assert r.returncode in (1, 2) and needle in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
         assert not out.exists()

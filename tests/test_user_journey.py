@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from pipelines.runlog import RunLog, clean_line
-from tests.helpers import FAST, KAT, ROOT
+from tests.helpers import KAT, ROOT
 
 CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("KAT_HOME", "MLFLOW_TRACKING_URI")}
 
@@ -127,16 +127,10 @@ def test_the_run_log_keeps_what_a_person_reads_and_the_debug_log_keeps_everythin
 
 
 @pytest.mark.slow
-def test_smoke_quick_look_is_labelled_logged_and_kept_from_champion(tmp_path):
-    home = tmp_path / "home"
-    # FAST without the line that turns the gate's floors off: the gate must judge this model for real
-    overrides = [o for o in FAST if not o.startswith("registry.min_")]
-    env = {**CLEAN_ENV, "KAT_HOME": str(home), "OMP_NUM_THREADS": "1", "KAT_API_TOKEN": "journey-token-123"}
-    args = [*KAT, "run", "--profile", "smoke", "--out", str(tmp_path / "out")]
-    for o in overrides:
-        args += ["--set", o]
-    r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_smoke_quick_look_is_labelled_logged_and_kept_from_champion(smoke_run):
+    # the session's smoke run (conftest): the smoke profile at its smallest, run from a folder of its own, with the
+    # promotion gate's floors on, so the gate judges this model for real
+    home, r = smoke_run.home, smoke_run.result
     lines = r.stderr.splitlines()
     # labelled at the start and at the end
     assert lines[0].startswith("profile smoke: a plumbing check") and "learns nothing" in lines[0], lines[:3]
