@@ -177,6 +177,9 @@ class PretrainConfig(_Strict):
     kd_temperature: float = Field(2.0, gt=0)
     mtp_lambda: float = Field(0.3, ge=0)
     mode_token_weight: float = Field(3.0, ge=1, description="extra CE weight on the mode token")
+    pack_len: int | None = Field(
+        None, ge=16, description="tokens per packed training row (None: model.max_seq_len); rows a few examples "
+        "long cost less attention per token than rows of the whole context")
     teacher_top_k: int = Field(32, ge=1, description="top-k teacher logits kept (teacher_once, cache-teacher)")
     teacher_once: bool = Field(True, description="run a teacher checkpoint once over the packed rows and distil "
                                "from its top-k logits (cheap over many epochs); False: full logits every step")

@@ -31,23 +31,31 @@ def test_levels_grade_in_what_a_direct_answer_must_do_silently():
     task = ArithTask()
     items = task.examples("train", n=500)
     by_level = {lvl: [i for i in items if i.difficulty == lvl] for lvl in LEVELS}
-    # levels 1-2 carry nothing (every digit is one fact), level 3 always carries, level 5 is the longest
-    assert all(carries(i.steps) == 0 for lvl in (1, 2) for i in by_level[lvl])
-    assert all(carries(i.steps) > 0 for i in by_level[3])
+    # levels 1-3 carry nothing (every digit is one fact), level 4 always carries, level 5 is the longest
+    assert all(carries(i.steps) == 0 for lvl in (1, 2, 3) for i in by_level[lvl])
+    assert all(carries(i.steps) > 0 for i in by_level[4])
+    assert all(len(i.steps) == 1 for i in by_level[1])  # a fact's trace restates it: thinking still costs
     mean_steps = {lvl: sum(len(i.steps) for i in its) / len(its) for lvl, its in by_level.items()}
-    assert all(mean_steps[lvl] >= 3 for lvl in LEVELS)  # thinking costs tokens at every level
+    assert all(mean_steps[lvl] >= 3 for lvl in (2, 3, 4, 5))  # the others are a few column steps
     assert mean_steps[5] > max(mean_steps[lvl] for lvl in (1, 2, 3, 4))
 
 
 def test_level_operands():
-    for item in ArithTask(levels=[1]).examples("train", n=50):
+    facts = ArithTask(levels=[1]).examples("train", n=50)
+    for item in facts:
         a, b = item.meta["operands"]
-        assert 10 <= a < 100 and b < 10 and item.meta["ops"] in (["+"], ["-"])
+        assert a < 10 and b < 10 and int(item.answer) >= 0
+    assert {op for item in facts for op in item.meta["ops"]} == {"+", "-", "*"}
     for item in ArithTask(levels=[2]).examples("train", n=50):
         a, b = item.meta["operands"]
+        assert 10 <= a < 100 and b < 10 and item.meta["ops"] in (["+"], ["-"])
+    for item in ArithTask(levels=[3]).examples("train", n=50):
+        a, b = item.meta["operands"]
         assert 10 <= a < 100 and 10 <= b < 100 and item.meta["ops"] in (["+"], ["-"])
-    for item in ArithTask(levels=[4]).examples("train", n=50):
-        assert sorted(len(str(x)) for x in item.meta["operands"]) == [1, 2] and item.meta["ops"] == ["*"]
+    products = ArithTask(levels=[5]).examples("train", n=100)
+    for item in products:
+        assert sorted(len(str(x)) for x in item.meta["operands"][:2]) == [1, 2] and item.meta["ops"][0] == "*"
+    assert {len(item.meta["ops"]) for item in products} == {1, 2}  # alone, or plus a two-digit number
 
 
 def test_the_answer_is_the_value_and_the_judge_names_the_carry():
@@ -57,8 +65,8 @@ def test_the_answer_is_the_value_and_the_judge_names_the_carry():
     plain = task.examples("test", n=50)
     for item in plain:
         assert task.answer_text(item) == item.answer
-    carried = next(i for i in plain if i.difficulty == 3)
-    no_carry = next(i for i in plain if i.difficulty == 1)
+    carried = next(i for i in plain if i.difficulty == 4)
+    no_carry = next(i for i in plain if i.difficulty == 2)
     assert "carries" in judge_text(task.intent_features(carried), "on")
     assert "carries" not in judge_text(task.intent_features(no_carry), "off")
     assert judge_text(task.intent_features(no_carry), "off").endswith(": direct")
@@ -72,9 +80,10 @@ def test_the_judge_counts_only_steps_that_compute():
     def judged(expression: str, level: int) -> str:
         return describe(task.intent_features(make_item(expression, level)))
 
-    # the tens of 47+2 only copies the 4 down: level 1 reads 2 steps, level 2 (47+21) 3
-    assert judged("47+2", 1) == "sum, 2 steps" and judged("47-3", 1) == "difference, 2 steps"
-    assert judged("47+21", 2) == "sum, 3 steps" and judged("47-23", 2) == "difference, 3 steps"
+    # the tens of 47+2 only copies the 4 down: level 2 reads 2 steps, level 3 (47+21) 3
+    assert judged("47+2", 2) == "sum, 2 steps" and judged("47-3", 2) == "difference, 2 steps"
+    assert judged("47+21", 3) == "sum, 3 steps" and judged("47-23", 3) == "difference, 3 steps"
+    assert judged("7*8", 1) == "product, 1 step"
     assert work_steps(solve("48+5")[1]) == 3  # a carry into the tens is work, not a copy
     assert work_steps(solve("43+50")[1]) == 2  # a copied units column is not work either
 
@@ -112,3 +121,10 @@ def test_check_step_rejects_slips():
 def test_unknown_split_is_a_readable_error():
     with pytest.raises(KatError, match="no split"):
         ArithTask().examples("validation")
+
+
+def test_a_product_column_adds_its_carry_in_its_own_step():
+    # the digit product, then the carry: the fused `4*6+4=28` was where the demo student's traces went wrong
+    assert solve("47*6") == (282, ["7*6=42 w2 c4", "4*6=24", "24+4=28 w28", "47*6=282"])
+    assert solve("6*47") == solve("47*6")
+    assert solve("32*3")[1] == ["2*3=6 w6", "3*3=9 w9", "32*3=96"]  # no carry, no extra step

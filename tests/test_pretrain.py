@@ -161,3 +161,18 @@ def test_rows_longer_than_the_base_context_are_refused(data, teacher, tmp_path):
         f"error: model.max_seq_len {context + 64} is longer than the context of {teacher} ({context} tokens); "
         f"set model.max_seq_len <= {context}")
     assert not (tmp_path / "o").exists()
+
+
+
+def test_rows_pack_to_pack_len_within_the_context(tiny_tokenizer):
+    from kat_core.config import load_config
+    from kat_core.train.pretrain import pack_len, packed_rows
+
+    records = [{"prompt": f"Compute {a}+{a}.", "completion": f"sum, 1 step: direct {2 * a}"} for a in range(40)]
+    config = load_config("smoke", ["pretrain.pack_len=64"])
+    assert pack_len(config, config.model) == 64
+    rows = packed_rows(records, tiny_tokenizer, pack_len(config, config.model), 3.0, 0)
+    assert rows["input_ids"].shape[1] == 64 and int(rows["weights"].gt(0).sum()) > 0
+    # never longer than the model's context, and the model's context when unset
+    wide = load_config("smoke", [f"pretrain.pack_len={config.model.max_seq_len + 100}"])
+    assert pack_len(wide, wide.model) == pack_len(load_config("smoke"), config.model) == config.model.max_seq_len

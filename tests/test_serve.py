@@ -246,7 +246,7 @@ def test_synthesis_openai_backend_runs_against_the_server(server, tmp_path):
     config = load_config("smoke", [
         "synth.agent_backend=openai", f"synth.openai.base_url={server.base_url}", "synth.openai.model=tiny",
         "synth.openai.api_key=test", "synth.families={arith: 6}", "synth.mirror_share=0", "synth.max_attempts=1",
-        "synth.levels=[3, 4, 5]",  # tagged think-on: every item goes through solver, thinker and critic
+        "synth.levels=[4, 5]",  # tagged think-on: every item goes through solver, thinker and critic
     ])
     m = synthesize(config, tmp_path / "d", progress=False)
     assert m["items"] == 6 and m["agent_backend"] == "openai"

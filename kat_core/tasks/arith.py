@@ -1,20 +1,22 @@
 """Synthetic arithmetic with graded difficulty, each item with a digit-level step-by-step trace.
 
 Levels (each step of a trace is one small operation a tiny model can learn):
-  1  two-digit plus or minus one digit, no carry         43+5, 48-6
-  2  two-digit plus or minus two-digit, no carry         43+25, 68-25
-  3  two-digit plus or minus one or two digits, carried  47+38, 52-7
-  4  two-digit times one-digit (either order)            47*6, 6*47
-  5  two-digit times one-digit, plus two-digit           47*6+38
+  1  one digit plus, minus or times one digit            7+8, 9-3, 7*6
+  2  two-digit plus or minus one digit, no carry         43+5, 48-6
+  3  two-digit plus or minus two-digit, no carry         43+25, 68-25
+  4  two-digit plus or minus one or two digits, carried  47+38, 52-7
+  5  two-digit times one digit, alone or plus two-digit  47*6, 6*47, 47*6+38
 
-The levels are calibrated for what a ~1M-parameter model can learn on 2 CPU cores in minutes: without
-a carry every digit of the result is one known fact, so a direct answer can be right (levels 1-2, level 2
-with twice the facts to get right at once); from level 3 up a direct answer must carry digits silently,
-which small models fail at, while the trace makes every carry an explicit step. Every level's trace is
-a few column steps, so thinking costs real tokens even where it is not needed (levels 1-2).
+The levels are calibrated for what a ~1M-parameter model can learn on 2 CPU cores in minutes: level 1 is
+a known fact, and without a carry every digit of the result is one known fact, so a direct answer can be
+right (levels 1-3, level 3 with twice the facts to get right at once); from level 4 up a direct answer must
+carry digits silently, which small models fail at, while the trace makes every carry an explicit step.
+Thinking costs tokens at every level: a fact's trace restates it, the others are a few column steps.
 
 Trace notation, per digit column (least significant first): `7+8=15 w5 c1` reads "write 5, carry 1";
-the last step of each operation states its result (`=85`). Train and test are disjoint by construction:
+the last step of each operation states its result (`=85`). A product column with a carry in is two
+steps, the digit product then the carry added (`4*6=24`, `24+4=28 w28`): measured on the demo student,
+the fused step (`4*6+4=28`) was where its traces went wrong (think-on 0.75 on products). Train and test are disjoint by construction:
 an expression belongs to the test split iff a hash of its text falls in the test bucket; a second bucket is the
 `pool` split, prompts for the cold start and RL that pretraining never sees.
 """
@@ -77,16 +79,21 @@ def sub_steps(a: int, b: int) -> tuple[int, list[str]]:
 
 
 def mul1_steps(a: int, d: int) -> tuple[int, list[str]]:
-    """Multi-digit times one digit, least significant digit first."""
+    """Multi-digit times one digit, least significant digit first; a carry in is added in its own step."""
     if a < 10:
         return a * d, [f"{a}*{d}={a * d}"]
     da = str(a)[::-1]
     steps, carry = [], 0
     for i, ch in enumerate(da):
-        p = int(ch) * d + carry
-        expr = f"{ch}*{d}" + (f"+{carry}" if carry else "")
-        carry = p // 10
+        product = int(ch) * d
+        p = product + carry
         last = i == len(da) - 1
+        if carry:  # the digit product first, then the carry: two facts, each one a small model knows
+            steps.append(f"{ch}*{d}={product}")
+            expr = f"{product}+{carry}"
+        else:
+            expr = f"{ch}*{d}"
+        carry = p // 10
         steps.append(f"{expr}={p} w{p}" if last else f"{expr}={p} w{p % 10}" + (f" c{carry}" if carry else ""))
     steps.append(f"{a}*{d}={a * d}")
     return a * d, steps
@@ -141,20 +148,37 @@ def _plus_minus(rng: random.Random, b_digits: int, carried: bool) -> tuple[str, 
             return expr, [a, b]
 
 
+def _fact(rng: random.Random) -> tuple[str, list[int]]:
+    """One digit plus, minus or times one digit (a minus never goes below zero; times skips 0 and 1)."""
+    op = rng.choice("+-*")
+    low = 2 if op == "*" else 0
+    a, b = rng.randint(low, 9), rng.randint(low, 9)
+    if op == "-" and a < b:
+        a, b = b, a
+    return f"{a}{op}{b}", [a, b]
+
+
+def _product(rng: random.Random) -> tuple[str, list[int]]:
+    """Two-digit times one digit (either order), half of them plus a two-digit number."""
+    a, d = rng.randint(10, 99), rng.randint(2, 9)
+    if rng.random() < 0.5:
+        c = rng.randint(10, 99)
+        return f"{a}*{d}+{c}", [a, d, c]
+    return (f"{a}*{d}" if rng.random() < 0.5 else f"{d}*{a}"), [a, d]
+
+
 def _level_expression(level: int, rng: random.Random) -> tuple[str, list[int]]:
     """A random expression of a level and its operands."""
     if level == 1:
-        return _plus_minus(rng, b_digits=1, carried=False)
+        return _fact(rng)
     if level == 2:
-        return _plus_minus(rng, b_digits=2, carried=False)
+        return _plus_minus(rng, b_digits=1, carried=False)
     if level == 3:
-        return _plus_minus(rng, b_digits=rng.choice((1, 2)), carried=True)
+        return _plus_minus(rng, b_digits=2, carried=False)
     if level == 4:
-        a, d = rng.randint(10, 99), rng.randint(2, 9)
-        return (f"{a}*{d}" if rng.random() < 0.5 else f"{d}*{a}"), [a, d]
+        return _plus_minus(rng, b_digits=rng.choice((1, 2)), carried=True)
     if level == 5:
-        a, d, c = rng.randint(10, 99), rng.randint(2, 9), rng.randint(10, 99)
-        return f"{a}*{d}+{c}", [a, d, c]
+        return _product(rng)
     raise ValueError(f"arith level must be one of {LEVELS}, not {level}")
 
 
@@ -258,7 +282,7 @@ class ArithTask(Task):
 
     def examples(self, split: str = "test", n: int | None = None, seed: int = 0) -> list[Item]:
         """Unique items of a split, spread evenly over the levels. A level whose expression space runs
-        out (level 1 has about 250 expressions) yields what it has and the others fill in."""
+        out (level 1 has about 220 expressions, level 2 about 800) yields what it has and the others fill in."""
         self._check_split(split)
         n = n if n is not None else _DEFAULT_TEST_PER_LEVEL * len(self.levels)
         # the seed and split pick the stream; the expression's hash alone decides its split

@@ -60,12 +60,17 @@ def packed_rows(records: list[dict[str, Any]], tokenizer, seq_len: int, mode_tok
     if rows.dropped:
         log.warning("%d examples longer than %d tokens were left out", rows.dropped, seq_len)
     if not rows.input_ids:
-        raise KatError(f"no example fits in model.max_seq_len={seq_len} tokens")
+        raise KatError(f"no example fits in a packed row of {seq_len} tokens (pretrain.pack_len, model.max_seq_len)")
     return {
         "input_ids": torch.tensor(rows.input_ids, dtype=torch.long),
         "position_ids": torch.tensor(rows.position_ids, dtype=torch.long),
         "weights": torch.tensor(rows.weights, dtype=torch.float32),
     }
+
+
+def pack_len(config: KatConfig, model_cfg: ModelConfig) -> int:
+    """Tokens per packed row: `pretrain.pack_len`, never more than the model's context."""
+    return min(config.pretrain.pack_len or model_cfg.max_seq_len, model_cfg.max_seq_len)
 
 
 def corpus(records: list[dict[str, Any]]) -> list[str]:
@@ -224,7 +229,7 @@ def pretrain(
         raise KatError(f"model.max_seq_len {model_cfg.max_seq_len} is longer than the context of "
                        f"{model_cfg.base or 'the model'} ({context} tokens); set model.max_seq_len <= {context}")
 
-    rows = packed_rows(records, tokenizer, model_cfg.max_seq_len, config.pretrain.mode_token_weight, config.seed)
+    rows = packed_rows(records, tokenizer, pack_len(config, model_cfg), config.pretrain.mode_token_weight, config.seed)
     if teacher_cache is not None:
         if not torch.equal(teacher_cache["input_ids"], rows["input_ids"]):
             raise KatError(f"teacher cache {teacher} was made for other data or packing; rebuild it with "
@@ -257,7 +262,7 @@ def pretrain(
     wrapped = LMWithMTP(model, heads)
     work = out_dir.parent / f".{out_dir.name}.work"
     log.info("pretraining %.2fM parameters on %d packed rows of %d tokens -> %s",
-             sum(p.numel() for p in wrapped.parameters()) / 1e6, n_rows, model_cfg.max_seq_len, out_dir)
+             sum(p.numel() for p in wrapped.parameters()) / 1e6, n_rows, rows["input_ids"].shape[1], out_dir)
     result = train(wrapped, make_loss_fn(config, teacher_model), batches, train_cfg, work,
                    progress=progress, seed=config.seed)
     if result.rank != 0:
@@ -326,7 +331,7 @@ def cache_teacher(config: KatConfig, teacher_dir: str | Path, data_dir: str | Pa
     model, cache, tokenizer = _load_teacher(teacher_dir)
     if model is None:
         raise KatError(f"{teacher_dir} is already a teacher cache; give the teacher checkpoint")
-    rows = packed_rows(check_dataset(data_dir), tokenizer, config.model.max_seq_len,
+    rows = packed_rows(check_dataset(data_dir), tokenizer, pack_len(config, config.model),
                        config.pretrain.mode_token_weight, config.seed)
     k, temperature = config.pretrain.teacher_top_k, config.pretrain.kd_temperature
     top = teacher_topk(model, rows, k, temperature, batch_size=batch_size, progress=progress)
