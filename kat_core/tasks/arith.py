@@ -16,9 +16,11 @@ Thinking costs tokens at every level: a fact's trace restates it, the others are
 Trace notation, per digit column (least significant first): `7+8=15 w5 c1` reads "write 5, carry 1";
 the last step of each operation states its result (`=85`). A product column with a carry in is two
 steps, the digit product then the carry added (`4*6=24`, `24+4=28 w28`): measured on the demo student,
-the fused step (`4*6+4=28`) was where its traces went wrong (think-on 0.75 on products). Train and test are disjoint by construction:
-an expression belongs to the test split iff a hash of its text falls in the test bucket; a second bucket is the
-`pool` split, prompts for the cold start and RL that pretraining never sees.
+the fused step (`4*6+4=28`) was where its traces went wrong (think-on 0.75 on products).
+
+Train and test are disjoint by construction: an expression belongs to the test split iff a hash of its text
+falls in the test bucket; a second bucket is the `pool` split, prompts for the cold start and RL that
+pretraining never sees.
 """
 
 from __future__ import annotations
