@@ -25,8 +25,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# `make run` has the machine to itself: training and sampling use every core (the stages' default is one
+# thread, the right choice on a shared, loaded machine; kat_core.util.cpu_threads). Set KAT_TORCH_THREADS to
+# override.
 run: $(STAMP)
-	$(BIN)/kat run --profile $(PROFILE) --out $(OUT)
+	KAT_TORCH_THREADS=$${KAT_TORCH_THREADS:-$$(nproc)} $(BIN)/kat run --profile $(PROFILE) --out $(OUT)
 
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q

@@ -34,21 +34,18 @@ def test_levels_grade_in_what_a_direct_answer_must_do_silently():
     # levels 1-3 carry nothing (every digit is one fact), level 4 always carries, level 5 is the longest
     assert all(carries(i.steps) == 0 for lvl in (1, 2, 3) for i in by_level[lvl])
     assert all(carries(i.steps) > 0 for i in by_level[4])
-    assert all(len(i.steps) == 1 for i in by_level[1])  # a fact's trace restates it: thinking still costs
     mean_steps = {lvl: sum(len(i.steps) for i in its) / len(its) for lvl, its in by_level.items()}
-    assert all(mean_steps[lvl] >= 3 for lvl in (2, 3, 4, 5))  # the others are a few column steps
+    assert all(mean_steps[lvl] >= 3 for lvl in LEVELS)  # thinking costs tokens at every level
     assert mean_steps[5] > max(mean_steps[lvl] for lvl in (1, 2, 3, 4))
 
 
 def test_level_operands():
-    facts = ArithTask(levels=[1]).examples("train", n=50)
-    for item in facts:
-        a, b = item.meta["operands"]
-        assert a < 10 and b < 10 and int(item.answer) >= 0
-    assert {op for item in facts for op in item.meta["ops"]} == {"+", "-", "*"}
-    for item in ArithTask(levels=[2]).examples("train", n=50):
+    for item in ArithTask(levels=[1]).examples("train", n=50):
         a, b = item.meta["operands"]
         assert 10 <= a < 100 and b < 10 and item.meta["ops"] in (["+"], ["-"])
+    for item in ArithTask(levels=[2]).examples("train", n=50):
+        a, b = item.meta["operands"]
+        assert 10 <= a < 100 and b % 10 == 0 and 10 <= b < 100 and item.meta["ops"] in (["+"], ["-"])
     for item in ArithTask(levels=[3]).examples("train", n=50):
         a, b = item.meta["operands"]
         assert 10 <= a < 100 and 10 <= b < 100 and item.meta["ops"] in (["+"], ["-"])
@@ -66,7 +63,7 @@ def test_the_answer_is_the_value_and_the_judge_names_the_carry():
     for item in plain:
         assert task.answer_text(item) == item.answer
     carried = next(i for i in plain if i.difficulty == 4)
-    no_carry = next(i for i in plain if i.difficulty == 2)
+    no_carry = next(i for i in plain if i.difficulty == 1)
     assert "carries" in judge_text(task.intent_features(carried), "on")
     assert "carries" not in judge_text(task.intent_features(no_carry), "off")
     assert judge_text(task.intent_features(no_carry), "off").endswith(": direct")
@@ -80,10 +77,11 @@ def test_the_judge_counts_only_steps_that_compute():
     def judged(expression: str, level: int) -> str:
         return describe(task.intent_features(make_item(expression, level)))
 
-    # the tens of 47+2 only copies the 4 down: level 2 reads 2 steps, level 3 (47+21) 3
-    assert judged("47+2", 2) == "sum, 2 steps" and judged("47-3", 2) == "difference, 2 steps"
+    # the tens of 47+2 only copies the 4 down: level 1 reads 2 steps, as the units of 47+20 (level 2) do;
+    # level 3 (47+21) 3
+    assert judged("47+2", 1) == "sum, 2 steps" and judged("47-3", 1) == "difference, 2 steps"
+    assert judged("47+20", 2) == "sum, 2 steps" and judged("47-20", 2) == "difference, 2 steps"
     assert judged("47+21", 3) == "sum, 3 steps" and judged("47-23", 3) == "difference, 3 steps"
-    assert judged("7*8", 1) == "product, 1 step"
     assert work_steps(solve("48+5")[1]) == 3  # a carry into the tens is work, not a copy
     assert work_steps(solve("43+50")[1]) == 2  # a copied units column is not work either
 

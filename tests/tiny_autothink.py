@@ -58,5 +58,5 @@ def tiny_checkpoint(base: Path, tokenizer) -> Path:
     from kat_core.tasks.arith import ArithTask
 
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_seq_len=256, mtp_depth=0)
-    # levels 2-4: three-step traces, the tiny model learns their shape quickly
-    return save_checkpoint(out, train_tiny(tokenizer, cfg, ArithTask(levels=[2, 3, 4])), tokenizer)
+    # levels 1, 3 and 4: three-step traces, the tiny model learns their shape quickly
+    return save_checkpoint(out, train_tiny(tokenizer, cfg, ArithTask(levels=[1, 3, 4])), tokenizer)

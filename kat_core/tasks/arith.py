@@ -1,17 +1,19 @@
 """Synthetic arithmetic with graded difficulty, each item with a digit-level step-by-step trace.
 
 Levels (each step of a trace is one small operation a tiny model can learn):
-  1  one digit plus, minus or times one digit            7+8, 9-3, 7*6
-  2  two-digit plus or minus one digit, no carry         43+5, 48-6
+  1  two-digit plus or minus one digit, no carry         43+5, 48-6
+  2  two-digit plus or minus whole tens, no carry        43+30, 86-40
   3  two-digit plus or minus two-digit, no carry         43+25, 68-25
   4  two-digit plus or minus one or two digits, carried  47+38, 52-7
   5  two-digit times one digit, alone or plus two-digit  47*6, 6*47, 47*6+38
 
-The levels are calibrated for what a ~1M-parameter model can learn on 2 CPU cores in minutes: level 1 is
-a known fact, and without a carry every digit of the result is one known fact, so a direct answer can be
-right (levels 1-3, level 3 with twice the facts to get right at once); from level 4 up a direct answer must
-carry digits silently, which small models fail at, while the trace makes every carry an explicit step.
-Thinking costs tokens at every level: a fact's trace restates it, the others are a few column steps.
+The levels are calibrated for what a ~1M-parameter model can learn on 2 CPU cores in minutes: without a
+carry every digit of the result is one known fact or a copied digit, so a direct answer can be right
+(levels 1-3: one fact and one copy, then two facts at once); from level 4 up a direct answer must carry
+digits silently, which small models fail at, while the trace makes every carry an explicit step. Every
+level's trace is a few column steps, so thinking costs real tokens even where it is not needed (levels 1-3).
+(One-digit facts as level 1 were tried: a fact held out for the test split is never a prompt in training,
+and the demo student answered them at 0.44 direct and 0.73 thinking.)
 
 Trace notation, per digit column (least significant first): `7+8=15 w5 c1` reads "write 5, carry 1";
 the last step of each operation states its result (`=85`). A product column with a carry in is two
@@ -150,14 +152,12 @@ def _plus_minus(rng: random.Random, b_digits: int, carried: bool) -> tuple[str, 
             return expr, [a, b]
 
 
-def _fact(rng: random.Random) -> tuple[str, list[int]]:
-    """One digit plus, minus or times one digit (a minus never goes below zero; times skips 0 and 1)."""
-    op = rng.choice("+-*")
-    low = 2 if op == "*" else 0
-    a, b = rng.randint(low, 9), rng.randint(low, 9)
-    if op == "-" and a < b:
-        a, b = b, a
-    return f"{a}{op}{b}", [a, b]
+def _plus_minus_tens(rng: random.Random) -> tuple[str, list[int]]:
+    """Two-digit a plus or minus whole tens, no carry or borrow: the units digit is copied, the tens is one fact."""
+    while True:
+        a, b, op = rng.randint(10, 99), 10 * rng.randint(1, 9), rng.choice("+-")
+        if (a // 10 + b // 10 <= 9) if op == "+" else (a >= b):
+            return f"{a}{op}{b}", [a, b]
 
 
 def _product(rng: random.Random) -> tuple[str, list[int]]:
@@ -172,9 +172,9 @@ def _product(rng: random.Random) -> tuple[str, list[int]]:
 def _level_expression(level: int, rng: random.Random) -> tuple[str, list[int]]:
     """A random expression of a level and its operands."""
     if level == 1:
-        return _fact(rng)
-    if level == 2:
         return _plus_minus(rng, b_digits=1, carried=False)
+    if level == 2:
+        return _plus_minus_tens(rng)
     if level == 3:
         return _plus_minus(rng, b_digits=2, carried=False)
     if level == 4:
@@ -284,7 +284,7 @@ class ArithTask(Task):
 
     def examples(self, split: str = "test", n: int | None = None, seed: int = 0) -> list[Item]:
         """Unique items of a split, spread evenly over the levels. A level whose expression space runs
-        out (level 1 has about 220 expressions, level 2 about 800) yields what it has and the others fill in."""
+        out (level 2 has about 400 expressions) yields what it has and the others fill in."""
         self._check_split(split)
         n = n if n is not None else _DEFAULT_TEST_PER_LEVEL * len(self.levels)
         # the seed and split pick the stream; the expression's hash alone decides its split
