@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -176,3 +177,27 @@ def test_rows_pack_to_pack_len_within_the_context(tiny_tokenizer):
     # never longer than the model's context, and the model's context when unset
     wide = load_config("smoke", [f"pretrain.pack_len={config.model.max_seq_len + 100}"])
     assert pack_len(wide, wide.model) == pack_len(load_config("smoke"), config.model) == config.model.max_seq_len
+
+
+def test_student_sweep_variants_load_and_one_recipe_runs_end_to_end(tmp_path):
+    """benchmarks/student_sweep.py: every built-in recipe is a valid demo config, and one (shrunk: 3 steps,
+    300 items, a 2-step teacher) goes through synthesis, teacher, distilled student and evaluation to a row
+    with all five levels."""
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.spec_from_file_location("student_sweep", "benchmarks/student_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    for variant in sweep.VARIANTS:
+        load_config("demo", [*variant["set"], *sweep.FP32])
+    shrink = ["train.steps=3", "pretrain.teacher_train.steps=2", "synth.families={arith: 300}", "synth.pool=0"]
+    variants = tmp_path / "v.yaml"
+    variants.write_text(yaml.safe_dump([{"name": "tiny", "set": [*sweep.DISTILLED, *shrink]}]))
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "benchmarks/student_sweep.py", "--variants", variants, "--out", out,
+                    "--limit", "10"], check=True, env=ENV, capture_output=True, timeout=300)
+    row = json.loads((out / "tiny-s0.json").read_text())
+    assert sorted(row["levels"]) == ["1", "2", "3", "4", "5"]
+    assert row["work"] > 0 and set(row["tokens"]) == {"on", "off", "auto"}
