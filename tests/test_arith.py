@@ -84,6 +84,12 @@ def test_the_judge_counts_only_steps_that_compute():
     assert judged("47+21", 3) == "sum, 3 steps" and judged("47-23", 3) == "difference, 3 steps"
     assert work_steps(solve("48+5")[1]) == 3  # a carry into the tens is work, not a copy
     assert work_steps(solve("43+50")[1]) == 2  # a copied units column is not work either
+    # a result shorter or longer than the operands is named (the digit a direct answer drops or adds);
+    # products always grow and are not
+    assert judged("66-61", 3) == "difference, 3 steps, 1-digit result"
+    assert judged("47-40", 2) == "difference, 2 steps, 1-digit result"
+    assert judged("23+85", 3) == "sum, 3 steps, 3-digit result"
+    assert judged("47*6", 5) == describe({**task.intent_features(make_item("47*6", 5)), "result_digits": None})
 
 
 def test_splits_are_disjoint_and_deterministic():

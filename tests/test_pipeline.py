@@ -221,7 +221,8 @@ def test_failed_validation_stops_before_training(tmp_path):
             env={"KAT_HOME": str(tmp_path / "home")})
     assert r.returncode == 1
     last = r.stderr.strip().splitlines()[-1]
-    failed = re.match(r"error: run local-\S+ failed at validate: validation failed: mode\.share \(observed (0\.\d+)", last)
+    failed = re.match(r"error: run local-\S+ failed at validate: validation failed: mode\.share "
+                      r"\(observed (0\.\d+)", last)
     assert failed and float(failed.group(1)) < 0.49, last
     (run_dir,) = (tmp_path / "home" / "runs").iterdir()
     record = json.loads((run_dir / "run.json").read_text())

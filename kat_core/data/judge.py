@@ -20,7 +20,13 @@ def describe(features: dict[str, Any]) -> str:
         steps = features.get("steps", 0)
         # the carry is what a direct answer cannot do silently: the one feature the mode hinges on
         carried = ", carries" if features.get("carries") else ""
-        return f"{what}, {steps} step{'s' if steps != 1 else ''}{carried}"
+        # a sum or difference whose result is shorter or longer than its operands (66-61=5, 23+85=108): the
+        # digit a direct answer must drop or add silently; measured as where the demo student's direct
+        # answers failed at levels 2-3 (9 of its 10 misses there were differences whose tens cancel)
+        digits, longest = features.get("result_digits"), features.get("max_digits")
+        odd_length = "*" not in ops and digits and longest and digits != longest
+        length = f", {digits}-digit result" if odd_length else ""
+        return f"{what}, {steps} step{'s' if steps != 1 else ''}{carried}{length}"
     parts = [str(features.get("family", "task"))]
     if features.get("difficulty"):
         parts.append(f"level {features['difficulty']}")

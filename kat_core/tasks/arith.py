@@ -349,6 +349,7 @@ class ArithTask(Task):
             "max_digits": max((len(str(x)) for x in operands), default=0),
             "carries": carries(item.steps),
             "operands": operands,
+            "result_digits": len(item.answer.lstrip("-")),
         }
 
 
