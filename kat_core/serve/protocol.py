@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kat_core.format import SPECIAL_TOKENS, THINK_OFF, THINK_ON, THINK_OPEN, forced_prefix, token_segments
+from kat_core.format import SPECIAL_TOKENS, THINK_OPEN, forced_prefix, parse, token_segments
 
 Thinking = Literal["auto", "on", "off"]
 
@@ -225,12 +225,12 @@ def split_response(ids: list[int], tokenizer, *, per_token: bool = False, prefil
                 pieces.append((run_channel, rest))
         run, emitted = [], ""
 
-    mode = None
+    # the mode is the one the grammar reads (the mode token right after the judge), as evaluation's `parse` reads
+    # it: a mode token elsewhere in a malformed response is not a choice of mode
+    mode = parse(tokenizer.decode(ids, skip_special_tokens=False)).mode
     has_answer = "answer" in labels
     for k, (tok, label) in enumerate(zip(ids, labels, strict=True)):
         tag = by_id.get(tok)
-        if tag in (THINK_ON, THINK_OFF) and mode is None:
-            mode = "on" if tag == THINK_ON else "off"
         if k < prefilled:
             continue
         if tag is not None:
