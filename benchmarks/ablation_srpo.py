@@ -49,6 +49,8 @@ def row(name: str, seed: int | str, report: dict, seconds: float) -> dict:
         "cell_acc": sel["feature_cell"]["oracle"]["accuracy"],
         "regret": sel["feature_cell"]["regret"]["value"],
         "levels": {lvl: v["auto"]["think_on_rate"] for lvl, v in sorted(levels.items())},
+        "disagree": [(cell, c) for cell, c in sel["feature_cell"].get("by_cell", {}).items()
+                     if abs(c["auto_think_on_rate"] - (c["oracle"] == "on")) >= 0.25],
         "seconds": seconds,
     }
 
@@ -74,6 +76,14 @@ def print_table(rows: list[dict]) -> None:
         print("| " + " | ".join(cells) + " |", flush=True)
     print("checks: auto acc >= on - 0.01 | tokens <= 0.70 x on | within 0.03 x on of the feature-cell oracle | "
           "regret <= cold start's", flush=True)
+
+
+def print_disagreements(r: dict) -> None:
+    """The feature cells where auto's think-on rate is >= 0.25 away from the cell oracle's mode."""
+    for cell, c in r["disagree"]:
+        print(f"  {r['algo']} {r['seed']}: {cell!r} (n {c['n']}): oracle {c['oracle']} "
+              f"(mean V_off - V_on + delta {c['preference_off']:+.3f}), auto thinks on {c['auto_think_on_rate']:.2f}",
+              flush=True)
 
 
 def print_spread(rows: list[dict]) -> None:
@@ -109,7 +119,9 @@ def main() -> None:
     from kat_core.errors import KatError
     from kat_core.model.checkpoint import check_checkpoint
     from kat_core.train.srpo import srpo
+    from kat_core.util import cpu_threads
 
+    cpu_threads()  # the stages' thread policy: two runs side by side on 2 cores would otherwise fight over them
     try:
         check_checkpoint(args.model)
         if not args.data.is_dir():
@@ -124,6 +136,7 @@ def main() -> None:
         rows.append(row("cold start", "-", evaluate_model(args.model, root / "eval-cold", args.limit, args.eval_seed,
                                                           criterion), 0.0))
         print_table(rows)
+        print_disagreements(rows[0])
         for seed in args.seeds:
             for algo in args.algos:
                 config = load_config(args.profile, [f"seed={seed}", f"srpo.algo={algo}", *args.overrides])
@@ -135,6 +148,7 @@ def main() -> None:
                 rows.append(row(algo, seed, report, seconds))
                 print(f"{algo} seed {seed}: done in {seconds:.0f} s", flush=True)
                 print_table(rows[:1] + rows[-1:])  # the row so far, under the cold start's
+                print_disagreements(rows[-1])
     print()
     print_table(rows)
     print_spread(rows)

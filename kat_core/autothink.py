@@ -45,16 +45,42 @@ def cell_of(features: dict[str, Any]) -> str:
     return f"L{level} {describe(features)}" if level is not None else describe(features)
 
 
+class CellTally:
+    """Running preferences per feature cell: the mean `preference_off` of a cell's prompts so far, or its
+    level's mean while the cell has fewer than `min_cell` of them (too few prompts to tell it apart)."""
+
+    def __init__(self, min_cell: int = 1) -> None:
+        self.min_cell = min_cell
+        self._cell: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        self._level: dict[int, list[float]] = defaultdict(lambda: [0.0, 0])
+        self._level_of: dict[str, int] = {}
+
+    def add(self, cell: str, level: int, pref: float) -> None:
+        for tally in (self._cell[cell], self._level[level]):
+            tally[0] += pref
+            tally[1] += 1
+        self._level_of[cell] = level
+
+    def count(self, cell: str) -> int:
+        return int(self._cell[cell][1]) if cell in self._cell else 0
+
+    def preference(self, cell: str) -> float:
+        total, n = self._cell[cell] if self.count(cell) >= self.min_cell else self._level[self._level_of[cell]]
+        return total / n
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """{cell: {n, preference_off (the one the decision uses), mode}}, for the RL stage's report."""
+        return {cell: {"n": self.count(cell), "preference_off": round(self.preference(cell), 4),
+                       "mode": decide(self.preference(cell))} for cell in sorted(self._cell)}
+
+    def modes(self) -> dict[str, str]:
+        return {cell: decide(self.preference(cell)) for cell in self._cell}
+
+
 def cell_modes(rows: Iterable[tuple[str, int, float]], min_cell: int = 1) -> dict[str, str]:
     """{cell: mode} from (cell, level, preference_off) rows: the sign of the cell's mean preference; a cell
-    with fewer than `min_cell` rows takes its level's verdict (too few prompts to tell it apart)."""
-    by_cell: dict[str, list[float]] = defaultdict(list)
-    by_level: dict[int, list[float]] = defaultdict(list)
-    level_of: dict[str, int] = {}
+    with fewer than `min_cell` rows takes its level's verdict."""
+    tally = CellTally(min_cell)
     for cell, level, pref in rows:
-        by_cell[cell].append(pref)
-        by_level[level].append(pref)
-        level_of[cell] = level
-    return {cell: decide(sum(prefs) / len(prefs) if len(prefs) >= min_cell
-                         else sum(by_level[level_of[cell]]) / len(by_level[level_of[cell]]))
-            for cell, prefs in by_cell.items()}
+        tally.add(cell, level, pref)
+    return tally.modes()

@@ -200,8 +200,8 @@ class AutoThinkConfig(_Strict):
     decoding: Literal["greedy"] | float = Field(
         "greedy", description="the decoding the modes are valued under: greedy (as the evaluation decodes), "
         "or a sampling temperature > 0 (then the mean over the samples drawn at it)")
-    min_cell: int = Field(4, ge=1, description="cold start: a feature cell with fewer measured prompts takes "
-                          "its level's verdict")
+    min_cell: int = Field(4, ge=1, description="cold start and RL (decision_target cell): a feature cell with "
+                          "fewer measured prompts takes its level's verdict")
 
     @field_validator("decoding")
     @classmethod
@@ -248,7 +248,17 @@ class SrpoConfig(_Strict):
                                   "mode (they train both modes' answers)")
     policy_samples: int = Field(2, ge=0, description="step_srpo: answers per prompt in the mode the policy picks")
     group_size: int = Field(8, ge=2, description="grpo, decoupled, adaptthink: G samples per prompt")
-    decision_weight: float = Field(1.0, ge=0, description="step_srpo, adaptthink: weight of the decision loss")
+    decision_weight: float = Field(0.3, ge=0, description="step_srpo, adaptthink: weight of the decision loss "
+                                   "(measured: 1.0 moved level 4 further from the cold start's decisions, README)")
+    decision_target: Literal["cell", "prompt"] = Field(
+        "cell", description="step_srpo: the decision advantage of a prompt is its feature cell's mean preference "
+        "over the whole RL pool, measured on the starting policy before the first step (cell: what a mode "
+        "selector can act on, the same for every seed), or the prompt's own, measured in its rollout (prompt: a "
+        "rare miss pushes its whole level)")
+    decision_weighting: Literal["value", "sign"] = Field(
+        "value", description="step_srpo: each prompt's decision loss weighs |A_dec| (value: the regret at stake), "
+        "or 1 towards the better arm (sign: steadier decisions, but measured to cost level 4's direct answers "
+        "accuracy, README)")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip range for the importance ratio")
     kl_beta: float = Field(0.05, ge=0, description="weight of the exact KL to the reference (0: no reference)")
     control_weight: float = Field(1.0, ge=0, description="decoupled: weight of the control-token loss")

@@ -98,6 +98,9 @@ def test_oracles_and_mode_selection_by_hand(hand_made):
     assert cell["cells"] == 2
     assert cell["oracle"] == {"accuracy": 0.6667, "mean_tokens": 33.33, "think_on_rate": 0.6667, "value": 0.6}
     assert cell["agreement"] == 0.6667 and cell["regret"] == {"accuracy": 0.0, "tokens": 0.0, "value": 0.0}
+    assert cell["by_cell"] == {  # per cell: what the oracle picks, by how much, and what auto did
+        "L1": {"n": 1, "oracle": "off", "preference_off": 0.04, "auto_think_on_rate": 0.0, "auto_none_rate": 0.0},
+        "L2": {"n": 2, "oracle": "on", "preference_off": -0.43, "auto_think_on_rate": 0.5, "auto_none_rate": 0.5}}
     # delta: think-off may give up that much value and still be right
     assert mode_selection(hand_made, crit.model_copy(update={"delta": 1.0}))["oracle"]["think_on_rate"] == 0.0
     # under a sampling criterion the samples are the outcomes: A's off samples are right half the time

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kat_core.autothink import CellTally, cell_of
 from kat_core.config import AutoThinkConfig, SrpoConfig, load_config
 from kat_core.rollout import Sample
 from kat_core.train.srpo import (
@@ -26,6 +27,7 @@ from kat_core.train.srpo import (
     grpo_advantages,
     make_loss_fn,
     normalise,
+    pool_decisions,
     ppo_token_loss,
     step_srpo_advantages,
 )
@@ -105,6 +107,51 @@ def test_decision_loss_finds_the_cells_summed_preference():
         assert ("off" if got >= 0 else "on") == expected, (prefs, got)
     # a decided prompt costs nothing more: the loss falls to 0 as the better arm's probability goes to 1
     assert float(decision_loss(torch.tensor([-20.0]), torch.tensor([20.0]), torch.tensor([0.5]))) < 1e-9
+
+
+def test_pooled_targets_make_a_cell_decide_firmly():
+    """Per-prompt targets leave a near-tie cell at a soft decision (24 prompts at +0.05 and
+    one miss at -0.93, p_off = 0.56): a little noise flips its greedy choice. Pooled by cell, every prompt pushes the
+    same way and the cell's log-odds keep growing."""
+    prefs = [0.05] * 24 + [-0.93]
+
+    def trained_margin(targets: list[float]) -> float:
+        margin = torch.zeros((), requires_grad=True)
+        opt = torch.optim.SGD([margin], lr=2.0)
+        for _ in range(400):
+            opt.zero_grad()
+            decision_loss(torch.zeros(len(targets)), margin.expand(len(targets)), torch.tensor(targets)).mean().backward()
+            opt.step()
+        return float(margin.detach())
+
+    soft = trained_margin(prefs)
+    assert soft == pytest.approx(math.log(24 * 0.05 / 0.93), abs=0.05)  # the soft optimum, p_off = 0.56
+    mean = sum(prefs) / len(prefs)
+    assert trained_margin([mean] * len(prefs)) > 3 * soft
+    # weighted by sign, not |A|: a cell that loses by 0.05 pushes as hard as one that wins by 0.9
+    near, far = (float(decision_loss(torch.zeros(1), torch.zeros(1), torch.tensor([a]), by_sign=True)) for a in (0.05, 0.9))
+    assert near == far == pytest.approx(math.log(2))
+
+
+def test_decisions_pool_by_feature_cell():
+    """Every prompt of a cell gets the cell's mean preference (one miss in four makes the cell think); a cell
+    with fewer than min_cell prompts gets its level's mean."""
+    from kat_core.tasks.arith import ArithTask
+
+    task = ArithTask()
+    by_cell: dict[str, list] = {}
+    for it in task.examples("pool", n=400):
+        by_cell.setdefault(cell_of(task.intent_features(it)), []).append(it)
+    l4 = sorted((c for c in by_cell if c.startswith("L4")), key=lambda c: -len(by_cell[c]))
+    big, lone = by_cell[l4[0]][:4], by_cell[l4[1]][:1]
+    tally = CellTally(min_cell=3)
+    for it, pref in zip(big + lone, (0.05, 0.05, 0.05, -0.93, 0.5), strict=True):
+        tally.add(cell_of(task.intent_features(it)), it.difficulty, pref)
+    advs = [Advantages(judge=[], response=[], decision=1.0) for _ in range(5)]
+    pool_decisions([(task, it) for it in big + lone], advs, tally)
+    assert [a.decision for a in advs] == pytest.approx([-0.195] * 4 + [(0.15 - 0.93 + 0.5) / 5])
+    assert tally.summary()[l4[0]] == {"n": 4, "preference_off": -0.195, "mode": "on"}
+    assert tally.summary()[l4[1]]["n"] == 1
 
 
 def test_ppo_clipping_numerically():
@@ -256,6 +303,12 @@ def test_short_run_follows_the_criterion(smoke_setup, tmp_path):
     assert lines[0]["kl"] == 0.0 and lines[0]["clip_frac"] == 0.0  # one dtype: ratio 1 and KL 0 at the start
     assert summary["algo"] == "step_srpo" and summary["probe"]["decide_regret"] <= probes[0]["decide_regret"]
     assert summary["probe"]["decide_regret"] <= 0.05, summary["probe"]
+    # the census measured every RL prompt of the pool once: its cells are the decision's targets
+    from kat_core.train.srpo import load_prompts, split_probe
+
+    rl = split_probe(load_prompts(config, data), config.srpo.probe_per_level)[1]
+    assert sum(c["n"] for c in summary["cells"].values()) == len(rl)
+    assert {c["mode"] for c in summary["cells"].values()} <= {"on", "off"}
     # a checkpoint plain transformers loads
     from transformers import AutoModelForCausalLM
 

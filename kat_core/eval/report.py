@@ -30,7 +30,9 @@ report.json, schema "kat-eval-report/1":
                  # the hindsight (per-item) oracle under the original keys
                  "oracle": ORACLE, "agreement", "regret": {"accuracy", "tokens", "value"},
                  "confusion": {"oracle_off"|"oracle_on": {"chose_off", "chose_on", "chose_none"}},
-                 "feature_cell": {"oracle": ORACLE, "agreement", "regret", "cells"}}      (see metrics.py)
+                 "feature_cell": {"oracle": ORACLE, "agreement", "regret", "cells",
+                                  "by_cell": {cell: {"n", "oracle", "preference_off", "auto_think_on_rate",
+                                                     "auto_none_rate"}}}}      (see metrics.py)
     ORACLE = {"accuracy", "mean_tokens", "think_on_rate", "value"}
 
 The promotion gate (`platform.registry.summary_from_report`) reads `overall.auto.accuracy.greedy`,
@@ -163,7 +165,18 @@ def _selection_lines(sel: dict[str, Any] | None) -> list[str]:
         "|---|---:|---:|---:|",
         *(f"| {k.removeprefix('oracle_')} | {v['chose_off']} | {v['chose_on']} | {v['chose_none']} |"
           for k, v in c.items()),
+        *_cell_lines((sel.get("feature_cell") or {}).get("by_cell")),
     ]
+
+
+def _cell_lines(by_cell: dict[str, Any] | None) -> list[str]:
+    """Per feature cell: its size, the oracle's mode and margin, and how often auto thought."""
+    if not by_cell:
+        return []
+    return ["", "| feature cell | items | mean V_off - V_on + delta | cell oracle | auto think-on |",
+            "|---|---:|---:|---|---:|",
+            *(f"| {cell} | {c['n']} | {c['preference_off']:+.3f} | {c['oracle']} | {_f(c['auto_think_on_rate'])} |"
+              for cell, c in by_cell.items())]
 
 
 def render_markdown(report: dict[str, Any]) -> str:

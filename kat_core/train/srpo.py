@@ -19,9 +19,16 @@ temperature), which gives the prompt's preference (kat_core.autothink, the one d
 
     L_dec = -|A_dec| * log p_better,   better = off if A_dec >= 0 else on
 
-Both arms are measured, so no decision is sampled and none needs an importance weight; over the prompts of
-a feature cell the loss is minimised where the greedy decision is the sign of the cell's summed A_dec, the
-feature-cell oracle of the evaluation (kat_core.eval.metrics). A sample's own correctness never enters its
+Both arms are measured, so no decision is sampled and none needs an importance weight. With
+`decision_target: cell` (the default), a prompt's A_dec is its feature cell's mean preference over the whole
+RL pool, measured once (greedy, both modes) on the starting policy before the first step (`census`; a cell
+with fewer than `autothink.min_cell` prompts takes its level's mean): every prompt of a cell pushes the same
+way, towards the evaluation's feature-cell oracle (kat_core.eval.metrics), and every seed aims at the same
+cells. With `decision_weighting: sign` each prompt's loss weighs 1 instead of |A_dec|. With per-prompt targets (`prompt`) the loss is minimised at a *soft* decision,
+p_off = (sum of A_dec > 0) / (sum of |A_dec|) over the cell, so a cell near the tie sits at p ~ 1/2 and its
+greedy decision flips with a seed; and a rare miss of a direct answer (|A_dec| ~ 1 against ~ 0.05 for each
+prompt where both modes are right) pushed whole levels towards thinking (measured: level 4's think-on rate
+0.45-0.90 over six seeds where its cells' oracle is think-off). A sample's own correctness never enters its
 mode reward, and the verdict does not depend on how often the policy picks a mode.
 The response segment of every sampled response (N forced per mode and the policy's own choices) gets the
 answer advantage, mean-centred within the prompt's same-mode samples (forced ones included, so the mode the
@@ -66,7 +73,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kat_core.autothink import decide, mode_value, preference_off
+from kat_core.autothink import CellTally, cell_of, decide, mode_value, preference_off
 from kat_core.chat import request_text
 from kat_core.config import AutoThinkConfig, KatConfig, SrpoConfig
 from kat_core.data.judge import judge_text
@@ -214,12 +221,13 @@ def exact_kl(logp_all, ref_logp_all):
     return (torch.exp(logp_all) * (logp_all - ref_logp_all)).sum(-1)
 
 
-def decision_loss(l_on, l_off, pref):
-    """-|A_dec| * log p_better per prompt (tensors of shape (P,)): the two-arm decision loss of step_srpo."""
+def decision_loss(l_on, l_off, pref, by_sign: bool = False):
+    """-w * log p_better per prompt (tensors of shape (P,)): the two-arm decision loss of step_srpo, with
+    w = |A_dec| (`by_sign` False) or 1 (True: every prompt's decision pushes equally hard)."""
     import torch.nn.functional as F
 
     margin = (l_off - l_on) * torch_sign(pref)  # log-odds of the better arm
-    return -pref.abs() * F.logsigmoid(margin)
+    return -(1.0 if by_sign else pref.abs()) * F.logsigmoid(margin)
 
 
 def torch_sign(x):
@@ -258,7 +266,7 @@ def make_loss_fn(cfg: SrpoConfig) -> Callable:
         if batch["decision_pref"].numel():
             l_on, l_off = _decision_logp(logp_all, batch)
             if batch["decision_kind"] == "paired":
-                dec = decision_loss(l_on, l_off, batch["decision_pref"])
+                dec = decision_loss(l_on, l_off, batch["decision_pref"], by_sign=cfg.decision_weighting == "sign")
             else:  # adaptthink: the clipped importance ratio against the 1/2 - 1/2 sampling policy
                 l_arm = torch.where(batch["decision_arm_on"], l_on[batch["decision_prompt"]],
                                     l_off[batch["decision_prompt"]])
@@ -359,8 +367,11 @@ def sampled_values(group: Sequence[Scored]) -> tuple[tuple[float, float], tuple[
 
 
 def rollout(model, tokenizer, pairs: list[tuple[Task, Item]], algo: Algorithm, cfg: SrpoConfig,
-            crit: AutoThinkConfig, seed: int) -> tuple[list[Any], list[Scored], list[Advantages], dict[str, float]]:
-    """# 1 sample and # 2 score one rollout, # 3 its advantages -> (samples, scored, advantages per prompt, stats)."""
+            crit: AutoThinkConfig, seed: int, tally: CellTally | None = None
+            ) -> tuple[list[Any], list[Scored], list[Advantages], dict[str, float]]:
+    """# 1 sample and # 2 score one rollout, # 3 its advantages -> (samples, scored, advantages per prompt, stats).
+    With a `tally` (step_srpo, decision_target cell), each prompt's decision advantage becomes its feature
+    cell's preference from the census."""
     from kat_core.rollout import generate
 
     plan = algo.plan(cfg)
@@ -383,7 +394,35 @@ def rollout(model, tokenizer, pairs: list[tuple[Task, Item]], algo: Algorithm, c
         values = [sampled_values(g) for g in groups]
     # 3 advantages
     advantages = [algo.advantages(g, v, cfg, crit) for g, v in zip(groups, values, strict=True)]
+    if tally is not None:
+        pool_decisions(pairs, advantages, tally)
     return samples, scored, advantages, rollout_stats(pairs, groups, values, crit)
+
+
+def pool_decisions(pairs: list[tuple[Task, Item]], advantages: list[Advantages], tally: CellTally) -> None:
+    """Give every prompt its feature cell's preference from the census (`census`) as its A_dec. The greedy
+    decision a selector can make is per cell: one prompt's rare miss (|A_dec| ~ 1 where the cell's mean is
+    ~ +0.05) would otherwise push every similar prompt of its level towards thinking."""
+    for (task, item), adv in zip(pairs, advantages, strict=True):
+        adv.decision = tally.preference(cell_of(task.intent_features(item)))
+
+
+def census(model, tokenizer, pairs: list[tuple[Task, Item]], tally: CellTally, cfg: SrpoConfig,
+           crit: AutoThinkConfig, seed: int, chunk: int = 64) -> float:
+    """Measure both modes of every RL prompt (greedy) into the tally before the first step -> seconds taken.
+    A rollout's handful of prompts per cell is too few to settle a cell near the criterion's tie (measured: 5-19
+    prompts per level-4 cell over a demo run, whose verdicts then differed from seed to seed); the whole pool,
+    measured once on the starting policy, gives every seed the same cells to aim at."""
+    t0 = time.perf_counter()
+    for lo in range(0, len(pairs), chunk):
+        part = pairs[lo:lo + chunk]
+        for (task, item), (off, on) in zip(part, measure_modes(model, tokenizer, part, cfg.max_new_tokens, seed),
+                                           strict=True):
+            tally.add(cell_of(task.intent_features(item)), item.difficulty, preference_off(off, on, crit))
+    seconds = time.perf_counter() - t0
+    log.info("census: both modes of %d RL prompts measured in %.0f s; cells: %s", len(pairs), seconds,
+             ", ".join(f"{c} {v['mode']} ({v['preference_off']:+.3f}, n {v['n']})" for c, v in tally.summary().items()))
+    return seconds
 
 
 def _by_level(flags: list[tuple[int, float]], prefix: str) -> dict[str, float]:
@@ -637,6 +676,8 @@ def srpo(config: KatConfig, checkpoint: str | Path, data_dir: str | Path, out_di
     pick = level_sampler(pairs, per_rollout, seed=config.seed)
     probe_values = measure_modes(model, tokenizer, probe, cfg.max_new_tokens, config.seed) if probe else []
     cache: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    tally = CellTally(crit.min_cell) if method.name == "step_srpo" and cfg.decision_target == "cell" else None
+    census_s = census(model, tokenizer, pairs, tally, cfg, crit, config.seed) if tally is not None else 0.0
 
     def batches(i: int) -> dict[str, Any]:
         # global micro-batch i -> (optimizer step, micro-batch, rank); one rollout per updates_per_rollout steps
@@ -648,7 +689,8 @@ def srpo(config: KatConfig, checkpoint: str | Path, data_dir: str | Path, out_di
             chosen = [pairs[j] for j in pick(key[0] * world + rank)]
             t0 = time.perf_counter()
             samples, _, advantages, stats = rollout(model, tokenizer, chosen, method, cfg, crit,
-                                                    seed=config.seed * 1_000_003 + key[0] * world + rank)
+                                                    seed=config.seed * 1_000_003 + key[0] * world + rank,
+                                                    tally=tally)
             stats["rollout_s"] = time.perf_counter() - t0
             if probe and key[0] % max(1, cfg.probe_every // cfg.updates_per_rollout) == 0:
                 stats.update(probe_stats(probe_decisions(model, tokenizer, probe, autocast), probe, probe_values,
@@ -668,7 +710,8 @@ def srpo(config: KatConfig, checkpoint: str | Path, data_dir: str | Path, out_di
     final_probe = probe_stats(probe_decisions(result.model, tokenizer, probe, autocast), probe, probe_values,
                               crit) if probe else {}
     summary = {"algo": cfg.algo, "steps": result.step, "world_size": result.world_size, "final": result.metrics,
-               "probe": final_probe, "curve": summarize_curve(result.metrics_path)}
+               "probe": final_probe, "curve": summarize_curve(result.metrics_path),
+               "cells": tally.summary() if tally is not None else None, "census_s": round(census_s, 1)}
 
     def write_more(tmp: Path) -> None:
         shutil.copy(result.metrics_path, tmp / "metrics.jsonl")
