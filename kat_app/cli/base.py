@@ -18,7 +18,7 @@ app = typer.Typer(
 )
 
 ProfileOpt = Annotated[str, typer.Option("--profile", "-p", metavar="PROFILE",
-                                         help="smoke | demo | cluster, or a YAML file")]
+                                         help="smoke | demo | cluster | real, or a YAML file")]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", metavar="KEY=VALUE",
