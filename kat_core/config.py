@@ -259,9 +259,6 @@ class SrpoConfig(_Strict):
         "value", description="step_srpo: each prompt's decision loss weighs |A_dec| (value: the regret at stake), "
         "or 1 towards the better arm (sign: steadier decisions, but measured to cost level 4's direct answers "
         "accuracy, README)")
-    decision_settled: float | None = Field(
-        None, gt=0, description="step_srpo: log-odds of the better arm past which a prompt's decision stops "
-        "pushing (None: never); a settled level's push would otherwise keep leaking into its neighbours")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip range for the importance ratio")
     kl_beta: float = Field(0.05, ge=0, description="weight of the exact KL to the reference (0: no reference)")
     control_weight: float = Field(1.0, ge=0, description="decoupled: weight of the control-token loss")

@@ -221,16 +221,12 @@ def exact_kl(logp_all, ref_logp_all):
     return (torch.exp(logp_all) * (logp_all - ref_logp_all)).sum(-1)
 
 
-def decision_loss(l_on, l_off, pref, by_sign: bool = False, settled: float | None = None):
+def decision_loss(l_on, l_off, pref, by_sign: bool = False):
     """-w * log p_better per prompt (tensors of shape (P,)): the two-arm decision loss of step_srpo, with
-    w = |A_dec| (`by_sign` False) or 1 (True: every prompt's decision pushes equally hard). With `settled`, a
-    prompt whose better arm already leads by that many nats of log-odds stops pushing (no gradient)."""
-    import torch
+    w = |A_dec| (`by_sign` False) or 1 (True: every prompt's decision pushes equally hard)."""
     import torch.nn.functional as F
 
     margin = (l_off - l_on) * torch_sign(pref)  # log-odds of the better arm
-    if settled is not None:
-        margin = torch.clamp(margin, max=settled)
     return -(1.0 if by_sign else pref.abs()) * F.logsigmoid(margin)
 
 
@@ -270,8 +266,7 @@ def make_loss_fn(cfg: SrpoConfig) -> Callable:
         if batch["decision_pref"].numel():
             l_on, l_off = _decision_logp(logp_all, batch)
             if batch["decision_kind"] == "paired":
-                dec = decision_loss(l_on, l_off, batch["decision_pref"], by_sign=cfg.decision_weighting == "sign",
-                                    settled=cfg.decision_settled)
+                dec = decision_loss(l_on, l_off, batch["decision_pref"], by_sign=cfg.decision_weighting == "sign")
             else:  # adaptthink: the clipped importance ratio against the 1/2 - 1/2 sampling policy
                 l_arm = torch.where(batch["decision_arm_on"], l_on[batch["decision_prompt"]],
                                     l_off[batch["decision_prompt"]])
