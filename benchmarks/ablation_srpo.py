@@ -13,6 +13,9 @@ forced think-on accuracy, auto tokens as a share of forced think-on's, the featu
 (auto accuracy >= think-on - 0.01, tokens <= 0.70 x think-on, within 0.03 x think-on of the feature-cell
 oracle, regret <= the cold start's). Then, per algorithm, the spread of each level's think-on rate across
 seeds. Ends with `ratio step_srpo/cold_start value_regret: X` (mean over seeds).
+
+The demo profile sets `srpo.decision_weight: 0` (the RL keeps the cold start's decisions; README): to ablate the
+decision losses of step_srpo and adaptthink, give the weight, e.g. `--set srpo.decision_weight=0.3`.
 """
 
 from __future__ import annotations
