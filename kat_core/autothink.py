@@ -46,8 +46,8 @@ def cell_of(features: dict[str, Any]) -> str:
 
 
 class CellTally:
-    """Running preferences per feature cell: the mean `preference_off` of a cell's prompts so far, or its
-    level's mean while the cell has fewer than `min_cell` of them (too few prompts to tell it apart)."""
+    """Preferences per feature cell: the mean `preference_off` of a cell's prompts, or its level's mean when
+    the cell has fewer than `min_cell` of them (too few prompts to tell it apart)."""
 
     def __init__(self, min_cell: int = 1) -> None:
         self.min_cell = min_cell
@@ -70,8 +70,8 @@ class CellTally:
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """{cell: {n, preference_off (the one the decision uses), mode}}, for the RL stage's report."""
-        return {cell: {"n": self.count(cell), "preference_off": round(self.preference(cell), 4),
-                       "mode": decide(self.preference(cell))} for cell in sorted(self._cell)}
+        return {cell: {"n": self.count(cell), "preference_off": round(pref, 4), "mode": decide(pref)}
+                for cell in sorted(self._cell) for pref in (self.preference(cell),)}
 
     def modes(self) -> dict[str, str]:
         return {cell: decide(self.preference(cell)) for cell in self._cell}

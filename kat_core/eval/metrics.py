@@ -169,16 +169,14 @@ def mode_selection(results: list[ItemResult], crit=None) -> dict[str, Any] | Non
     for o, c in zip(hindsight, choices, strict=True):
         confusion[f"oracle_{o}"][f"chose_{c}"] += 1
     hind, cell = against(hindsight), against(by_cell)
-    per_cell: dict[str, dict[str, Any]] = {}
-    for r, p, pick, c in zip(rows, prefs, by_cell, choices, strict=True):
-        entry = per_cell.setdefault(r.cell or f"L{r.level}", {"n": 0, "oracle": pick, "preference_off": 0.0,
-                                                               "auto_on": 0, "auto_none": 0})
+    per_cell: dict[str, dict[str, Any]] = {}  # what auto did per cell (the cell's preference is cell_sum's)
+    for r, pick, c in zip(rows, by_cell, choices, strict=True):
+        entry = per_cell.setdefault(r.cell or f"L{r.level}", {"n": 0, "oracle": pick, "on": 0, "none": 0})
         entry["n"] += 1
-        entry["preference_off"] += p
-        entry["auto_on"] += c == "on"
-        entry["auto_none"] += c == "none"
-    by_cell_report = {k: {"n": e["n"], "oracle": e["oracle"], "preference_off": _r(e["preference_off"] / e["n"]),
-                          "auto_think_on_rate": _r(e["auto_on"] / e["n"]), "auto_none_rate": _r(e["auto_none"] / e["n"])}
+        entry["on"] += c == "on"
+        entry["none"] += c == "none"
+    by_cell_report = {k: {"n": e["n"], "oracle": e["oracle"], "preference_off": _r(cell_sum[k] / e["n"]),
+                          "auto_think_on_rate": _r(e["on"] / e["n"]), "auto_none_rate": _r(e["none"] / e["n"])}
                       for k, e in sorted(per_cell.items())}
     return {
         "n": len(rows),
