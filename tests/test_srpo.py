@@ -120,7 +120,8 @@ def test_pooled_targets_make_a_cell_decide_firmly():
         opt = torch.optim.SGD([margin], lr=2.0)
         for _ in range(400):
             opt.zero_grad()
-            decision_loss(torch.zeros(len(targets)), margin.expand(len(targets)), torch.tensor(targets)).mean().backward()
+            loss = decision_loss(torch.zeros(len(targets)), margin.expand(len(targets)), torch.tensor(targets))
+            loss.mean().backward()
             opt.step()
         return float(margin.detach())
 
@@ -129,7 +130,8 @@ def test_pooled_targets_make_a_cell_decide_firmly():
     mean = sum(prefs) / len(prefs)
     assert trained_margin([mean] * len(prefs)) > 3 * soft
     # weighted by sign, not |A|: a cell that loses by 0.05 pushes as hard as one that wins by 0.9
-    near, far = (float(decision_loss(torch.zeros(1), torch.zeros(1), torch.tensor([a]), by_sign=True)) for a in (0.05, 0.9))
+    near, far = (float(decision_loss(torch.zeros(1), torch.zeros(1), torch.tensor([a]), by_sign=True))
+                 for a in (0.05, 0.9))
     assert near == far == pytest.approx(math.log(2))
 
 

@@ -25,11 +25,12 @@ RL pool, measured once (greedy, both modes) on the starting policy before the fi
 with fewer than `autothink.min_cell` prompts takes its level's mean): every prompt of a cell pushes the same
 way, towards the evaluation's feature-cell oracle (kat_core.eval.metrics), and every seed aims at the same
 cells. With `decision_weighting: sign` each prompt's loss weighs 1 instead of |A_dec|. With per-prompt
-targets (`prompt`) the loss is minimised at a *soft* decision, p_off = (sum of A_dec > 0) / (sum of |A_dec|) over the cell, so a cell near the tie sits at p ~ 1/2 and its
-greedy decision flips with a seed; and a rare miss of a direct answer (|A_dec| ~ 1 against ~ 0.05 for each
-prompt where both modes are right) pushed whole levels towards thinking (measured: level 4's think-on rate
-0.45-0.90 over six seeds where its cells' oracle is think-off). A sample's own correctness never enters its
-mode reward, and the verdict does not depend on how often the policy picks a mode.
+targets (`prompt`) the loss is minimised at a *soft* decision, p_off = (sum of A_dec > 0) / (sum of |A_dec|)
+over the cell, so a cell near the tie sits at p ~ 1/2 and its greedy decision flips with a seed; and a rare
+miss of a direct answer (|A_dec| ~ 1 against ~ 0.05 for each prompt where both modes are right) pushed whole
+levels towards thinking (measured: level 4's think-on rate 0.45-0.90 over six seeds where its cells' oracle is
+think-off). A sample's own correctness never enters its mode reward, and the verdict does not depend on how
+often the policy picks a mode.
 The response segment of every sampled response (N forced per mode and the policy's own choices) gets the
 answer advantage, mean-centred within the prompt's same-mode samples (forced ones included, so the mode the
 policy rarely picks keeps training its answers):
