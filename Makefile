@@ -31,8 +31,11 @@ install: $(STAMP)
 run: $(STAMP)
 	KAT_TORCH_THREADS=$${KAT_TORCH_THREADS:-$$(nproc)} $(BIN)/kat run --profile $(PROFILE) --out $(OUT)
 
+# two pytest workers (pytest-xdist) on the two cores; tests/conftest.py groups the work so costly fixtures are
+# built once. TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP) chromium
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # Debian's chromium for the dashboard's browser tests (Playwright drives it; no `playwright install`)
 chromium:

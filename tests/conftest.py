@@ -8,6 +8,38 @@ import pytest
 
 from tests.helpers import FAST, KAT
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one thread per op in each (torch reads this when imported)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# session fixtures that cost a minute or more: every test using one runs in the same xdist worker, so it is
+# built once per `make test`, not once per worker
+COSTLY_SESSION_FIXTURES = ("smoke_run", "smollm2_dir")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups off the items
+def pytest_collection_modifyitems(config, items):
+    """Work units for `pytest -n N --dist loadgroup` (what `make test` runs): a module's tests stay together (its
+    module fixtures are built once), modules sharing a costly session fixture share a unit, and the longest
+    units go first (so the workers finish together): the costly fixtures' units, then units with a slow test."""
+    unit = {}
+    for item in items:
+        module = item.module.__name__
+        shared = next((f for f in COSTLY_SESSION_FIXTURES if f in item.fixturenames), None)
+        if shared or module not in unit:
+            unit[module] = shared or unit.get(module) or module
+    slow_units = {unit[item.module.__name__] for item in items if item.get_closest_marker("slow")}
+
+    def start_order(item):  # the costly fixtures' units (the longest), then units with a slow test, then the rest
+        name = unit[item.module.__name__]
+        shared = name in COSTLY_SESSION_FIXTURES
+        return (0 if shared else 1 if name in slow_units else 2,
+                COSTLY_SESSION_FIXTURES.index(name) if shared else 0)
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(unit[item.module.__name__]))
+    items.sort(key=start_order)  # stable: the order within a unit is kept
+
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():

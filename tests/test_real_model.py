@@ -117,6 +117,7 @@ def _grammar_examples(tokenizer, n: int = 8):
     return examples
 
 
+@pytest.mark.slow  # ~75 s on two cores
 def test_after_thirty_sft_steps_the_base_writes_every_tag(smollm2_dir):
     """30 steps of 2 examples (lr 1e-4) on the real base, its chat template laying the prompts out: greedy
     answers to new prompts use all eight tags and some are well formed. With HF's resize alone (eight equal

@@ -16,6 +16,7 @@ import yaml
 from kat_core.config import load_config
 from kat_core.errors import KatError
 from kat_core.platform import trainjob as tj
+from kat_core.platform import trainjob_pod as pod
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S_VERSION = "1.37.0"
@@ -51,7 +52,7 @@ def test_spec_for_the_cluster_profile():
     assert trainer["numNodes"] == 2
     assert trainer["resourcesPerNode"]["requests"] == trainer["resourcesPerNode"]["limits"] == {
         "cpu": "16", "memory": "128Gi", "nvidia.com/gpu": "8"}
-    assert trainer["command"] == ["python", "-m", "kat_core.platform.trainjob", "launch", "--np", "16"]
+    assert trainer["command"] == ["python", "-m", "kat_core.platform.trainjob_pod", "launch", "--np", "16"]
     assert trainer["image"] == "ghcr.io/kat-platform/kat-cuda:0.1.0"
     env = {e["name"]: e["value"] for e in trainer["env"]}
     assert env["KAT_CHECKPOINT_DIR"] == "/kat/checkpoints" and env["KAT_RUN_ID"] == "run-7"
@@ -279,15 +280,15 @@ def test_a_failed_job_is_one_readable_error_with_its_log(no_sleep):
 
 def test_launcher_command_and_master_address():
     hostfile = "job-launcher-0-0.job slots=8\njob-node-0-0.job slots=8\n"
-    argv, master = tj.mpirun_argv("/etc/mpi/hostfile", hostfile, 16, ["PATH", "KAT_TRAINJOB_CALL"])
+    argv, master = pod.mpirun_argv("/etc/mpi/hostfile", hostfile, 16, ["PATH", "KAT_TRAINJOB_CALL"])
     assert master == "job-launcher-0-0.job"  # ranks fill hosts in order: rank 0 is on the first
     assert argv[:5] == ["mpirun", "--hostfile", "/etc/mpi/hostfile", "-np", "16"]
     assert argv[argv.index("-x") : argv.index("-x") + 4] == ["-x", "PATH", "-x", "KAT_TRAINJOB_CALL"]
-    assert argv[-4:] == ["python", "-m", "kat_core.platform.trainjob", "rank"]
+    assert argv[-4:] == ["python", "-m", "kat_core.platform.trainjob_pod", "rank"]
     with pytest.raises(KatError, match="has 16 slots on 2 hosts, fewer than the 24 processes"):
-        tj.mpirun_argv("/etc/mpi/hostfile", hostfile, 24, [])
-    assert tj.read_hostfile("# comment\nh1\nh2 slots=4 max_slots=4\n") == [("h1", 1), ("h2", 4)]
-    assert tj.rank_env({"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+        pod.mpirun_argv("/etc/mpi/hostfile", hostfile, 24, [])
+    assert pod.read_hostfile("# comment\nh1\nh2 slots=4 max_slots=4\n") == [("h1", 1), ("h2", 4)]
+    assert pod.rank_env({"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
                         "OMPI_COMM_WORLD_SIZE": "16"}) == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "16"}
 
 
@@ -302,14 +303,14 @@ def test_launch_entry_execs_mpirun_with_the_jobs_env(tmp_path, monkeypatch):
     monkeypatch.delenv("NOT_SET_HERE", raising=False)
     execs = []
     monkeypatch.setattr(tj.os, "execvp", lambda file, argv: execs.append(argv))
-    assert tj.main(["launch", "--np", "4", "--hostfile", str(hostfile)]) == 0
+    assert pod.main(["launch", "--np", "4", "--hostfile", str(hostfile)]) == 0
     [argv] = execs
     forwarded = [argv[i + 1] for i, word in enumerate(argv) if word == "-x"]
     # only names set on the launcher (mpirun refuses unknown ones), rank 0's host and port among them
     assert forwarded == ["PATH", "HOME", "MASTER_ADDR", "MASTER_PORT", "KAT_TRAINJOB_CALL", "AWS_ACCESS_KEY_ID"]
     assert os.environ["MASTER_ADDR"] == "kat-x-launcher-0-0.kat-x" and os.environ["MASTER_PORT"] == "29500"
     assert argv[argv.index("-np") + 1] == "4"
-    assert tj.main(["launch", "--np", "5", "--hostfile", str(hostfile)]) == 1  # too few slots: one error line
+    assert pod.main(["launch", "--np", "5", "--hostfile", str(hostfile)]) == 1  # too few slots: one error line
 
 
 def _free_port():
@@ -319,7 +320,7 @@ def _free_port():
 
 
 class RanksClient:
-    """Runs a TrainJob the way its pods would, on this machine: one `python -m kat_core.platform.trainjob
+    """Runs a TrainJob the way its pods would, on this machine: one `python -m kat_core.platform.trainjob_pod
     rank` process per rank, with the job's env and OpenMPI's per-rank variables (what mpirun sets)."""
 
     def __init__(self):
@@ -337,7 +338,7 @@ class RanksClient:
         world = int(trainer.num_nodes)
         env = {**os.environ, **trainer.env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
                "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        procs = [subprocess.Popen([sys.executable, "-m", "kat_core.platform.trainjob", "rank"], cwd=ROOT,
+        procs = [subprocess.Popen([sys.executable, "-m", "kat_core.platform.trainjob_pod", "rank"], cwd=ROOT,
                                   env={**env, "OMPI_COMM_WORLD_RANK": str(r), "OMPI_COMM_WORLD_LOCAL_RANK": str(r),
                                        "OMPI_COMM_WORLD_SIZE": str(world)},
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -28,7 +28,7 @@ FAKE_EVAL = {
 @pytest.fixture(autouse=True)
 def fake_eval_suites(monkeypatch):
     """Tests use FAKE_EVAL unless they ask for the real suites (`real_suites`)."""
-    monkeypatch.setattr(V, "_load_eval_prompts", lambda suites, tasks_config: FAKE_EVAL)
+    monkeypatch.setattr(V, "load_eval_prompts", lambda suites, tasks_config: FAKE_EVAL)
 
 
 @pytest.fixture
@@ -199,7 +199,7 @@ def test_prompt_copied_from_an_evaluation_set_fails_overlap(tmp_path):
 
 def test_short_prompts_only_checked_exactly(tmp_path, monkeypatch):
     records = make_records()
-    monkeypatch.setattr(V, "_load_eval_prompts", lambda suites, tasks_config: {"fake": [("a", "Compute 7*8.")]})
+    monkeypatch.setattr(V, "load_eval_prompts", lambda suites, tasks_config: {"fake": [("a", "Compute 7*8.")]})
     records[1]["prompt"] = "compute   7*8."
     report, _ = failing(tmp_path, records)
     assert report["failed"] == ["overlap.exact", "answers.verified"]  # not near: too short to judge

@@ -47,21 +47,7 @@ token, each digit is one token (our BPE splits digits individually), each run of
 each other non-space character is one token. A BPE splits rare long words further, so this slightly
 undercounts words and counts exactly on the digit-heavy arithmetic traces.
 
-Near-duplicates: a character n-gram (over the normalised prompt) that occurs in more than
-`_COMMON_CHARGRAM_PROMPTS` evaluation prompts (1% of them in a smaller index, at least 5) is shared wording
-("how many", a prompt template), not content, and counts on neither side; a prompt with fewer than
-`_MIN_CHARGRAMS` informative n-grams left (arith's "Compute 61-6.") is left to the exact check, since for
-such a prompt a changed number is a different question, not a copy. Measured false-positive rate: 0 on
-freshly synthesized demo data (`kat data synth --profile demo`); leave-one-out over the 1319 GSM8K test
-questions, the closest other question scores at most 0.44 except for four pairs of genuine near-duplicates
-inside GSM8K (0.64-0.81); a GSM8K question with one number changed (>= 0.84) or every 8th word dropped
-(>= 0.74) is caught, with n = 6 and threshold 0.6 (README, "Verification").
-
-Overlap: the evaluation prompts are the test split (`Task.examples("test")`) of every suite in
-`overlap_suites`. The n-gram check compares hashed word n-grams (words = `\\w+` runs of the normalised text)
-against a set built from those prompts; prompts shorter than n words are left to the exact check. An n-gram
-that occurs in more than `_COMMON_NGRAM_PROMPTS` evaluation prompts is a template ("Solve the following
-problem and put the answer in…"), not content, and is ignored, so a shared prompt template is not flagged.
+Near-duplicates and overlap: `kat_core.data.overlap` says how prompts are compared with the evaluation prompts.
 
 Outputs, in `report_dir` (default: `<dataset_dir>.validation`, a sibling, so the dataset directory and the
 digests in its manifest stay untouched), written to a temp dir and renamed into place:
@@ -84,17 +70,16 @@ import os
 import random
 import re
 import time
-import unicodedata
 import warnings
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kat_core.config import TasksConfig, ValidateConfig
 from kat_core.data.dataset import RECORD_FIELDS, atomic_output_dir, shard_paths
 from kat_core.data.docs_assets import localize
+from kat_core.data.overlap import EvalIndex, load_eval_prompts, normalize_prompt
 from kat_core.errors import KatError, ValidationFailed
 from kat_core.format import ANSWER_CLOSE, SPECIAL_TOKENS, parse
 from kat_core.manifest import read_manifest, sha256_file, write_manifest
@@ -103,9 +88,6 @@ log = logging.getLogger(__name__)
 
 REPORT = "validation.json"
 DOCS_DIR = "docs"
-_COMMON_NGRAM_PROMPTS = 5  # an n-gram in more evaluation prompts than this is template text
-_COMMON_CHARGRAM_PROMPTS = 20  # a character n-gram in more evaluation prompts than this is shared wording
-_MIN_CHARGRAMS = 30  # fewer informative character n-grams than this: too short to call a near-duplicate
 _EXAMPLES = 5  # offending examples kept per check
 _RESULT_FORMAT = {
     "result_format": "SUMMARY",
@@ -116,8 +98,6 @@ _RESULT_FORMAT = {
 
 _TAG_ALTERNATIVES = "|".join(re.escape(t) for t in sorted(SPECIAL_TOKENS, key=len, reverse=True))
 _TOKEN_RE = re.compile(rf"{_TAG_ALTERNATIVES}|\d|[^\W\d_]+|\S")
-_WORD_RE = re.compile(r"\w+")
-_SPACE_RE = re.compile(r"\s+")
 _GX_TYPES = {str: ["str"], int: ["int"], float: ["float", "int"]}  # JSON writes 1.0 as 1 in some writers
 _DOMAINS: dict[str, list[Any]] = {"mode": ["on", "off"], "regime": ["tagged", "mirror"], "difficulty": [1, 2, 3, 4, 5]}
 
@@ -125,121 +105,6 @@ _DOMAINS: dict[str, list[Any]] = {"mode": ["on", "off"], "regime": ["tagged", "m
 def approx_tokens(text: str) -> int:
     """Approximate token count (see the module docstring for the rule)."""
     return sum(1 for _ in _TOKEN_RE.finditer(text))
-
-
-def normalize_prompt(text: str) -> str:
-    """NFKC, case-folded, whitespace collapsed: the form duplicates and overlaps are compared in."""
-    return _SPACE_RE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
-
-
-def _words(text: str) -> list[str]:
-    return _WORD_RE.findall(normalize_prompt(text))
-
-
-def _char_grams(text: str, n: int) -> set[int]:
-    # hashed like the word n-grams (salted per process, never leaves it)
-    norm = normalize_prompt(text)
-    return {hash(norm[i : i + n]) for i in range(len(norm) - n + 1)}
-
-
-def _ngram_hashes(words: list[str], n: int) -> set[int]:
-    # Python's str hash is salted per process, which is fine: the set never leaves this process
-    return {hash(" ".join(words[i : i + n])) for i in range(len(words) - n + 1)}
-
-
-# --- evaluation prompts -------------------------------------------------------------------------------
-
-def _load_eval_prompts(suites: list[str], tasks_config: TasksConfig | None) -> dict[str, list[tuple[str, str]]]:
-    """(item id, prompt) of the test split of each suite."""
-    from kat_core.tasks import get_task
-
-    options = {"benchmarks_dir": tasks_config.benchmarks_dir} if tasks_config and tasks_config.benchmarks_dir else {}
-    out = {}
-    for suite in suites:
-        try:
-            items = get_task(suite, **options).examples("test")
-        except KatError as e:
-            raise KatError(f"validate: cannot load evaluation suite {suite!r} for the overlap check: {e}") from None
-        out[suite] = [(item.id, item.prompt) for item in items]
-    return out
-
-
-@dataclass
-class _EvalIndex:
-    """Normalised evaluation prompts and their hashed n-grams, each pointing at one `suite/item id`."""
-
-    n: int
-    char_n: int = 5
-    near_threshold: float = 0.5
-    exact: dict[str, str] = field(default_factory=dict)
-    ngrams: dict[int, str] = field(default_factory=dict)
-    sizes: dict[str, int] = field(default_factory=dict)
-    common_ngrams: int = 0
-    # near-duplicates: character n-gram -> evaluation prompts (by position in `refs`), informative n-grams
-    # per evaluation prompt, and the n-grams too common to count
-    postings: dict[int, list[int]] = field(default_factory=dict)
-    refs: list[str] = field(default_factory=list)
-    informative: list[int] = field(default_factory=list)
-    common_chargrams: set[int] = field(default_factory=set)
-
-    @classmethod
-    def build(cls, prompts: dict[str, list[tuple[str, str]]], n: int, char_n: int = 5,
-              near_threshold: float = 0.5) -> _EvalIndex:
-        index = cls(n=n, char_n=char_n, near_threshold=near_threshold)
-        seen_in: Counter[int] = Counter()
-        grams_of: list[set[int]] = []
-        for suite, items in prompts.items():
-            index.sizes[suite] = len(items)
-            for item_id, prompt in items:
-                ref = f"{suite}/{item_id}"
-                index.exact.setdefault(normalize_prompt(prompt), ref)
-                for h in _ngram_hashes(_words(prompt), n):
-                    seen_in[h] += 1
-                    index.ngrams.setdefault(h, ref)
-                grams = _char_grams(prompt, char_n)
-                for g in grams:
-                    index.postings.setdefault(g, []).append(len(index.refs))
-                index.refs.append(ref)
-                grams_of.append(grams)
-        for h, count in seen_in.items():
-            if count > _COMMON_NGRAM_PROMPTS:
-                del index.ngrams[h]
-                index.common_ngrams += 1
-        # a small index (a single short suite) cannot show 20 repeats of its template: 1% of it, at least 5
-        common = max(_COMMON_NGRAM_PROMPTS, min(_COMMON_CHARGRAM_PROMPTS, len(index.refs) // 100))
-        index.common_chargrams = {g for g, where in index.postings.items() if len(where) > common}
-        for g in index.common_chargrams:
-            del index.postings[g]
-        index.informative = [len(grams - index.common_chargrams) for grams in grams_of]
-        return index
-
-    def near_match(self, prompt: str) -> str | None:
-        """The evaluation prompt this one is a near-duplicate of (see the module docstring), or None."""
-        grams = _char_grams(prompt, self.char_n) - self.common_chargrams
-        if len(grams) < _MIN_CHARGRAMS:
-            return None
-        shared: Counter[int] = Counter()
-        for g in grams:
-            for k in self.postings.get(g, ()):
-                shared[k] += 1
-        for k, count in shared.most_common(5):
-            smaller = min(len(grams), self.informative[k])
-            if smaller >= _MIN_CHARGRAMS and count / smaller >= self.near_threshold:
-                return self.refs[k]
-        return None
-
-    def exact_match(self, prompt: str) -> str | None:
-        return self.exact.get(normalize_prompt(prompt))
-
-    def ngram_match(self, prompt: str) -> str | None:
-        words = _words(prompt)
-        if len(words) < self.n:
-            return None
-        for i in range(len(words) - self.n + 1):
-            ref = self.ngrams.get(hash(" ".join(words[i : i + self.n])))
-            if ref is not None:
-                return ref
-        return None
 
 
 # --- reading ------------------------------------------------------------------------------------------
@@ -303,7 +168,7 @@ DERIVED_COLUMNS = (  # the keys `_derive` gives each row
 )
 
 
-def _derive(records: list[dict[str, Any]], index: _EvalIndex, problems: dict[int, str] | None = None
+def _derive(records: list[dict[str, Any]], index: EvalIndex, problems: dict[int, str] | None = None
             ) -> list[dict[str, Any]]:
     """Columns the checks read, computed per record. A derived value is None when its input has the wrong
     type, so a broken field fails its schema check only, not every check downstream of it. `problems`: what
@@ -679,7 +544,7 @@ def validate_dataset(
     lines, records = _read_lines(shards)
     files = _file_rows(dataset_dir, shards)
     t = lap("read_s", start)
-    index = _EvalIndex.build(_load_eval_prompts(config.overlap_suites, tasks_config), config.ngram,
+    index = EvalIndex.build(load_eval_prompts(config.overlap_suites, tasks_config), config.ngram,
                              config.near_dup_n, config.near_dup_threshold)
     t = lap("eval_index_s", t)
     problems, answer_stats = _verify_answers(records, config, tasks_config)
@@ -765,7 +630,7 @@ def _reason(check: dict[str, Any]) -> str:
 
 
 def _stats(
-    records: list[dict[str, Any]], lines: list[dict[str, Any]], rows: list[dict[str, Any]], index: _EvalIndex
+    records: list[dict[str, Any]], lines: list[dict[str, Any]], rows: list[dict[str, Any]], index: EvalIndex
 ) -> dict[str, Any]:
     def counts(key: str) -> dict[str, int]:
         return dict(sorted(Counter(str(r.get(key)) for r in records).items()))

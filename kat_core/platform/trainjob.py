@@ -14,15 +14,8 @@ returned on rank 0. A retried task finds its TrainJob by name (derived from the 
 waits for it again instead of starting a second one; a failed one is replaced, and the stage resumes from
 its last checkpoint on the volume.
 
-Inside the TrainJob (the `deepspeed-distributed` runtime is OpenMPI: the launcher pod runs `mpirun` over
-ssh to the node pods) two small entry points of this module run:
-
-    python -m kat_core.platform.trainjob launch --np W   on the launcher: MASTER_ADDR is the hostfile's first
-                                                         host (rank 0's), the job's env is forwarded, mpirun
-    python -m kat_core.platform.trainjob rank            on every rank: OpenMPI's rank variables become
-                                                         RANK/LOCAL_RANK/WORLD_SIZE (what the engine and
-                                                         DeepSpeed read), then the stage call in
-                                                         KAT_TRAINJOB_CALL runs; rank 0 writes its result
+Inside the TrainJob the pods run `kat_core.platform.trainjob_pod` (mpirun on the launcher, the stage call on
+every rank).
 
 Nothing here imports kfp, and nothing heavy at module level.
 """
@@ -35,14 +28,12 @@ import json
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from kat_core.errors import KatError
-from kat_core.util import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +41,11 @@ API_VERSION = "trainer.kubeflow.org/v1alpha1"
 SDK_PATCH_MANAGER = "trainer.kubeflow.org/kubeflow-sdk"  # the manager the SDK stamps on runtime patches
 CONTAINER = "node"  # the trainer container of the MPI runtimes, in both the launcher and the node pods
 REPLICATED_JOBS = ("launcher", "node")
-HOSTFILE = "/etc/mpi/hostfile"  # where the MPI plugin mounts the hostfile in the launcher
 MASTER_PORT = 29500
 CALL_ENV = "KAT_TRAINJOB_CALL"
 FORWARD_ENV = "KAT_FORWARD_ENV"
 IMAGE_ENV = "KAT_TRAINJOB_IMAGE"  # set by the cluster pipeline on training tasks: the image it was compiled with
 RESULT_FILE = "result.json"
-# what mpirun must carry to the ranks it starts over ssh (sshd gives them a bare environment)
-ALWAYS_FORWARD = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "HOME", "MASTER_ADDR", "MASTER_PORT")
 PASSTHROUGH = ("KAT_RUN_ID",)  # from the launching task's environment into the job's, when set
 LABEL_PREFIX = "kat.platform"
 DS_CONFIG_ANNOTATION = f"{LABEL_PREFIX}/deepspeed-config"
@@ -248,7 +236,7 @@ def build_trainjob_spec(
             "activeDeadlineSeconds": dist.timeout_s,
             "trainer": {
                 "image": image or cluster.images.ref("cuda"),
-                "command": ["python", "-m", "kat_core.platform.trainjob", "launch", "--np", str(plan.world_size)],
+                "command": ["python", "-m", "kat_core.platform.trainjob_pod", "launch", "--np", str(plan.world_size)],
                 "numNodes": dist.nodes,
                 "resourcesPerNode": {"requests": dict(resources), "limits": dict(resources)},
                 "env": [{"name": k, "value": v} for k, v in sorted(plain.items())],
@@ -489,98 +477,13 @@ def train_stage(config: Any, stage: str, *, entry: str, out: str | Path, profile
         return run_distributed(config, stage, entry=entry, out=out, profile=profile, overrides=overrides,
                                paths=paths, kwargs=kwargs, config_kwargs=config_kwargs, train_key=train_key,
                                out_kwarg=out_kwarg, **launch)
+    return call_entry(entry, config, {**(paths or {}), out_kwarg: out, **(kwargs or {})}, config_kwargs or {})
+
+
+def call_entry(entry: str, config: Any, kwargs: dict[str, Any], config_kwargs: dict[str, str]) -> Any:
+    """Call `module:function` with the config, `kwargs`, and each `config_kwargs` name set to its dotted
+    config value: the stage call, in a task's own process or on a TrainJob's ranks."""
     module, _, func = entry.partition(":")
     fn = getattr(importlib.import_module(module), func)
-    resolved = {k: _lookup(config, dotted) for k, dotted in (config_kwargs or {}).items()}
-    return fn(config, **(paths or {}), **{out_kwarg: out}, **(kwargs or {}), **resolved)
-
-
-# -------------------------------------------------------------------- inside the TrainJob (entry points)
-
-
-def read_hostfile(text: str) -> list[tuple[str, int]]:
-    """OpenMPI hostfile lines `host slots=N` -> [(host, N)]."""
-    hosts = []
-    for line in text.splitlines():
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        host, *rest = line.split()
-        slots = next((int(item.split("=", 1)[1]) for item in rest if item.startswith("slots=")), 1)
-        hosts.append((host, slots))
-    return hosts
-
-
-def mpirun_argv(hostfile: str, hostfile_text: str, np: int, forward: list[str],
-                python: str = "python") -> tuple[list[str], str]:
-    """The launcher's mpirun command line and MASTER_ADDR (the first host: ranks fill hosts in order, so
-    rank 0 runs there). Checks the hostfile has a slot for every process."""
-    hosts = read_hostfile(hostfile_text)
-    if not hosts:
-        raise KatError(f"the MPI hostfile {hostfile} lists no hosts")
-    slots = sum(n for _, n in hosts)
-    if slots < np:
-        raise KatError(f"the MPI hostfile {hostfile} has {slots} slots on {len(hosts)} hosts, fewer than the "
-                       f"{np} processes asked for (GPUs per node must match cluster.distributed.gpus_per_node)")
-    argv = ["mpirun", "--hostfile", hostfile, "-np", str(np), "--map-by", "slot", "--bind-to", "none"]
-    for name in forward:
-        argv += ["-x", name]
-    return argv + [python, "-m", "kat_core.platform.trainjob", "rank"], hosts[0][0]
-
-
-def rank_env(environ: dict[str, str]) -> dict[str, str]:
-    """RANK/LOCAL_RANK/WORLD_SIZE from OpenMPI's per-process variables (already-set values win)."""
-    mapping = {"RANK": "OMPI_COMM_WORLD_RANK", "LOCAL_RANK": "OMPI_COMM_WORLD_LOCAL_RANK",
-               "WORLD_SIZE": "OMPI_COMM_WORLD_SIZE"}
-    return {k: environ.get(k) or environ[v] for k, v in mapping.items() if k in environ or v in environ}
-
-
-def run_call(call: StageCall, rank: int) -> Any:
-    """Run the stage call in this process; rank 0 writes the result (atomically)."""
-    from kat_core.config import load_config
-
-    config = load_config(call.profile, list(call.overrides))
-    module, _, func = call.entry.partition(":")
-    fn = getattr(importlib.import_module(module), func)
-    resolved = {k: _lookup(config, dotted) for k, dotted in call.config_kwargs.items()}
-    value = fn(config, **call.paths, **call.kwargs, **resolved)
-    if rank == 0 and call.result:
-        atomic_write(call.result, json.dumps(value, default=str))
-    return value
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m kat_core.platform.trainjob")
-    sub = parser.add_subparsers(dest="command", required=True)
-    launch = sub.add_parser("launch", help="on the launcher: mpirun the ranks")
-    launch.add_argument("--np", type=int, required=True)
-    launch.add_argument("--hostfile", default=os.environ.get("OMPI_MCA_orte_default_hostfile", HOSTFILE))
-    sub.add_parser("rank", help="on every rank: run the stage call in KAT_TRAINJOB_CALL")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
-    try:
-        if args.command == "launch":
-            text = Path(args.hostfile).read_text()
-            hosts = read_hostfile(text)
-            if hosts:  # rank 0's host; mpirun_argv checks the rest
-                os.environ["MASTER_ADDR"] = hosts[0][0]
-            os.environ.setdefault("MASTER_PORT", str(MASTER_PORT))
-            names = (*ALWAYS_FORWARD, *os.environ.get(FORWARD_ENV, "").split(","))
-            forward = [n for n in dict.fromkeys(names) if n and n in os.environ]  # mpirun -x needs them set
-            command, master = mpirun_argv(args.hostfile, text, args.np, forward)
-            log.info("launching %d processes, rank 0 on %s: %s", args.np, master, " ".join(command))
-            os.execvp(command[0], command)  # does not return
-            return 0
-        os.environ.update(rank_env(dict(os.environ)))
-        call = StageCall(**json.loads(os.environ[CALL_ENV]))
-        run_call(call, int(os.environ.get("RANK", "0")))
-    except KatError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    resolved = {k: _lookup(config, dotted) for k, dotted in config_kwargs.items()}
+    return fn(config, **kwargs, **resolved)

@@ -44,12 +44,10 @@ from __future__ import annotations
 
 import ast
 import ctypes
-import errno
 import json
 import logging
 import math
 import os
-import platform
 import queue
 import resource
 import selectors
@@ -68,28 +66,33 @@ from typing import Any
 from kat_core.errors import KatError
 from kat_core.tasks import judge as _judge
 
-# Linux constants (sched.h, mount.h, prctl.h); Python 3.11 has no os.unshare / os.mount.
-_CLONE_NEWNS = 0x00020000
-_CLONE_NEWNET = 0x40000000
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT = 1, 2, 4, 32
-_MS_BIND, _MS_REC, _MS_PRIVATE = 4096, 16384, 1 << 18
-_AT_FDCWD, _AT_RECURSIVE = -100, 0x8000
-_MOUNT_ATTR_RDONLY = 0x1
-_SYS_MOUNT_SETATTR = 442  # the same number on every architecture (new syscalls share one table)
-_PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 1, 38, 22, 2
-_SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
-_LANDLOCK_RULE_PATH_BENEATH = 1
-# landlock access rights (linux/landlock.h): what a read-only tree, a plain file and the workdir may do
-_LL_EXECUTE, _LL_WRITE_FILE, _LL_READ_FILE, _LL_READ_DIR = 1, 2, 4, 8
-_LL_TRUNCATE = 1 << 14
+# the kernel calls the child confines itself with
+from kat_core.tasks.confinement import (
+    AT_FDCWD,
+    AT_RECURSIVE,
+    CLONE_NEWNET,
+    CLONE_NEWNS,
+    LIBC,
+    MOUNT_ATTR_RDONLY,
+    MS_BIND,
+    MS_NODEV,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REC,
+    MS_REMOUNT,
+    PR_SET_NO_NEW_PRIVS,
+    PR_SET_PDEATHSIG,
+    SECCOMP,
+    SYS_MOUNT_SETATTR,
+    Landlock,
+    Seccomp,
+    check,
+    mount,
+    write_file,
+)
 
 log = logging.getLogger(__name__)
-
-_LIBC = ctypes.CDLL(None, use_errno=True)
-_LIBC.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_LIBC.syscall.restype = ctypes.c_long
-# prctl is variadic: fix full-width arguments, or the kernel may see garbage in the unused ones (EINVAL)
-_LIBC.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
 
 # Fresh uids per run: base + (our pid mod 2**22) * 128 + slot, so concurrent runs, in this process or in
 # another one on the same machine, never share a uid (a shared uid would share RLIMIT_NPROC and the
@@ -457,9 +460,9 @@ def _run(
         elif os.geteuid() != 0:
             # our own uid: the kernel counts all its tasks, ours included, so grant the budget on top
             limits.insert(0, (resource.RLIMIT_NPROC, _count_tasks(os.getuid()) + max_processes))
-        landlock = _Landlock.prepare(read_dirs + list(_SYSTEM_LIB_DIRS), read_files + list(_LOADER_FILES),
+        landlock = Landlock.prepare(read_dirs + list(_SYSTEM_LIB_DIRS), read_files + list(_LOADER_FILES),
                                      list(_DEVICE_FILES), workdir)
-        preexec = _Preexec(plan, uid, workdir, program, limits, landlock, _SECCOMP)
+        preexec = _Preexec(plan, uid, workdir, program, limits, landlock, SECCOMP)
         return _execute(args, env, preexec, uid, timeout_s, max_output_bytes, open_fds, cancel)
     finally:
         for fd in open_fds:  # not handed over (we failed before the child started)
@@ -489,12 +492,12 @@ class _Preexec:
     """
 
     def __init__(self, plan: _Plan, uid: int | None, workdir: str, program: bytes,
-                 limits: list[tuple[int, int]], landlock: _Landlock | None, seccomp: _Seccomp | None) -> None:
+                 limits: list[tuple[int, int]], landlock: Landlock | None, seccomp: Seccomp | None) -> None:
         self.plan, self.uid, self.workdir, self.program, self.limits = plan, uid, workdir, program, limits
         self.landlock, self.seccomp = landlock, seccomp
 
     def __call__(self) -> None:
-        _write_file("/proc/self/oom_score_adj", b"1000")  # the OOM killer takes the sandbox first
+        write_file("/proc/self/oom_score_adj", b"1000")  # the OOM killer takes the sandbox first
         if self.plan.namespaces:
             self._enter_namespaces()
         os.chdir(self.workdir)
@@ -502,8 +505,8 @@ class _Preexec:
             os.setgroups([])
             os.setresgid(self.uid, self.uid, self.uid)
             os.setresuid(self.uid, self.uid, self.uid)
-        _check(_LIBC.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")  # no setuid binaries
-        _check(_LIBC.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0), "prctl(PDEATHSIG)")  # after setuid
+        check(LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")  # no setuid binaries
+        check(LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0), "prctl(PDEATHSIG)")  # after setuid
         # both need NO_NEW_PRIVS first (an unprivileged process may not confine itself otherwise)
         if self.landlock is not None:
             self.landlock.apply()
@@ -513,147 +516,28 @@ class _Preexec:
             resource.setrlimit(kind, (value, value + 1 if kind == resource.RLIMIT_CPU else value))
 
     def _enter_namespaces(self) -> None:
-        _check(_LIBC.unshare(_CLONE_NEWNS | _CLONE_NEWNET), "unshare")
+        check(LIBC.unshare(CLONE_NEWNS | CLONE_NEWNET), "unshare")
         # private first: nothing we mount below may propagate back to the host
-        _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
+        mount(None, "/", None, MS_REC | MS_PRIVATE)
         python_fd = os.open(sys.base_prefix, os.O_PATH | os.O_DIRECTORY)
-        attr = (ctypes.c_uint64 * 4)(_MOUNT_ATTR_RDONLY, 0, 0, 0)
+        attr = (ctypes.c_uint64 * 4)(MOUNT_ATTR_RDONLY, 0, 0, 0)
         # best effort (kernel >= 5.12); the probe reports whether the root really is read-only
         word = ctypes.c_long  # syscall() is variadic: pass every integer at full register width
-        _LIBC.syscall(word(_SYS_MOUNT_SETATTR), word(_AT_FDCWD), b"/", word(_AT_RECURSIVE),
+        LIBC.syscall(word(SYS_MOUNT_SETATTR), word(AT_FDCWD), b"/", word(AT_RECURSIVE),
                       ctypes.byref(attr), word(ctypes.sizeof(attr)))
         for directory in _PRIVATE_TMP_DIRS:
             if os.path.isdir(directory):
                 size = _TMPFS_MB if directory == "/tmp" else _TMPFS_MB // 4
-                _mount(b"tmpfs", directory, b"tmpfs", _MS_NOSUID | _MS_NODEV,
+                mount(b"tmpfs", directory, b"tmpfs", MS_NOSUID | MS_NODEV,
                        f"size={size}m,nr_inodes=4096,mode=1777".encode())
         os.mkdir(_SANDBOX_PYTHON)
-        _mount(f"/proc/self/fd/{python_fd}".encode(), _SANDBOX_PYTHON, None, _MS_BIND | _MS_REC)
-        _mount(None, _SANDBOX_PYTHON, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+        mount(f"/proc/self/fd/{python_fd}".encode(), _SANDBOX_PYTHON, None, MS_BIND | MS_REC)
+        mount(None, _SANDBOX_PYTHON, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
         os.close(python_fd)
         os.mkdir(self.workdir, 0o755)
         _write_program(self.workdir, self.program)
         if self.uid is not None:
             os.chown(self.workdir, self.uid, self.uid)
-
-
-class _PathBeneath(ctypes.Structure):
-    _pack_ = 1  # struct landlock_path_beneath_attr is packed
-    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-
-
-class _Landlock:
-    """A Landlock ruleset, prepared in the parent (no allocation in the forked child) and applied there:
-    read and execute in `read_dirs`, read `read_files`, read and write `rw_files`, anything in `workdir`;
-    no TCP (ABI >= 4); no signals or abstract unix sockets beyond the sandbox (ABI >= 6)."""
-
-    _abi: int | None = None
-
-    @classmethod
-    def prepare(cls, read_dirs: list[str], read_files: list[str], rw_files: list[str],
-                workdir: str) -> _Landlock | None:
-        if cls._abi is None:
-            word = ctypes.c_long
-            cls._abi = max(0, int(_LIBC.syscall(word(_SYS_LANDLOCK_CREATE_RULESET), None, word(0), word(1))))
-        return cls(cls._abi, read_dirs, read_files, rw_files, workdir) if cls._abi else None
-
-    def __init__(self, abi: int, read_dirs: list[str], read_files: list[str], rw_files: list[str],
-                 workdir: str) -> None:
-        fs = (1 << 13) - 1  # ABI 1: execute .. make_sym
-        fs |= (1 << 13 if abi >= 2 else 0) | (_LL_TRUNCATE if abi >= 3 else 0) | (1 << 15 if abi >= 5 else 0)
-        self.attr = (ctypes.c_uint64 * 3)(fs, 3 if abi >= 4 else 0, 3 if abi >= 6 else 0)
-        self.attr_size = 8 if abi < 4 else 16 if abi < 6 else 24  # the fields this kernel knows
-        truncate = _LL_TRUNCATE if abi >= 3 else 0
-        read_tree = _LL_EXECUTE | _LL_READ_FILE | _LL_READ_DIR
-        self.rules = (
-            [(d.encode(), _PathBeneath(read_tree, -1)) for d in read_dirs]
-            + [(f.encode(), _PathBeneath(_LL_EXECUTE | _LL_READ_FILE, -1)) for f in read_files]
-            + [(f.encode(), _PathBeneath(_LL_READ_FILE | _LL_WRITE_FILE | truncate, -1)) for f in rw_files]
-            + [(workdir.encode(), _PathBeneath(fs, -1))]
-        )
-
-    def apply(self) -> None:
-        word = ctypes.c_long
-        ruleset = _LIBC.syscall(word(_SYS_LANDLOCK_CREATE_RULESET), ctypes.byref(self.attr),
-                                word(self.attr_size), word(0))
-        _check(0 if ruleset >= 0 else -1, "landlock_create_ruleset")
-        for path, rule in self.rules:
-            try:
-                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-            except OSError:
-                continue  # not on this machine (/lib64, say): nothing to allow
-            rule.parent_fd = fd
-            rc = _LIBC.syscall(word(_SYS_LANDLOCK_ADD_RULE), word(ruleset), word(_LANDLOCK_RULE_PATH_BENEATH),
-                               ctypes.byref(rule), word(0))
-            os.close(fd)
-            _check(0 if rc == 0 else -1, "landlock_add_rule")
-        _check(0 if _LIBC.syscall(word(_SYS_LANDLOCK_RESTRICT_SELF), word(ruleset), word(0)) == 0 else -1,
-               "landlock_restrict_self")
-        os.close(ruleset)
-
-
-class _SockFilter(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
-
-
-class _Seccomp:
-    """A seccomp filter: socket() of any family but AF_UNIX, io_uring_setup, and any syscall of another
-    ABI (i386 through int 0x80, x32) fail with EACCES; everything else is allowed."""
-
-    # (AUDIT_ARCH, __NR_socket) per machine; io_uring_setup is 425 on both
-    _ARCH = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}
-
-    def __init__(self, audit_arch: int, nr_socket: int) -> None:
-        ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
-        allow, deny = 0x7FFF0000, 0x00050000 | errno.EACCES  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO
-        program = [
-            (ld, 0, 0, 4), (jeq, 1, 0, audit_arch), (ret, 0, 0, deny),  # seccomp_data.arch
-            (ld, 0, 0, 0), (jge, 0, 1, 0x40000000), (ret, 0, 0, deny),  # .nr; x32 numbers
-            (jeq, 0, 1, 425), (ret, 0, 0, deny),  # io_uring_setup
-            (jeq, 0, 3, nr_socket), (ld, 0, 0, 16), (jeq, 1, 0, 1), (ret, 0, 0, deny),  # .args[0] == AF_UNIX?
-            (ret, 0, 0, allow),
-        ]
-        self.filters = (_SockFilter * len(program))(*[_SockFilter(*insn) for insn in program])
-        self.prog = _SockFprog(len(program), self.filters)
-
-    @classmethod
-    def for_this_machine(cls) -> _Seccomp | None:
-        arch = cls._ARCH.get(platform.machine())
-        return cls(*arch) if arch else None
-
-    def apply(self) -> None:
-        _check(_LIBC.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(self.prog), 0, 0), "seccomp")
-
-
-_SECCOMP = _Seccomp.for_this_machine()
-
-
-def _mount(source: bytes | None, target: str, fstype: bytes | None, flags: int,
-           data: bytes | None = None) -> None:
-    _check(_LIBC.mount(source, target.encode(), fstype, flags, data), f"mount {target}")
-
-
-def _check(rc: int, what: str) -> None:
-    if rc != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"{what}: {os.strerror(errno)}")
-
-
-def _write_file(path: str, data: bytes) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY)
-    except OSError:
-        return
-    try:
-        os.write(fd, data)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _execute(args: list[str], env: dict[str, str], preexec: _Preexec, uid: int | None, timeout_s: float,
