@@ -19,25 +19,23 @@ COSTLY_SESSION_FIXTURES = ("smoke_run", "smollm2_dir")
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups off the items
 def pytest_collection_modifyitems(config, items):
-    """Work units for `pytest -n N --dist loadgroup` (what `make test` runs): a module's tests stay together (its
-    module fixtures are built once), modules sharing a costly session fixture share a unit, and the longest
-    units go first (so the workers finish together): the costly fixtures' units, then units with a slow test."""
-    unit = {}
-    for item in items:
-        module = item.module.__name__
-        shared = next((f for f in COSTLY_SESSION_FIXTURES if f in item.fixturenames), None)
-        if shared or module not in unit:
-            unit[module] = shared or unit.get(module) or module
-    slow_units = {unit[item.module.__name__] for item in items if item.get_closest_marker("slow")}
+    """Work units for `pytest -n N --dist loadgroup` (what `make test` runs): the tests using a costly session
+    fixture share a unit (it is built once), every other test stays with its module (its module fixtures are
+    built once), and the longest units go first so the workers finish together: the costly fixtures' units,
+    then units with a slow test, then the rest."""
+    def unit(item):
+        return next((f for f in COSTLY_SESSION_FIXTURES if f in item.fixturenames), item.module.__name__)
 
-    def start_order(item):  # the costly fixtures' units (the longest), then units with a slow test, then the rest
-        name = unit[item.module.__name__]
-        shared = name in COSTLY_SESSION_FIXTURES
-        return (0 if shared else 1 if name in slow_units else 2,
-                COSTLY_SESSION_FIXTURES.index(name) if shared else 0)
+    slow_units = {unit(item) for item in items if item.get_closest_marker("slow")}
+
+    def start_order(item):
+        name = unit(item)
+        if name in COSTLY_SESSION_FIXTURES:
+            return 0, COSTLY_SESSION_FIXTURES.index(name)
+        return (1 if name in slow_units else 2), 0
 
     for item in items:
-        item.add_marker(pytest.mark.xdist_group(unit[item.module.__name__]))
+        item.add_marker(pytest.mark.xdist_group(unit(item)))
     items.sort(key=start_order)  # stable: the order within a unit is kept
 
 
