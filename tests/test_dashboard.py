@@ -212,7 +212,8 @@ def test_browser_submit_watch_report_schedule_compare_promote(server, browser):
 
     # schedules: one every minute that retrains only when the training data changed (the data of these
     # runs never does: it fires on its own and skips, see test_a_schedule_fires_on_its_own...), and a
-    # weekday one, fired now: its run trains longer on the same data and registers v2
+    # weekday one, fired now: its run trains the RL stage longer on the same data (only the stages from RL on
+    # run again) and registers v2
     page.goto(f"{server.url}/schedules")
     before_create = datetime.now().astimezone()
     page.fill("input[name=cron]", "* * * * *")
@@ -225,7 +226,7 @@ def test_browser_submit_watch_report_schedule_compare_promote(server, browser):
     page.fill("input[name=cron]", "30 2 * * 1-5")
     page.select_option("select[name=profile]", "smoke")
     page.fill("input[name=name]", "weekday retrain")
-    page.fill("textarea[name=overrides]", "\n".join([*FAST, "train.steps=7"]))
+    page.fill("textarea[name=overrides]", "\n".join([*FAST, "srpo.train.steps=2"]))
     page.click("#create-schedule")
     row = page.locator("table.schedules tbody tr", has_text="weekday retrain")
     expect(row).to_be_visible()
