@@ -46,6 +46,7 @@ CALL_ENV = "KAT_TRAINJOB_CALL"
 FORWARD_ENV = "KAT_FORWARD_ENV"
 IMAGE_ENV = "KAT_TRAINJOB_IMAGE"  # set by the cluster pipeline on training tasks: the image it was compiled with
 RESULT_FILE = "result.json"
+POD_MODULE = "kat_core.platform.trainjob_pod"  # what the pods run: `python -m POD_MODULE launch|rank`
 PASSTHROUGH = ("KAT_RUN_ID",)  # from the launching task's environment into the job's, when set
 LABEL_PREFIX = "kat.platform"
 DS_CONFIG_ANNOTATION = f"{LABEL_PREFIX}/deepspeed-config"
@@ -236,7 +237,7 @@ def build_trainjob_spec(
             "activeDeadlineSeconds": dist.timeout_s,
             "trainer": {
                 "image": image or cluster.images.ref("cuda"),
-                "command": ["python", "-m", "kat_core.platform.trainjob_pod", "launch", "--np", str(plan.world_size)],
+                "command": ["python", "-m", POD_MODULE, "launch", "--np", str(plan.world_size)],
                 "numNodes": dist.nodes,
                 "resourcesPerNode": {"requests": dict(resources), "limits": dict(resources)},
                 "env": [{"name": k, "value": v} for k, v in sorted(plain.items())],

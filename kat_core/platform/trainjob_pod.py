@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kat_core.errors import KatError
-from kat_core.platform.trainjob import CALL_ENV, FORWARD_ENV, MASTER_PORT, StageCall, call_entry
+from kat_core.platform.trainjob import CALL_ENV, FORWARD_ENV, MASTER_PORT, POD_MODULE, StageCall, call_entry
 from kat_core.util import atomic_write
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def mpirun_argv(hostfile: str, hostfile_text: str, np: int, forward: list[str],
     argv = ["mpirun", "--hostfile", hostfile, "-np", str(np), "--map-by", "slot", "--bind-to", "none"]
     for name in forward:
         argv += ["-x", name]
-    return argv + [python, "-m", "kat_core.platform.trainjob_pod", "rank"], hosts[0][0]
+    return argv + [python, "-m", POD_MODULE, "rank"], hosts[0][0]
 
 
 def rank_env(environ: dict[str, str]) -> dict[str, str]:
@@ -81,7 +81,7 @@ def run_call(call: StageCall, rank: int) -> Any:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m kat_core.platform.trainjob_pod")
+    parser = argparse.ArgumentParser(prog=f"python -m {POD_MODULE}")
     sub = parser.add_subparsers(dest="command", required=True)
     launch = sub.add_parser("launch", help="on the launcher: mpirun the ranks")
     launch.add_argument("--np", type=int, required=True)
