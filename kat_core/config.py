@@ -184,6 +184,11 @@ class PretrainConfig(_Strict):
     teacher_once: bool = Field(True, description="run a teacher checkpoint once over the packed rows and distil "
                                "from its top-k logits (cheap over many epochs); False: full logits every step")
     train_teacher: bool = Field(False, description="the pipeline first trains a larger teacher")
+    replay_repeats: int = Field(
+        0, ge=0, description="a pretrained base (model.base): times its own greedy answers to everyday requests "
+        "(kat_core.data.replay) are trained on beside the dataset, so it keeps them (0: none)")
+    replay_max_new_tokens: int = Field(96, ge=8, description="token budget of each replayed answer; longer "
+                                       "answers are left out, not cut")
     teacher_model: ModelConfig | None = None
     teacher_train: TrainConfig | None = None
 

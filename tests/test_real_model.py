@@ -274,3 +274,45 @@ def test_retention_questions_measure_what_the_base_knows(smollm2_dir, tmp_path):
     same = compare(tmp_path / "base", tmp_path / "base", out_dir=tmp_path / "cmp", suites=["retention"],
                    modes=["plain"], progress=False)
     assert same["head_to_head"]["plain"]["kept"] == 1.0 and same["head_to_head"]["plain"]["b_only"] == 0
+
+
+def test_the_base_replays_its_own_answers_through_every_fine_tuning_stage(smollm2_dir, tmp_path, monkeypatch):
+    """Self-replay (kat_core.data.replay) on the real base: before the first step the base answers everyday
+    requests through its chat template; the records are its own greedy words as direct answers in the grammar,
+    stored in the checkpoint; the cold start, fine-tuning that checkpoint, replays those same records rather
+    than asking its already fine-tuned self."""
+    import kat_core.data.replay as replay
+    from kat_core.config import load_config
+    from kat_core.model.lm import load_model
+    from kat_core.rollout import generate
+    from kat_core.train.pretrain import pretrain
+
+    prompts = ("Who painted the Mona Lisa?", "Can penguins fly?", "Tell me a joke about cats.")
+    monkeypatch.setattr(replay, "PROMPTS", prompts)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train-00000.jsonl").write_text(json.dumps({
+        "id": "a", "family": "arith", "prompt": "Compute 2+3.", "mode": "off",
+        "completion": render("sum, 1 step: direct", "off", "5")}) + "\n")
+    config = load_config("real", [f"model.base={smollm2_dir}", "model.max_seq_len=160", "train.steps=1",
+                                  "train.micro_batch_size=1", "train.warmup_steps=0", "train.checkpoint_every=1",
+                                  "pretrain.replay_repeats=1", "pretrain.replay_max_new_tokens=24"])
+    pretrain(config, data, tmp_path / "pre", progress=False)
+    records = replay.inherited_replay(tmp_path / "pre")
+    assert {r["prompt"] for r in records} <= set(prompts) and len(records) >= 2
+    model, tokenizer = load_model(smollm2_dir)
+    own = {prompts[s.prompt_index]: s for s in generate(model, tokenizer, list(prompts), temperature=0.0,
+                                                         max_new_tokens=24, stop_at_answer=False)}
+    for r in records:
+        parsed = parse(r["completion"])
+        assert parsed.well_formed and parsed.mode == "off" and parsed.judge == "chat: direct"
+        base_text = own[r["prompt"]].text.strip()
+        assert base_text.startswith(parsed.answer) and len(parsed.answer) > 10, (parsed.answer, base_text)
+
+    def ask_again(*_, **__):
+        raise AssertionError("the cold start asked its own model instead of replaying the base's answers")
+
+    monkeypatch.setattr(replay, "base_answers", ask_again)
+    pretrain(config.model_copy(), data, tmp_path / "cold", model_cfg=config.model.model_copy(
+        update={"base": str(tmp_path / "pre")}), stage="coldstart", progress=False)
+    assert replay.inherited_replay(tmp_path / "cold") == records

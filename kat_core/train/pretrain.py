@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kat_core.config import KatConfig, ModelConfig, TrainConfig
+from kat_core.data.replay import REPLAY_FILE, write_replay
 from kat_core.errors import KatError
 
 log = logging.getLogger(__name__)
@@ -229,6 +230,8 @@ def pretrain(
         raise KatError(f"model.max_seq_len {model_cfg.max_seq_len} is longer than the context of "
                        f"{model_cfg.base or 'the model'} ({context} tokens); set model.max_seq_len <= {context}")
 
+    replay = base_replay(config, model_cfg, model, tokenizer, make=stage == "pretrain", progress=progress)
+    records = records + replay * config.pretrain.replay_repeats
     rows = packed_rows(records, tokenizer, pack_len(config, model_cfg), config.pretrain.mode_token_weight, config.seed)
     if teacher_cache is not None:
         if not torch.equal(teacher_cache["input_ids"], rows["input_ids"]):
@@ -273,6 +276,8 @@ def pretrain(
         shutil.copy(result.metrics_path, tmp / "metrics.jsonl")
         for name, path in (extra_files or {}).items():
             shutil.copy(path, tmp / name)
+        if replay:  # later stages fine-tuning this checkpoint replay the same answers (kat_core.data.replay)
+            write_replay(tmp / REPLAY_FILE, replay)
 
     save_checkpoint(
         out_dir, trained.lm, tokenizer, trained.mtp,
@@ -284,6 +289,22 @@ def pretrain(
     shutil.rmtree(work, ignore_errors=True)
     log.info("checkpoint written to %s", out_dir)
     return result.metrics
+
+
+def base_replay(config: KatConfig, model_cfg: ModelConfig, model, tokenizer, *, make: bool,
+                progress: bool) -> list[dict[str, Any]]:
+    """The base's own answers to replay beside the dataset (kat_core.data.replay) when the profile asks for
+    them: those the base checkpoint was fine-tuned with, else (`make`: the first stage on a pretrained base)
+    the base's answers now, before any step."""
+    from kat_core.data.replay import PROMPTS, base_answers, inherited_replay
+
+    if not config.pretrain.replay_repeats or not model_cfg.base:
+        return []
+    records = inherited_replay(model_cfg.base)
+    if not records and make:
+        records = base_answers(model, tokenizer, PROMPTS, max_new_tokens=config.pretrain.replay_max_new_tokens,
+                               seed=config.seed, progress=progress)
+    return records
 
 
 def _inputs(data_dir: Path, teacher, base: str | None) -> dict[str, Path]:
