@@ -45,10 +45,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from math_verify import ExprExtractionConfig, LatexExtractionConfig
-from math_verify import parse as mv_parse
-from math_verify import verify as mv_verify
-
 from kat_core.data.dataset import iter_jsonl
 from kat_core.errors import KatError
 from kat_core.tasks.answers import final_answer
@@ -78,11 +74,21 @@ class _DeadlineExceeded(BaseException):
     pass
 
 
+@lru_cache(maxsize=1)
+def _math_verify() -> Any:
+    """The math_verify module, imported on first use: it pulls in sympy and the LaTeX parser (about 0.3 s),
+    and every process that loads a config registers this family without verifying anything (each pipeline
+    stage, each `kat` command)."""
+    import math_verify
+
+    return math_verify
+
+
 @lru_cache(maxsize=4096)
 def _parse_gold(gold: str) -> tuple[Any, ...]:
     # golds are LaTeX without delimiters (`\frac43`, `\text{(C)}`, `10,\!080`); `$…$` makes math-verify
     # read the whole gold as one expression
-    return tuple(mv_parse(f"${gold}$", parsing_timeout=None))
+    return tuple(_math_verify().parse(f"${gold}$", parsing_timeout=None))
 
 
 def _power_digits(numbers: list[int]) -> float:
@@ -120,14 +126,17 @@ def _too_costly(text: str) -> bool:
     return largest > MAX_ITERATED_DIGITS and _ITERATED.search(text) is not None
 
 
-# one reading of one answer: math-verify's LaTeX reading first, its plain-expression reading (`2**10`,
-# `1/2`) if that fails, and no raw-string fallback
-_ANSWER_EXTRACTION = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
+@lru_cache(maxsize=1)
+def _answer_extraction() -> tuple[Any, ...]:
+    # one reading of one answer: math-verify's LaTeX reading first, its plain-expression reading (`2**10`,
+    # `1/2`) if that fails, and no raw-string fallback
+    mv = _math_verify()
+    return mv.LatexExtractionConfig(boxed_match_priority=0), mv.ExprExtractionConfig()
 
 
 def _parse_answer(answer: str) -> list[Any]:
-    return mv_parse(f"${answer}$", extraction_config=_ANSWER_EXTRACTION, fallback_mode="no_fallback",
-                    extraction_mode="first_match", parsing_timeout=None)
+    return _math_verify().parse(f"${answer}$", extraction_config=_answer_extraction(),
+                                fallback_mode="no_fallback", extraction_mode="first_match", parsing_timeout=None)
 
 
 @contextmanager
@@ -166,6 +175,8 @@ def verify_math(gold: str, answer_text: str, timeout_s: float = VERIFY_TIMEOUT_S
     text = (answer_text or "").strip()
     if not text or _too_costly(text):
         return False
+    mv = _math_verify()  # imported before the deadline starts: a first import must not count against it
+    _answer_extraction()
     try:
         with _deadline(timeout_s):
             answer = final_answer(text)
@@ -173,7 +184,7 @@ def verify_math(gold: str, answer_text: str, timeout_s: float = VERIFY_TIMEOUT_S
                 return False
             gold_parsed = list(_parse_gold(gold))
             parsed = _parse_answer(answer)
-            return bool(gold_parsed and parsed) and mv_verify(gold_parsed, parsed, timeout_seconds=None)
+            return bool(gold_parsed and parsed) and mv.verify(gold_parsed, parsed, timeout_seconds=None)
     except _DeadlineExceeded:
         return False
     except Exception:  # a malformed answer grades as wrong; it must not stop an evaluation
