@@ -271,5 +271,7 @@ def test_retention_accepts_the_answer_in_a_sentence_and_refuses_hedges():
     assert task.verify(water_formula, "Water is H2O.") and not task.verify(water_formula, "H2O2")
     assert task.verify(hours, "There are twenty-four hours in a day.") and task.verify(hours, "24 hours")
     assert not task.verify(hours, "12 or 24")
+    assert task.verify(hours, "A day is a 24-hour period.") and task.verify(items[2], "A week is a 7-day period.")
+    assert not task.verify(hours, "a 12-hour clock shows 24 hours")  # the hyphenated word is a hedge as well
     assert all(task.verify(i, task.answer_text(i)) for i in items)  # every gold passes its own verifier
     assert all(not task.verify(i, " ".join(i.meta["accepted"] + i.meta["wrong"])) for i in items)

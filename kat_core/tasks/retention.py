@@ -44,8 +44,9 @@ QUESTIONS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
 
 
 def _words(text: str) -> str:
-    """Lower case, punctuation as spaces (a decimal point or hyphen inside a word kept), one space between words."""
-    text = re.sub(r"[^\w.\-]+|(?<!\w)[.\-]|[.\-](?!\w)", " ", text.lower())
+    """Lower case, punctuation as spaces (a decimal point inside a number kept), one space between words. A
+    hyphen separates too: "a 7-day week" names 7, and "twenty-four" reads as "twenty four" on both sides."""
+    text = re.sub(r"[^\w.]+|(?<!\w)\.|\.(?!\w)", " ", text.lower())
     return f" {' '.join(text.split())} "
 
 
