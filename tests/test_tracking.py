@@ -178,3 +178,38 @@ def test_platform_modules_import_nothing_heavy():
             "print(sorted(m for m in ('mlflow', 'minio', 'torch', 'transformers', 'pandas') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+
+def sqlite_tables(path) -> dict:
+    """The tables and indexes of an SQLite file (their CREATE statements) and its experiments."""
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    try:
+        return {"objects": sorted(db.execute("SELECT type, name, sql FROM sqlite_master").fetchall()),
+                "experiments": db.execute("SELECT experiment_id, name FROM experiments").fetchall()}
+    finally:
+        db.close()
+
+
+def test_a_new_local_database_starts_from_the_cached_schema(tmp_path, monkeypatch):
+    """A new SQLite tracking database is a copy of the schema MLflow's own set-up leaves (built once per MLflow
+    version, cached); MLflow takes it as its own, and an existing database is never replaced."""
+    import mlflow
+
+    from kat_core.platform import tracking
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    seeded, again = tmp_path / "seeded.db", tmp_path / "again.db"
+    client = tracking.get_client(f"sqlite:///{seeded}")
+    (template,) = (tmp_path / "cache" / "kat").iterdir()
+    assert template.name == f"mlflow-{mlflow.__version__}-schema.db"
+    assert sqlite_tables(template)["experiments"] == []  # MLflow adds its Default experiment to the copy
+    assert sqlite_tables(seeded) == sqlite_tables(template) | {"experiments": [(0, "Default")]}
+    run_id = tracking.start_pipeline_run("p", {"a": 1}, tracking_uri=f"sqlite:///{seeded}")
+    tracking.get_client(f"sqlite:///{seeded}")  # an existing database: left as it is
+    assert client.get_run(run_id).data.params == {"a": "1"}
+    tracking.get_client(f"sqlite:///{again}")  # from the cached template
+    assert sqlite_tables(again) == sqlite_tables(template) | {"experiments": [(0, "Default")]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.db", "cache", "seeded.db"]  # no leftovers

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -76,9 +77,84 @@ def get_client(uri: str | None = None):
     import mlflow
 
     uri = resolve_tracking_uri(uri)
+    seed_sqlite_schema(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def schema_cache_dir() -> Path:
+    """Where the empty MLflow schema is kept between runs: `$XDG_CACHE_HOME/kat`, else `~/.cache/kat`."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kat"
+
+
+def _schema_template() -> Path | None:
+    """An SQLite file holding MLflow's tables and nothing else (no experiment yet), built once per MLflow version
+    in schema_cache_dir(); None where it cannot be built (MLflow moved the private function, no writable cache)."""
+    import mlflow
+
+    template = schema_cache_dir() / f"mlflow-{mlflow.__version__}-schema.db"
+    if template.is_file():
+        return template
+    tmp = None
+    try:
+        import sqlalchemy
+        from mlflow.store.db.utils import _initialize_tables  # what MLflow's SQLAlchemyStore runs on a new database
+
+        template.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_path(template)
+        engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
+        try:
+            _initialize_tables(engine)
+        finally:
+            engine.dispose()
+        os.replace(tmp, template)  # whole or absent; a concurrent builder writes the same schema
+        return template
+    except Exception:  # whatever failed here, MLflow builds the schema itself, as before
+        log.debug("no MLflow schema template; MLflow builds the schema itself", exc_info=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        return None
+
+
+def _temp_path(beside: Path) -> Path:
+    """A new empty file of its own next to `beside` (unique across processes and threads), with the mode
+    (umask) a database file SQLite creates would have."""
+    import secrets
+
+    path = beside.with_name(f".{beside.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    return path
+
+
+def seed_sqlite_schema(uri: str) -> None:
+    """Start a new local SQLite tracking database as a copy of an empty one with MLflow's schema.
+
+    MLflow builds its schema by replaying every migration, some 1,700 statements each committed to disk: 3-5 s
+    on a 2-core VM, paid by the first stage of every run in a new KAT_HOME (and every test with a fresh one).
+    The copy is what those migrations leave; MLflow then adds its Default experiment to it as it would have.
+    An existing database is never touched, a server URI is left alone, and without a template (see
+    _schema_template) MLflow builds the schema as before."""
+    if not uri.startswith("sqlite:///") or "?" in uri:
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    if path.exists() or not path.parent.is_dir():
+        return
+    template = _schema_template()
+    if template is None:
+        return
+    tmp = None
+    try:
+        tmp = _temp_path(path)
+        shutil.copyfile(template, tmp)
+        os.link(tmp, path)  # never over a database another process or thread has just started
+    except FileExistsError:
+        pass
+    except OSError:
+        log.debug("could not seed %s; MLflow builds the schema itself", path, exc_info=True)
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def experiment_id(client, name: str = EXPERIMENT) -> str:
