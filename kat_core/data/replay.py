@@ -17,12 +17,12 @@ answers, never its own drifted ones.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
 from typing import Any
 
+from kat_core.data.dataset import iter_jsonl
 from kat_core.data.judge import judge_text
 from kat_core.format import SPECIAL_TOKENS, render
 
@@ -212,10 +212,6 @@ def whole_sentences(text: str) -> str:
     return text[: ends[-1]].strip() if ends else ""
 
 
-def write_replay(path: Path, records: list[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
 def inherited_replay(checkpoint: str | Path | None) -> list[dict[str, Any]]:
     """The replay records a checkpoint was fine-tuned with (its `replay.jsonl`), or [] when it has none."""
     if not checkpoint:
@@ -223,4 +219,4 @@ def inherited_replay(checkpoint: str | Path | None) -> list[dict[str, Any]]:
     path = Path(checkpoint) / REPLAY_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return list(iter_jsonl(path))

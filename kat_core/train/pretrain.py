@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from kat_core.config import KatConfig, ModelConfig, TrainConfig
-from kat_core.data.replay import REPLAY_FILE, write_replay
+from kat_core.data.dataset import write_jsonl
+from kat_core.data.replay import REPLAY_FILE
 from kat_core.errors import KatError
 
 log = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ def pretrain(
         for name, path in (extra_files or {}).items():
             shutil.copy(path, tmp / name)
         if replay:  # later stages fine-tuning this checkpoint replay the same answers (kat_core.data.replay)
-            write_replay(tmp / REPLAY_FILE, replay)
+            write_jsonl(tmp / REPLAY_FILE, replay)
 
     save_checkpoint(
         out_dir, trained.lm, tokenizer, trained.mtp,
