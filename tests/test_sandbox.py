@@ -200,6 +200,21 @@ def test_the_child_cannot_kill_its_parent(attack):
     assert os.getpid() > 0
 
 
+def test_children_fork_from_a_launcher_not_from_the_caller():
+    # the caller may be big (torch, a model): its page tables make every fork slow
+    # (benchmarks/bench_sandbox_launch.py); a launcher is a small process of its own
+    code = "import os\nprint(os.getppid())"
+    try:
+        configure(launcher=True)
+        launched = {run_python(code, timeout_s=5).stdout.strip() for _ in range(3)}
+        configure(launcher=False)
+        here = run_python(code, timeout_s=5).stdout.strip()
+    finally:
+        configure()
+    assert here == str(os.getpid())
+    assert launched and str(os.getpid()) not in launched and all(p.isdigit() for p in launched)
+
+
 def test_the_parent_environment_does_not_leak(monkeypatch):
     monkeypatch.setenv("KAT_SANDBOX_SECRET", "hunter2")
     r = run_python("import os\nprint(sorted(os.environ))", timeout_s=5)
@@ -338,11 +353,11 @@ def test_as_root_without_a_reachable_interpreter_the_sandbox_refuses(without_nam
     if reachable_by_others(sys.base_prefix):
         pytest.skip("our interpreter is reachable by other uids here, so nothing forces the refusal")
     monkeypatch.setattr(sandbox, "_FALLBACK_PYTHONS", ())
-    configure(namespaces=False)
+    configure(namespaces=False, launcher=False)  # the patch lives in this process, not in the launchers
     with pytest.raises(KatError, match="refuses to run untrusted code as root") as err:
         run_python("print(1)", timeout_s=5)
     assert "\n" not in str(err.value) and "KAT_SANDBOX_UNSAFE_ROOT=1" in str(err.value)
-    configure(namespaces=False, unsafe_root=True)  # the explicit opt-in: runs as root, still confined
+    configure(namespaces=False, unsafe_root=True, launcher=False)  # the explicit opt-in: runs as root, still confined
     iso = isolation()
     assert iso.runs_as_root and "UNSAFE" in iso.describe()
     if iso.landlock:

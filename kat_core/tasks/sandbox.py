@@ -38,6 +38,9 @@ run_tests() keeps the verdict out of the candidate's reach: the tests run in a s
 (the judge, under another uid) and call the candidate's functions over a pipe, receiving plain data
 (kat_core.tasks.judge); only the judge's output, which the candidate cannot write, says whether the tests
 passed.
+
+Runs are started from small launcher processes, not from the caller (see "launching" below): a fork from a
+process holding torch and a model costs several times more.
 """
 
 from __future__ import annotations
@@ -179,15 +182,16 @@ for _slot in range(_UID_SLOTS):
     _slots.put(_slot)
 _probe_lock = threading.Lock()
 _probed: tuple[_Plan, Isolation] | None = None
-_settings: dict[str, bool | None] = {"namespaces": None, "unsafe_root": None}
+_settings: dict[str, bool | None] = {"namespaces": None, "unsafe_root": None, "launcher": None}
 
 
-def configure(*, namespaces: bool | None = None, unsafe_root: bool | None = None) -> None:
-    """Choose the plan from code (None: from the environment, KAT_SANDBOX_NAMESPACES=0 and
-    KAT_SANDBOX_UNSAFE_ROOT=1); the next run probes again."""
+def configure(*, namespaces: bool | None = None, unsafe_root: bool | None = None,
+              launcher: bool | None = None) -> None:
+    """Choose the plan from code (None: from the environment, KAT_SANDBOX_NAMESPACES=0,
+    KAT_SANDBOX_UNSAFE_ROOT=1 and KAT_SANDBOX_LAUNCHER=0); the next run probes again."""
     global _probed
     with _probe_lock:
-        _settings.update(namespaces=namespaces, unsafe_root=unsafe_root)
+        _settings.update(namespaces=namespaces, unsafe_root=unsafe_root, launcher=launcher)
         _probed = None
 
 
@@ -201,7 +205,7 @@ def _setting(name: str, env: str, default: bool) -> bool:
 
 def isolation() -> Isolation:
     """Probe (once per process) the strongest plan this machine allows and what it actually gives."""
-    return _plan_and_isolation()[1]
+    return _launch(_isolation_here)
 
 
 def run_python(
@@ -217,8 +221,7 @@ def run_python(
     (default: the timeout rounded up), address space `memory_mb` per process, `max_output_bytes` per
     stream, `max_processes` processes and threads (exact with the uid switch; without it, shared with
     whatever else runs under our uid at the same time; not enforceable when we are root without it)."""
-    plan, _ = _plan_and_isolation()
-    return _run(plan, code, timeout_s, cpu_s, memory_mb, max_output_bytes, max_processes)
+    return _launch(_run_python_here, code, timeout_s, cpu_s, memory_mb, max_output_bytes, max_processes)
 
 
 def run_tests(program: str, tests: str, *, functions: Sequence[str] | None = None, setup: str = "",
@@ -235,6 +238,21 @@ def run_tests(program: str, tests: str, *, functions: Sequence[str] | None = Non
     The result: the judge's status; stdout is the candidate's; stderr the candidate's, then the judge's
     (a failed assert's traceback, or why the candidate could not be called).
     """
+    return _launch(_run_tests_here, program, tests, functions, setup, limits)
+
+
+def _isolation_here() -> Isolation:
+    return _plan_and_isolation()[1]
+
+
+def _run_python_here(code: str, timeout_s: float, cpu_s: int | None, memory_mb: int, max_output_bytes: int,
+                     max_processes: int) -> SandboxResult:
+    plan, _ = _plan_and_isolation()
+    return _run(plan, code, timeout_s, cpu_s, memory_mb, max_output_bytes, max_processes)
+
+
+def _run_tests_here(program: str, tests: str, functions: Sequence[str] | None, setup: str,
+                    limits: dict[str, float | int | None]) -> SandboxResult:
     if functions is None:
         functions = _top_level_functions(program)
     req_r, req_w = os.pipe()  # judge -> candidate: calls
@@ -300,6 +318,75 @@ def _top_level_functions(program: str) -> list[str]:
 
 # the judge module's own source, pasted into both programs (they cannot import kat_core)
 _WIRE_SOURCE = Path(_judge.__file__).read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------
+# launching: sandboxes fork from a small process
+#
+# fork() copies the caller's page tables, and the children need a fork (the confinement runs between fork
+# and exec). From a process holding torch and a model (an evaluation, the RL stage, a test worker) that made
+# every run ~4x slower than from a bare interpreter (benchmarks/bench_verifier.py measures both). So the
+# runs happen in a pool of launcher processes forked from multiprocessing's forkserver, a fresh interpreter
+# that imports only this module; arguments and results cross as plain data. KAT_SANDBOX_LAUNCHER=0 (or
+# configure(launcher=False)) runs them in the calling process.
+
+_LAUNCHERS = 8  # concurrent runs (a run_tests is two children); idle launchers cost ~20 MB each
+_launcher_lock = threading.Lock()
+_launcher_pool: Any = None
+_in_launcher = False
+
+
+def _launch(fn, *args):
+    """fn(*args) in a launcher process (or here, inside a launcher or when launching is off), under the
+    caller's settings."""
+    settings = {"namespaces": _setting("namespaces", "KAT_SANDBOX_NAMESPACES", True),
+                "unsafe_root": _setting("unsafe_root", "KAT_SANDBOX_UNSAFE_ROOT", False)}
+    if _in_launcher or not _setting("launcher", "KAT_SANDBOX_LAUNCHER", True):
+        return fn(*args)
+    from concurrent.futures.process import BrokenProcessPool
+
+    pool = _launchers()
+    try:
+        return pool.submit(_launched, settings, fn, args).result()
+    except BrokenProcessPool as exc:
+        _discard_launchers(pool)
+        raise KatError(f"a code sandbox launcher process died ({exc}); the next run starts new ones") from exc
+
+
+def _launchers():
+    global _launcher_pool
+    with _launcher_lock:
+        if _launcher_pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])
+            _launcher_pool = ProcessPoolExecutor(_LAUNCHERS, mp_context=context, initializer=_become_launcher)
+        return _launcher_pool
+
+
+def _discard_launchers(pool) -> None:
+    global _launcher_pool
+    with _launcher_lock:
+        if _launcher_pool is pool:
+            _launcher_pool = None
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _become_launcher() -> None:
+    global _in_launcher
+    _in_launcher = True
+
+
+def _launched(settings: dict[str, bool], fn, args):
+    """In a launcher: take the caller's settings (probing again when they changed), then run."""
+    global _probed
+    with _probe_lock:
+        if any(_settings[k] != v for k, v in settings.items()):
+            _settings.update(settings)
+            _probed = None
+    return fn(*args)
 
 
 # ---------------------------------------------------------------------------------------------------
