@@ -21,3 +21,21 @@ def test_a_cut_answer_keeps_its_whole_sentences():
     assert whole_sentences("Yes! Bees make honey? They do. and") == "Yes! Bees make honey? They do."
     assert whole_sentences("It is 3.5 metres long. The") == "It is 3.5 metres long."  # a decimal point is no end
     assert whole_sentences("no sentence ends here") == ""
+
+
+def test_a_cut_answer_teaches_its_words_but_not_its_end(tiny_tokenizer):
+    """The base had more to say where the budget cut it: its words are trained, the closing tag and EOS that
+    the cut put there are not (else the model learns to stop early)."""
+    import pytest
+
+    from kat_core.format import render
+    from kat_core.train.data import encode_example
+
+    record = {"id": "replay-1", "prompt": "Tell me about bees.",
+              "completion": render("chat: direct", "off", "Bees make honey.")}
+    whole = encode_example(record, tiny_tokenizer)
+    cut = encode_example({**record, "cut": True}, tiny_tokenizer)
+    assert cut.ids == whole.ids and whole.weights[-2:] == [1.0, 1.0]
+    assert cut.weights[-2:] == [0.0, 0.0] and cut.weights[:-2] == whole.weights[:-2]
+    with pytest.raises(ValueError, match="marked cut"):
+        encode_example({**record, "completion": "Bees", "cut": True}, tiny_tokenizer)

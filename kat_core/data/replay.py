@@ -198,8 +198,10 @@ def base_answers(model, tokenizer, prompts: tuple[str, ...] | list[str], *, max_
             tagged += 1
             continue
         prompt = prompts[s.prompt_index]
+        # `cut`: the base had more to say; training leaves the closing tag and EOS of this one untaught
         records.append({"id": f"replay-{s.prompt_index}", "family": FAMILY, "prompt": prompt, "mode": "off",
-                        "regime": "replay", "completion": render(judge, "off", answer=text)})
+                        "regime": "replay", "completion": render(judge, "off", answer=text),
+                        "cut": s.finish_reason != "eos"})
     log.info("self-replay: %d of the base's answers kept (%d without a whole sentence in the %d-token budget, "
              "%d with grammar tags)",
              len(records), cut, max_new_tokens, tagged)

@@ -3,7 +3,9 @@
 Each example is `request_text(tokenizer, prompt) + completion + EOS` (kat_core.chat: the base's chat template
 when it has one). Loss weights: 0 on the prompt (we do not
 teach the model to write requests), 1 on the completion, `mode_token_weight` on the mode token so the
-model learns to choose `<think_on>`/`<think_off>` early. Examples are packed first-fit into rows of
+model learns to choose `<think_on>`/`<think_off>` early, and 0 on the closing `</answer>` and EOS of a record whose
+answer was `cut` short (a self-replay answer that ran out of its token budget: the model should keep the base's
+words, not learn to stop where the budget did). Examples are packed first-fit into rows of
 `seq_len` tokens without being split; position ids restart at each example, which transformers turns
 into a block-diagonal causal mask (examples in one row do not see each other).
 """
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kat_core.chat import request_text
-from kat_core.format import THINK_OFF, THINK_ON
+from kat_core.format import ANSWER_CLOSE, THINK_OFF, THINK_ON
 
 
 @dataclass
@@ -32,6 +34,10 @@ def encode_example(record: dict[str, Any], tokenizer, mode_token_weight: float =
     weights = [0.0] * len(prompt_ids) + [
         mode_token_weight if t in mode_ids else 1.0 for t in completion_ids
     ] + [1.0]
+    if record.get("cut"):
+        if completion_ids[-1:] != [tokenizer.convert_tokens_to_ids(ANSWER_CLOSE)]:
+            raise ValueError(f"record {record.get('id')} is marked cut but does not end with {ANSWER_CLOSE}")
+        weights[-2:] = [0.0, 0.0]
     return Example(ids, weights)
 
 
