@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from kat_core.errors import KatError
 from kat_core.tasks.sandbox import configure, isolation, run_python, run_tests
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -213,6 +214,21 @@ def test_children_fork_from_a_launcher_not_from_the_caller():
         configure()
     assert here == str(os.getpid())
     assert launched and str(os.getpid()) not in launched and all(p.isdigit() for p in launched)
+
+
+def test_a_dead_launcher_fails_its_calls_in_one_line_and_the_next_run_starts_a_new_one():
+    import kat_core.tasks.sandbox as sandbox
+
+    assert run_python("print(1)", timeout_s=5).stdout == "1\n"
+    first = sandbox._the_launcher()
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(run_python, "import time\ntime.sleep(20)", timeout_s=30)
+        time.sleep(1.0)
+        first._proc.kill()
+        with pytest.raises(KatError, match="launcher process exited") as err:
+            waiting.result(timeout=20)
+    assert "\n" not in str(err.value)
+    assert run_python("print(2)", timeout_s=5).stdout == "2\n" and sandbox._the_launcher() is not first
 
 
 def test_the_parent_environment_does_not_leak(monkeypatch):

@@ -46,6 +46,7 @@ process holding torch and a model costs several times more.
 from __future__ import annotations
 
 import ast
+import atexit
 import ctypes
 import json
 import logging
@@ -325,62 +326,51 @@ _WIRE_SOURCE = Path(_judge.__file__).read_text(encoding="utf-8")
 #
 # fork() copies the caller's page tables, and the children need a fork (the confinement runs between fork
 # and exec). From a process holding torch and a model (an evaluation, the RL stage, a test worker) that made
-# every run ~4x slower than from a bare interpreter (benchmarks/bench_verifier.py measures both). So the
-# runs happen in a pool of launcher processes forked from multiprocessing's forkserver, a fresh interpreter
-# that imports only this module; arguments and results cross as plain data. KAT_SANDBOX_LAUNCHER=0 (or
-# configure(launcher=False)) runs them in the calling process.
+# every run several times slower than from a bare interpreter (benchmarks/bench_sandbox_launch.py). So runs
+# happen in a launcher (kat_core.tasks.launcher): one small process per caller, spawned once, importing only
+# this module. KAT_SANDBOX_LAUNCHER=0 (or configure(launcher=False)) runs them in the calling process.
 
-_LAUNCHERS = 8  # concurrent runs (a run_tests is two children); idle launchers cost ~20 MB each
 _launcher_lock = threading.Lock()
-_launcher_pool: Any = None
+_launcher: Any = None
 _in_launcher = False
 
 
 def _launch(fn, *args):
-    """fn(*args) in a launcher process (or here, inside a launcher or when launching is off), under the
+    """fn(*args) in the launcher (or here: inside the launcher, or when launching is off), under the
     caller's settings."""
-    settings = {"namespaces": _setting("namespaces", "KAT_SANDBOX_NAMESPACES", True),
-                "unsafe_root": _setting("unsafe_root", "KAT_SANDBOX_UNSAFE_ROOT", False)}
     if _in_launcher or not _setting("launcher", "KAT_SANDBOX_LAUNCHER", True):
         return fn(*args)
-    from concurrent.futures.process import BrokenProcessPool
-
-    pool = _launchers()
-    try:
-        return pool.submit(_launched, settings, fn, args).result()
-    except BrokenProcessPool as exc:
-        _discard_launchers(pool)
-        raise KatError(f"a code sandbox launcher process died ({exc}); the next run starts new ones") from exc
+    settings = {"namespaces": _setting("namespaces", "KAT_SANDBOX_NAMESPACES", True),
+                "unsafe_root": _setting("unsafe_root", "KAT_SANDBOX_UNSAFE_ROOT", False)}
+    return _the_launcher().call(fn.__name__, settings, args)
 
 
-def _launchers():
-    global _launcher_pool
+def _the_launcher():
+    global _launcher
+    from kat_core.tasks.launcher import Launcher
+
     with _launcher_lock:
-        if _launcher_pool is None:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload([__name__])
-            _launcher_pool = ProcessPoolExecutor(_LAUNCHERS, mp_context=context, initializer=_become_launcher)
-        return _launcher_pool
+        if _launcher is None or _launcher.owner != os.getpid() or not _launcher.alive:
+            if _launcher is None:
+                atexit.register(_close_launcher)
+            _launcher = Launcher()
+        return _launcher
 
 
-def _discard_launchers(pool) -> None:
-    global _launcher_pool
+def _close_launcher() -> None:
     with _launcher_lock:
-        if _launcher_pool is pool:
-            _launcher_pool = None
-    pool.shutdown(wait=False, cancel_futures=True)
+        if _launcher is not None:
+            _launcher.close()
 
 
-def _become_launcher() -> None:
+def become_launcher() -> None:
+    """This process is the launcher: calls run here."""
     global _in_launcher
     _in_launcher = True
 
 
-def _launched(settings: dict[str, bool], fn, args):
-    """In a launcher: take the caller's settings (probing again when they changed), then run."""
+def launched(settings: dict[str, bool], fn, args):
+    """In the launcher: take the caller's settings (probing again when they changed), then run."""
     global _probed
     with _probe_lock:
         if any(_settings[k] != v for k, v in settings.items()):
