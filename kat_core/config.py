@@ -187,8 +187,11 @@ class PretrainConfig(_Strict):
     replay_repeats: int = Field(
         0, ge=0, description="a pretrained base (model.base): times its own greedy answers to everyday requests "
         "(kat_core.data.replay) are trained on beside the dataset, so it keeps them (0: none)")
-    replay_max_new_tokens: int = Field(96, ge=8, description="token budget of each replayed answer; longer "
-                                       "answers are left out, not cut")
+    replay_max_new_tokens: int = Field(96, ge=8, description="token budget of each replayed answer; a longer "
+                                       "one keeps its whole sentences, and its end is not trained")
+    replay_kl: float = Field(
+        0.0, ge=0, description="weight of KL(base || model) on the replayed answers' tokens: the base's whole "
+        "next-token distribution there (its top-k, teacher_top_k), not only its greedy token (0: off)")
     teacher_model: ModelConfig | None = None
     teacher_train: TrainConfig | None = None
 

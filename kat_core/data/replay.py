@@ -13,6 +13,10 @@ with the retention suite (a test checks it against the suite's prompts, exact an
 The answers are made once, by the pretrain stage, and stored in its checkpoint (`replay.jsonl`); later stages
 that fine-tune that checkpoint (the cold start) replay the same records, so every stage keeps the *base's*
 answers, never its own drifted ones.
+
+With `pretrain.replay_kl` the model is also kept close to the base's whole next-token distribution over those
+answers (`base_distributions`: its top-k logits per answer token, read through its own layout), a far richer
+signal than the one token its greedy answer wrote.
 """
 
 from __future__ import annotations
@@ -222,3 +226,28 @@ def inherited_replay(checkpoint: str | Path | None) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return list(iter_jsonl(path))
+
+
+def base_distributions(model, tokenizer, records: list[dict[str, Any]], k: int) -> dict[str, dict[str, Any]]:
+    """Per replay record id: the base's next-token distribution at each of its answer's tokens, read the way
+    it wrote them (its chat template, then the answer; no grammar, which the base never saw), as top-k logits
+    (`values`, `indices`), `lse` (logsumexp over its vocabulary) and the answer's token ids (`answer`, so a
+    training row can check it lines up). The grammar's tags are not the base's tokens: left out."""
+    import torch
+
+    from kat_core.chat import request_text
+    from kat_core.format import parse
+
+    tags = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+    out = {}
+    with torch.no_grad():
+        for r in records:
+            context = tokenizer(request_text(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"]
+            answer = tokenizer(parse(r["completion"]).answer, add_special_tokens=False)["input_ids"]
+            logits = model(input_ids=torch.tensor([context + answer]), use_cache=False).logits[0].float()
+            logits = logits[len(context) - 1: len(context) - 1 + len(answer)]
+            logits[:, tags] = float("-inf")
+            top = logits.topk(k, dim=-1)
+            out[r["id"]] = {"values": top.values, "indices": top.indices.int(), "lse": torch.logsumexp(logits, -1),
+                            "answer": answer}
+    return out

@@ -13,7 +13,7 @@ into a block-diagonal causal mask (examples in one row do not see each other).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kat_core.chat import request_text
@@ -49,13 +49,14 @@ class PackedRows:
     segment_ids: list[list[int]]  # which example of the row each token belongs to (-1: padding)
     examples_per_row: list[int]
     dropped: int  # examples longer than a row
+    members: list[list[int]] = field(default_factory=list)  # each row's examples (indices into the input), in order
 
 
 def pack(examples: list[Example], seq_len: int, pad_id: int, seed: int = 0) -> PackedRows:
     """First-fit packing in a seeded shuffled order; the tail of each row is padding with weight 0."""
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    rows: list[list[Example]] = []
+    rows: list[list[int]] = []
     room: list[int] = []
     dropped = 0
     for i in order:
@@ -65,16 +66,16 @@ def pack(examples: list[Example], seq_len: int, pad_id: int, seed: int = 0) -> P
             continue
         for r, free in enumerate(room):
             if free >= len(ex.ids):
-                rows[r].append(ex)
+                rows[r].append(i)
                 room[r] -= len(ex.ids)
                 break
         else:
-            rows.append([ex])
+            rows.append([i])
             room.append(seq_len - len(ex.ids))
-    out = PackedRows([], [], [], [], [], dropped)
+    out = PackedRows([], [], [], [], [], dropped, rows)
     for row in rows:
         ids, pos, w, seg = [], [], [], []
-        for k, ex in enumerate(row):
+        for k, ex in enumerate(examples[i] for i in row):
             ids += ex.ids
             pos += list(range(len(ex.ids)))
             seg += [k] * len(ex.ids)

@@ -51,8 +51,12 @@ def check_dataset(data_dir: Path, require_report: bool = True, report_dir: Path 
     return read_records(data_dir)
 
 
-def packed_rows(records: list[dict[str, Any]], tokenizer, seq_len: int, mode_token_weight: float, seed: int):
-    """Records -> packed tensors: input_ids, position_ids, weights (B, T)."""
+def packed_rows(records: list[dict[str, Any]], tokenizer, seq_len: int, mode_token_weight: float, seed: int,
+                anchors: dict[str, dict[str, Any]] | None = None):
+    """Records -> packed tensors: input_ids, position_ids, weights (B, T); with `anchors` (the base's
+    distributions over replayed answers, kat_core.data.replay.base_distributions) also anchor_values,
+    anchor_indices, anchor_lse (at the positions predicting an answer token) and anchor_weights (1 on those
+    tokens), the form `kd_loss` takes."""
     import torch
 
     from kat_core.train.data import encode_example, pack
@@ -63,11 +67,41 @@ def packed_rows(records: list[dict[str, Any]], tokenizer, seq_len: int, mode_tok
         log.warning("%d examples longer than %d tokens were left out", rows.dropped, seq_len)
     if not rows.input_ids:
         raise KatError(f"no example fits in a packed row of {seq_len} tokens (pretrain.pack_len, model.max_seq_len)")
-    return {
+    out = {
         "input_ids": torch.tensor(rows.input_ids, dtype=torch.long),
         "position_ids": torch.tensor(rows.position_ids, dtype=torch.long),
         "weights": torch.tensor(rows.weights, dtype=torch.float32),
     }
+    if anchors:
+        out.update(_anchor_rows(records, examples, rows.members, anchors, out["input_ids"].shape))
+    return out
+
+
+def _anchor_rows(records, examples, members, anchors, shape) -> dict[str, Any]:
+    import torch
+
+    k = next(iter(anchors.values()))["values"].shape[-1]
+    values, indices = torch.zeros(*shape, k), torch.zeros(*shape, k, dtype=torch.int32)
+    lse, weights = torch.zeros(shape), torch.zeros(shape)
+    misaligned = 0
+    for b, row in enumerate(members):
+        offset = 0
+        for m in row:
+            ids, dist = examples[m].ids, anchors.get(records[m].get("id", ""))
+            if dist is not None:
+                n = len(dist["answer"])
+                start = len(ids) - 2 - n  # the answer's tokens, then </answer> and EOS
+                if ids[start:start + n] != dist["answer"]:
+                    misaligned += 1  # the grammar tokenised the answer otherwise: no anchor rather than a wrong one
+                else:
+                    at = offset + start  # the token at `at + j` is predicted from position `at + j - 1`
+                    values[b, at - 1:at - 1 + n], indices[b, at - 1:at - 1 + n] = dist["values"], dist["indices"]
+                    lse[b, at - 1:at - 1 + n] = dist["lse"]
+                    weights[b, at:at + n] = 1.0
+            offset += len(ids)
+    if misaligned:
+        log.warning("%d replayed answers tokenise differently inside the grammar: not anchored", misaligned)
+    return {"anchor_values": values, "anchor_indices": indices, "anchor_lse": lse, "anchor_weights": weights}
 
 
 def pack_len(config: KatConfig, model_cfg: ModelConfig) -> int:
@@ -137,6 +171,11 @@ def make_loss_fn(cfg: KatConfig, teacher_model=None):
             kd = kd_loss(logits, teacher, (w > 0).float(), p.kd_temperature)
             loss = p.alpha * ce + (1 - p.alpha) * kd
             parts["kd"] = kd.detach()
+        if "anchor_weights" in batch:  # replay: stay close to the base's own distribution over its answers
+            anchor = kd_loss(logits, (batch["anchor_values"], batch["anchor_indices"], batch["anchor_lse"]),
+                             batch["anchor_weights"], 1.0)
+            loss = loss + p.replay_kl * anchor
+            parts["replay_kl"] = anchor.detach()
         if mtp_logits:
             mtp, per_depth = mtp_loss(mtp_logits, ids, loss_mask=(w > 0).float())
             loss = loss + p.mtp_lambda * mtp
@@ -232,8 +271,10 @@ def pretrain(
                        f"{model_cfg.base or 'the model'} ({context} tokens); set model.max_seq_len <= {context}")
 
     replay = base_replay(config, model_cfg, model, tokenizer, make=stage == "pretrain", progress=progress)
+    anchors = replay_anchors(config, model_cfg, model, tokenizer, replay, records)
     records = records + replay * config.pretrain.replay_repeats
-    rows = packed_rows(records, tokenizer, pack_len(config, model_cfg), config.pretrain.mode_token_weight, config.seed)
+    rows = packed_rows(records, tokenizer, pack_len(config, model_cfg), config.pretrain.mode_token_weight, config.seed,
+                       anchors)
     if teacher_cache is not None:
         if not torch.equal(teacher_cache["input_ids"], rows["input_ids"]):
             raise KatError(f"teacher cache {teacher} was made for other data or packing; rebuild it with "
@@ -306,6 +347,25 @@ def base_replay(config: KatConfig, model_cfg: ModelConfig, model, tokenizer, *, 
         records = base_answers(model, tokenizer, PROMPTS, max_new_tokens=config.pretrain.replay_max_new_tokens,
                                seed=config.seed, progress=progress)
     return records
+
+
+def replay_anchors(config: KatConfig, model_cfg: ModelConfig, model, tokenizer, replay, records):
+    """The base's distributions over the replayed answers (`pretrain.replay_kl`), or None. The base is
+    `config.model.base`, the model that wrote them: the model about to be trained when this stage starts from
+    it, else (the cold start, from a fine-tuned checkpoint) loaded again."""
+    from kat_core.data.replay import base_distributions
+
+    if not (replay and config.pretrain.replay_kl and config.pretrain.replay_repeats):
+        return None
+    base = model if model_cfg.base == config.model.base else build_student(config.model, records, None,
+                                                                         config.seed)[0]
+    log.info("replay anchor: the base's top-%d next-token logits over %d replayed answers",
+             config.pretrain.teacher_top_k, len(replay))
+    was_training = base.training
+    base.eval()
+    anchors = base_distributions(base, tokenizer, replay, config.pretrain.teacher_top_k)
+    base.train(was_training)
+    return anchors
 
 
 def _inputs(data_dir: Path, teacher, base: str | None) -> dict[str, Path]:
