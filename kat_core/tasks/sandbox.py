@@ -95,6 +95,7 @@ from kat_core.tasks.confinement import (
     mount,
     write_file,
 )
+from kat_core.tasks.launcher import Launcher, serve
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +332,7 @@ _WIRE_SOURCE = Path(_judge.__file__).read_text(encoding="utf-8")
 # this module. KAT_SANDBOX_LAUNCHER=0 (or configure(launcher=False)) runs them in the calling process.
 
 _launcher_lock = threading.Lock()
-_launcher: Any = None
+_launcher: Launcher | None = None
 _in_launcher = False
 
 
@@ -345,15 +346,13 @@ def _launch(fn, *args):
     return _the_launcher().call(fn.__name__, settings, args)
 
 
-def _the_launcher():
+def _the_launcher() -> Launcher:
     global _launcher
-    from kat_core.tasks.launcher import Launcher
-
     with _launcher_lock:
         if _launcher is None or _launcher.owner != os.getpid() or not _launcher.alive:
             if _launcher is None:
                 atexit.register(_close_launcher)
-            _launcher = Launcher()
+            _launcher = Launcher(__spec__.name)  # this module, run as the launcher (its __main__ below)
         return _launcher
 
 
@@ -363,20 +362,19 @@ def _close_launcher() -> None:
             _launcher.close()
 
 
-def become_launcher() -> None:
-    """This process is the launcher: calls run here."""
-    global _in_launcher
-    _in_launcher = True
+_LAUNCHED = {f.__name__: f for f in (_isolation_here, _run_python_here, _run_tests_here)}
 
 
-def launched(settings: dict[str, bool], fn, args):
+def _launched(name: str, settings: dict[str, bool], args: tuple):
     """In the launcher: take the caller's settings (probing again when they changed), then run."""
     global _probed
+    if name not in _LAUNCHED:
+        raise KatError(f"the sandbox launcher does not run {name!r}")
     with _probe_lock:
         if any(_settings[k] != v for k, v in settings.items()):
             _settings.update(settings)
             _probed = None
-    return fn(*args)
+    return _LAUNCHED[name](*args)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -754,3 +752,11 @@ def _kill_everything(pgid: int, uid: int | None) -> None:
             finally:
                 os._exit(0)
         os.waitpid(pid, 0)
+
+
+if __name__ == "__main__":  # the launcher: `python -m kat_core.tasks.sandbox`, started by _the_launcher()
+    # run the module under its own name, so results pickle as kat_core.tasks.sandbox's classes, not __main__'s
+    from kat_core.tasks import sandbox as _module
+
+    _module._in_launcher = True
+    serve(_module._launched)
