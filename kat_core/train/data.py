@@ -13,7 +13,7 @@ into a block-diagonal causal mask (examples in one row do not see each other).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from kat_core.chat import request_text
@@ -47,9 +47,8 @@ class PackedRows:
     position_ids: list[list[int]]
     weights: list[list[float]]
     segment_ids: list[list[int]]  # which example of the row each token belongs to (-1: padding)
-    examples_per_row: list[int]
     dropped: int  # examples longer than a row
-    members: list[list[int]] = field(default_factory=list)  # each row's examples (indices into the input), in order
+    members: list[list[int]]  # each row's examples (indices into the input), in order
 
 
 def pack(examples: list[Example], seq_len: int, pad_id: int, seed: int = 0) -> PackedRows:
@@ -72,7 +71,7 @@ def pack(examples: list[Example], seq_len: int, pad_id: int, seed: int = 0) -> P
         else:
             rows.append([i])
             room.append(seq_len - len(ex.ids))
-    out = PackedRows([], [], [], [], [], dropped, rows)
+    out = PackedRows([], [], [], [], dropped, rows)
     for row in rows:
         ids, pos, w, seg = [], [], [], []
         for k, ex in enumerate(examples[i] for i in row):
@@ -86,5 +85,4 @@ def pack(examples: list[Example], seq_len: int, pad_id: int, seed: int = 0) -> P
         out.position_ids.append(pos + list(range(pos[-1] + 1, pos[-1] + 1 + pad)))
         out.segment_ids.append(seg + [-1] * pad)
         out.weights.append(w + [0.0] * pad)
-        out.examples_per_row.append(len(row))
     return out

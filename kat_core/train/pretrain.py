@@ -128,19 +128,20 @@ def kd_loss(student_logits, teacher, weights, temperature: float):
     import torch
     import torch.nn.functional as F
 
-    log_q = F.log_softmax(student_logits[:, :-1].float() / temperature, dim=-1)
+    w = weights[:, 1:]
+    keep = w > 0  # only weighted positions: a full-vocabulary softmax anywhere else is wasted work
+    log_q = F.log_softmax(student_logits[:, :-1][keep].float() / temperature, dim=-1)  # (N, V)
     if isinstance(teacher, tuple):
         values, indices, lse = teacher
-        log_p = values[:, :-1].float() / temperature - lse[:, :-1, None]
-        log_q = torch.gather(log_q, -1, indices[:, :-1].long())
+        log_p = values[:, :-1][keep].float() / temperature - lse[:, :-1][keep][:, None]
+        log_q = torch.gather(log_q, -1, indices[:, :-1][keep].long())
         p_tail = (1 - log_p.exp().sum(-1)).clamp_min(1e-6)
         q_tail = (1 - log_q.exp().sum(-1)).clamp_min(1e-6)
         kl = (log_p.exp() * (log_p - log_q)).sum(-1) + p_tail * (p_tail.log() - q_tail.log())
     else:
-        log_p = F.log_softmax(teacher[:, :-1].float() / temperature, dim=-1)
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (B, T-1)
-    w = weights[:, 1:]
-    return temperature**2 * (kl * w).sum() / w.sum().clamp_min(1e-8)
+        log_p = F.log_softmax(teacher[:, :-1][keep].float() / temperature, dim=-1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (N,)
+    return temperature**2 * (kl * w[keep]).sum() / w.sum().clamp_min(1e-8)
 
 
 def make_loss_fn(cfg: KatConfig, teacher_model=None):
