@@ -41,10 +41,12 @@ run: $(STAMP) $(if $(filter real,$(PROFILE)),$(SMOLLM2))
 	KAT_TORCH_THREADS=$${KAT_TORCH_THREADS:-$$(nproc)} $(BIN)/kat run --profile $(PROFILE) --out $(OUT)
 
 # two pytest workers (pytest-xdist) on the two cores; tests/conftest.py groups the work so costly fixtures are
-# built once. TEST_WORKERS=0 runs the suite in this process.
+# built once and orders the groups longest first; --no-loadscope-reorder keeps that order (xdist's own puts the
+# groups with the most tests first, and the two costliest, a few tests each, started last). TEST_WORKERS=0 runs
+# the suite in this process.
 TEST_WORKERS ?= 2
 test: $(STAMP) chromium
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 # Debian's chromium for the dashboard's browser tests (Playwright drives it; no `playwright install`)
 chromium:

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,27 +17,55 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # built once per `make test`, not once per worker
 COSTLY_SESSION_FIXTURES = ("smoke_run", "smollm2_dir")
 
+# seconds each work unit took when last measured (`pytest -n 2 --dist loadgroup --store-durations`): the order
+# the units start in, longest first, so the two workers finish together. Stale figures only cost balance
+UNIT_SECONDS = Path(__file__).with_name("unit_seconds.json")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--store-durations", action="store_true",
+                     help=f"write each work unit's measured seconds to {UNIT_SECONDS.name} (the start order)")
+
+
+def _unit(item) -> str:
+    """The xdist group of a test: the costly session fixture it uses, else its module."""
+    return next((f for f in COSTLY_SESSION_FIXTURES if f in item.fixturenames), item.module.__name__)
+
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups off the items
 def pytest_collection_modifyitems(config, items):
-    """Work units for `pytest -n N --dist loadgroup` (what `make test` runs): the tests using a costly session
-    fixture share a unit (it is built once), every other test stays with its module (its module fixtures are
-    built once), and the longest units go first so the workers finish together: the costly fixtures' units,
-    then units with a slow test, then the rest."""
-    def unit(item):
-        return next((f for f in COSTLY_SESSION_FIXTURES if f in item.fixturenames), item.module.__name__)
-
-    slow_units = {unit(item) for item in items if item.get_closest_marker("slow")}
+    """Work units for `pytest -n N --dist loadgroup --no-loadscope-reorder` (what `make test` runs): the tests
+    using a costly session fixture share a unit (it is built once), every other test stays with its module
+    (its module fixtures are built once), and the units start longest first (longest-processing-time
+    scheduling): the costly fixtures' units, then by their measured seconds; a unit not measured yet counts as
+    long when it has a slow test."""
+    measured = json.loads(UNIT_SECONDS.read_text()) if UNIT_SECONDS.is_file() else {}
+    slow = {_unit(item) for item in items if item.get_closest_marker("slow")}
 
     def start_order(item):
-        name = unit(item)
+        name = _unit(item)
         if name in COSTLY_SESSION_FIXTURES:
             return 0, COSTLY_SESSION_FIXTURES.index(name)
-        return (1 if name in slow_units else 2), 0
+        return 1, -measured.get(name, 60.0 if name in slow else 5.0)
 
     for item in items:
-        item.add_marker(pytest.mark.xdist_group(unit(item)))
+        item.add_marker(pytest.mark.xdist_group(_unit(item)))
     items.sort(key=start_order)  # stable: the order within a unit is kept
+
+
+_unit_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    if "@" in report.nodeid:  # under xdist, a test's id ends with @its group
+        unit = report.nodeid.rsplit("@", 1)[1]
+        _unit_seconds[unit] = _unit_seconds.get(unit, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    if session.config.getoption("store_durations") and _unit_seconds and not os.environ.get("PYTEST_XDIST_WORKER"):
+        ordered = dict(sorted(((k, round(v, 1)) for k, v in _unit_seconds.items()), key=lambda kv: -kv[1]))
+        UNIT_SECONDS.write_text(json.dumps(ordered, indent=1) + "\n")
 
 
 @pytest.fixture(scope="session")
