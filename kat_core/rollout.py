@@ -33,6 +33,7 @@ batch composition is part of "the same arguments", so changing `batch_size` chan
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -265,6 +266,22 @@ def _stop_ids(model, tokenizer, stop_at_answer: bool) -> list[int]:
     return eos
 
 
+# on_token(row, token_id, finish): called for every drawn token, in order, as soon as it is drawn (`row` is the
+# row's index in generate's output); `finish` is None while the row goes on, else its finish reason. Returning
+# False ends the row there, as if its budget had run out ("length"): a client that left, or a shorter budget.
+OnToken = Callable[[int, int, "FinishReason | None"], "bool | None"]
+
+
+def _tell(on_token: OnToken, active: torch.Tensor, tok: torch.Tensor, done: torch.Tensor, last: bool, first: int,
+          answer_close: int) -> torch.Tensor:
+    """Hand each live row's new token to `on_token`; -> the rows it stopped."""
+    stopped = []
+    for i, t, d in zip(active.tolist(), tok.tolist(), done.tolist(), strict=True):
+        finish = ("stop" if t == answer_close else "eos") if d else "length" if last else None
+        stopped.append(on_token(first + i, t, finish) is False and finish is None)
+    return torch.tensor(stopped, dtype=torch.bool, device=tok.device)
+
+
 def _survivors(done: torch.Tensor) -> torch.Tensor:
     """The live rows as a permutation for `batch_select_indices`: a live row that would land past the new end
     moves into a finished row's slot, all others stay where they are, so compaction copies as many rows as
@@ -286,8 +303,10 @@ class _Row:
 
 
 def _run_batch(model, rows: list[_Row], *, pad_id: int, stop: torch.Tensor, answer_close: int, max_new: int,
-               temperature: float, top_p: float, gen: torch.Generator, cache_kw: str, fast: bool, on_finish=None):
-    """Decode one batch; returns per row (generated ids, log-probs, finish reason)."""
+               temperature: float, top_p: float, gen: torch.Generator, cache_kw: str, fast: bool, on_finish=None,
+               on_token: OnToken | None = None, first: int = 0):
+    """Decode one batch; returns per row (generated ids, log-probs, finish reason). `on_token` hears every
+    token as it is drawn, with `first` + the row's index in this batch."""
     device = next(model.parameters()).device
     b, width = len(rows), max(len(r.context) for r in rows)
     capacity = width + max_new
@@ -328,16 +347,20 @@ def _run_batch(model, rows: list[_Row], *, pad_id: int, stop: torch.Tensor, answ
         out_ids[active, step] = tok
         out_lp[active, step] = torch.log_softmax(logits, dim=-1).gather(1, tok[:, None])[:, 0]
         done = torch.isin(tok, stop)
+        if on_token is not None:
+            done |= _tell(on_token, active, tok, done, step == max_new - 1, first, answer_close)
         if step == max_new - 1:
-            finished = active[done].tolist()
-            for i, t in zip(finished, tok[done].tolist(), strict=True):
+            stopped = torch.isin(tok, stop)
+            for i, t in zip(active[stopped].tolist(), tok[stopped].tolist(), strict=True):
                 reasons[i] = "stop" if t == answer_close else "eos"
             if on_finish:
                 on_finish(len(active))
             break
         if bool(done.any()):
-            for i, t in zip(active[done].tolist(), tok[done].tolist(), strict=True):
-                lengths[i], reasons[i] = step + 1, "stop" if t == answer_close else "eos"
+            for i, t, stop_token in zip(active[done].tolist(), tok[done].tolist(),
+                                        torch.isin(tok[done], stop).tolist(), strict=True):
+                lengths[i] = step + 1
+                reasons[i] = ("stop" if t == answer_close else "eos") if stop_token else "length"  # on_token's
             if on_finish:
                 on_finish(int(done.sum()))
             keep = _survivors(done)
@@ -386,6 +409,7 @@ def generate(
     stop_at_answer: bool = True,
     progress: bool = False,
     fast: bool = True,
+    on_token: OnToken | None = None,
 ) -> list[Sample]:
     """Sample `n` responses per prompt -> `len(prompts) * n` Samples, ordered by (prompt, sample).
 
@@ -393,7 +417,8 @@ def generate(
     of a prompt share it (to sample both modes, list the prompt twice). `temperature=0` is greedy decoding.
     A row stops at `</answer>` (when `stop_at_answer`), at an EOS token, or after `max_new_tokens`.
     `fast=False` runs every decode step through the model's own forward even for a Llama-architecture model
-    (the fast step is checked against it in the tests)."""
+    (the fast step is checked against it in the tests). `on_token(row, token_id, finish)` hears each token the
+    moment it is drawn (streaming) and may end a row by returning False (see `OnToken`)."""
     if forced is not None and len(forced) != len(prompts):
         raise ValueError(f"forced has {len(forced)} entries for {len(prompts)} prompts")
     if n < 1 or max_new_tokens < 1 or batch_size < 1:
@@ -435,7 +460,8 @@ def generate(
                 results += _run_batch(model, rows[lo : lo + batch_size], pad_id=pad_id, stop=stop,
                                       answer_close=answer_close, max_new=max_new_tokens, temperature=temperature,
                                       top_p=top_p, gen=gen, cache_kw=cache_kw, fast=fast,
-                                      on_finish=bar.update if bar is not None else None)
+                                      on_finish=bar.update if bar is not None else None, on_token=on_token,
+                                      first=lo)
     finally:
         model.train(was_training)
         if bar is not None:

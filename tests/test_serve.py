@@ -6,6 +6,7 @@ thread (a busy 2-core box)."""
 import json
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -224,19 +225,127 @@ def test_concurrent_requests_are_batched(client, server):
     server.engine.stats["max_rows"] = max(before, server.engine.stats["max_rows"])
 
 
-def test_cut_leaves_what_a_shorter_budget_would(server, ckpt):
+def test_a_response_split_grows_as_its_tokens_come(tiny_tokenizer):
+    """What a stream sends is the split of the tokens so far, as they grow: for any token sequence (tags, layout
+    whitespace and text in any order, the forced prefix or not) the reasoning and the content of every prefix
+    are prefixes of the whole response's, so the streamed deltas add up to the non-streamed response."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from kat_core.format import SPECIAL_TOKENS
+    from kat_core.serve.protocol import split_response
+
+    tags = [tiny_tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
+    spaces = [i for i in range(len(tiny_tokenizer)) if not tiny_tokenizer.decode([i]).strip()][:6]
+    words = tiny_tokenizer(" sum, the answer: 42. think again", add_special_tokens=False)["input_ids"]
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.sampled_from(tags + spaces + words), max_size=40), st.integers(0, 3))
+    def check(ids, prefilled):
+        whole = split_response(ids, tiny_tokenizer, prefilled=min(prefilled, len(ids)))
+        for cut in range(len(ids) + 1):
+            part = split_response(ids[:cut], tiny_tokenizer, prefilled=min(prefilled, cut))
+            for channel in ("reasoning", "content"):
+                assert whole.text(channel).startswith(part.text(channel)), (ids, cut, channel)
+
+    check()
+
+
+def test_each_row_leaves_at_its_own_budget_and_a_listener_can_end_it(server):
+    """Requests of one call run to the largest budget, yet each row leaves at its own: the same tokens, text and
+    counts as a call with that budget alone. A listener hears every token as it is drawn and ends its row by
+    returning False (a client that left)."""
     from kat_core.format import forced_prefix
     from kat_core.rollout import generate
-    from kat_core.serve.engine import cut
+    from kat_core.serve.engine import BatchEngine, GenRequest
 
     model, tok = server.engine.model, server.engine.tokenizer
-    forced = [forced_prefix("think", "on")]
-    (long,) = generate(model, tok, [PROMPT], forced=forced, temperature=0, max_new_tokens=30, stop_at_answer=False)
-    (short,) = generate(model, tok, [PROMPT], forced=forced, temperature=0, max_new_tokens=7, stop_at_answer=False)
-    trimmed = cut(long, 7, tok)
-    assert (trimmed.token_ids, trimmed.text, trimmed.finish_reason) == (short.token_ids, short.text, "length")
-    assert trimmed.segment_counts == short.segment_counts
-    assert cut(short, 7, tok) is short
+    forced = forced_prefix("think", "on")
+    (short,) = generate(model, tok, [PROMPT], forced=[forced], temperature=0, max_new_tokens=7)
+    heard = []
+
+    def listener(k, token, finish):
+        heard.append((token, finish))
+        return len(heard) < 3
+
+    engine = BatchEngine(model, tok, max_wait_ms=50)
+    engine.start()
+    try:
+        requests = [GenRequest(PROMPT, forced, max_new_tokens=30, temperature=0),
+                    GenRequest(PROMPT, forced, max_new_tokens=7, temperature=0),
+                    GenRequest(PROMPT, forced, max_new_tokens=30, temperature=0, on_token=listener)]
+        futures = engine.submit(*requests)
+        (_,), (budgeted,), (left,) = (f.result(timeout=60) for f in futures)
+    finally:
+        engine.stop()
+    assert engine.stats["calls"] == 1 and engine.stats["cancelled_rows"] == 1
+    assert (budgeted.token_ids, budgeted.text, budgeted.finish_reason, budgeted.segment_counts) == (
+        short.token_ids, short.text, "length", short.segment_counts)
+    assert left.token_ids == short.token_ids[:3] and [t for t, _ in heard] == left.token_ids
+    assert left.finish_reason == "length" and [f for _, f in heard] == [None, None, None]
+
+
+@pytest.fixture
+def slow_server(tiny_tokenizer, monkeypatch):
+    """A server whose model takes 5 ms per decode step and never writes a stop token: a response streams for
+    about a second, so what arrives when is not a matter of luck."""
+    from kat_core.config import load_config
+    from kat_core.model import build_model
+    from kat_core.rollout import _LlamaStep, _stop_ids
+    from kat_core.serve import ServerThread
+    from kat_core.serve.app import create_app
+
+    model = build_model(load_config("smoke").model, tiny_tokenizer)
+    stops = _stop_ids(model, tiny_tokenizer, stop_at_answer=True)
+
+    def slow_and_endless(module, args, output):
+        time.sleep(0.005)
+        output.logits[..., stops] = float("-inf")
+        return output
+
+    model.register_forward_hook(slow_and_endless)
+    monkeypatch.setattr(_LlamaStep, "supports", staticmethod(lambda model, cache: False))  # decode via forward
+    app = create_app(model, tiny_tokenizer, model_name="slow", max_wait_ms=5, default_max_tokens=150)
+    with ServerThread(app) as s:
+        s.engine = app.state.engine
+        yield s
+
+
+def _text_of(line: bytes) -> str:
+    """The text an SSE line of a chat stream adds (reasoning or content), '' for any other line."""
+    if not line.startswith(b"data: {"):
+        return ""
+    delta = json.loads(line[6:])["choices"][0]["delta"]
+    return (delta.get("reasoning_content") or "") + (delta.get("content") or "")
+
+
+def _open_stream(server, max_tokens: int):
+    body = {"model": "slow", "stream": True, "max_tokens": max_tokens, "temperature": 1, "seed": 0, "thinking": "on",
+            "messages": [{"role": "user", "content": PROMPT}]}
+    request = urllib.request.Request(server.url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    return urllib.request.urlopen(request, timeout=60)
+
+
+def test_tokens_stream_as_they_are_drawn_and_a_client_that_leaves_frees_its_row(slow_server):
+    started = time.perf_counter()
+    arrivals = []
+    with _open_stream(slow_server, 150) as response:
+        for line in response:
+            if _text_of(line):
+                arrivals.append(time.perf_counter() - started)
+    assert len(arrivals) > 50  # token by token (150 drawn, none a stop; tags and layout add no text)
+    assert arrivals[0] < 0.3 * arrivals[-1]  # the first came while the rest were still being decoded
+
+    before = slow_server.engine.stats["cancelled_rows"]
+    with _open_stream(slow_server, 150) as response:
+        for line in response:
+            if _text_of(line):
+                break  # the first token's text: leave
+    deadline = time.monotonic() + 10
+    while slow_server.engine.stats["cancelled_rows"] == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert slow_server.engine.stats["cancelled_rows"] == before + 1  # the row left before its 150 tokens
 
 
 def test_synthesis_openai_backend_runs_against_the_server(server, tmp_path):

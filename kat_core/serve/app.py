@@ -4,9 +4,11 @@ Handlers parse and check a request on the event loop, hand it to the batching en
 its future, so many requests wait at once while the model runs in one worker thread. The wire format, the
 thinking control and the reasoning/content split are in `protocol.py`.
 
-Streaming sends server-sent events (`data: {...}\\n\\n`, then `data: [DONE]`) in OpenAI's chunk format, one
-chunk per token. The rollout engine returns whole responses, so the chunks of a response are sent when it is
-complete: clients see the stream protocol, not a lower time to first token.
+Streaming sends server-sent events (`data: {...}\\n\\n`, then `data: [DONE]`) in OpenAI's chunk format as the
+tokens are drawn: the engine hands each token to the request's listener the moment the rollout samples it,
+and the handler sends what it adds to the reasoning or the content (text that a later token may still change,
+trailing whitespace before an `<answer>` or half a UTF-8 character, waits for that token). A client that
+disconnects frees its row at the next decode step.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -36,7 +40,6 @@ from kat_core.serve.protocol import (
     chat_prompt,
     check_supported,
     forced_for_request,
-    raw_pieces,
     split_response,
     thinking_mode,
 )
@@ -51,14 +54,46 @@ def generated_ids(sample) -> list[int]:
     return list(sample.token_ids[:-1] if sample.finish_reason == "eos" else sample.token_ids)
 
 
-def split_sample(sample, tokenizer, *, per_token: bool = False) -> Split:
+def split_sample(sample, tokenizer) -> Split:
     """A sample's reasoning/content split; its forced prefix gives the context, not pieces or counts."""
-    return split_response(list(sample.forced_ids) + generated_ids(sample), tokenizer, per_token=per_token,
+    return split_response(list(sample.forced_ids) + generated_ids(sample), tokenizer,
                           prefilled=len(sample.forced_ids))
 
 
 def finish_reason(sample) -> str:
     return "length" if sample.finish_reason == "length" else "stop"
+
+
+def _settled(text: str, *, final: bool) -> str:
+    """What of a growing text no later token can change: not half a UTF-8 character."""
+    return text if final else text.rstrip("\ufffd")
+
+
+class _Listener:
+    """One streaming request's tokens, from the engine's thread to the event loop, as they are drawn."""
+
+    def __init__(self, gen: GenRequest):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.gone = threading.Event()  # the client left: the engine drops the rows at their next step
+        self.n = gen.n
+        gen.on_token = self.on_token
+
+    def on_token(self, k: int, token: int, finish: str | None) -> bool:  # in the engine's thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (k, token, finish))
+        return not self.gone.is_set()
+
+    async def tokens(self, future) -> AsyncIterator[tuple[int, int, str | None]]:
+        """(sample index, token, finish) until every sample has finished; raises what the generation raised."""
+        future.add_done_callback(lambda _: self.loop.call_soon_threadsafe(self.queue.put_nowait, None))
+        left = self.n
+        while left:
+            item = await self.queue.get()
+            if item is None:  # the call ended (its tokens were queued before this): an error, or nothing left
+                future.result()
+                return
+            yield item
+            left -= item[2] is not None
 
 
 def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wait_ms: float = 2.0,
@@ -230,36 +265,60 @@ def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wai
         req = await parse(request, ChatRequest)
         gen, prompt_tokens = plan(chat_prompt(req.messages), req, req.max_completion_tokens or req.max_tokens,
                                   chat_messages(req.messages))
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        if req.stream:
+            return StreamingResponse(chat_events(gen, head, prompt_tokens, req.include_usage()),
+                                     media_type="text/event-stream")
         (samples,) = await run([gen])
         tokenizer = current["tokenizer"]
-        splits = [split_sample(s, tokenizer, per_token=req.stream) for s in samples]
-        reasons = [finish_reason(s) for s in samples]
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
-        use = usage(prompt_tokens, splits)
-        if not req.stream:
-            return {**head, "object": "chat.completion", "usage": use, "choices": [
-                {"index": i, "finish_reason": fr, "logprobs": None, "thinking_mode": sp.mode,
-                 "message": {"role": "assistant", "content": sp.text("content"),
-                             "reasoning_content": sp.text("reasoning") or None}}
-                for i, (sp, fr) in enumerate(zip(splits, reasons, strict=True))]}
+        splits = [split_sample(s, tokenizer) for s in samples]
+        return {**head, "object": "chat.completion", "usage": usage(prompt_tokens, splits), "choices": [
+            {"index": i, "finish_reason": finish_reason(s), "logprobs": None, "thinking_mode": sp.mode,
+             "message": {"role": "assistant", "content": sp.text("content"),
+                         "reasoning_content": sp.text("reasoning") or None}}
+            for i, (s, sp) in enumerate(zip(samples, splits, strict=True))]}
+
+    async def chat_events(gen: GenRequest, head: dict, prompt_tokens: int, include_usage: bool):
+        """A chat stream: per sample its role, then reasoning and content deltas as tokens come, then its
+        finish; the usage, if asked; [DONE]."""
+        tokenizer = current["tokenizer"]
+        listener = _Listener(gen)
+        future = submit(gen)
+        forced = encode(gen.forced) if gen.forced else []
+        ids = [list(forced) for _ in range(gen.n)]
+        sent = [{"reasoning": "", "content": ""} for _ in range(gen.n)]
+        splits: list[Split | None] = [None] * gen.n
 
         def chunk(choice: dict[str, Any]) -> str:
             return _sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
 
-        def events():
-            for i, (sp, fr) in enumerate(zip(splits, reasons, strict=True)):
-                yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
-                             "logprobs": None})
-                for channel, text in sp.pieces:
-                    key = "reasoning_content" if channel == "reasoning" else "content"
-                    yield chunk({"index": i, "delta": {key: text}, "finish_reason": None, "logprobs": None})
-                yield chunk({"index": i, "delta": {}, "finish_reason": fr, "logprobs": None,
-                             "thinking_mode": sp.mode})
-            if req.include_usage():
-                yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": use})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        try:
+            async for k, token, finish in listener.tokens(future):
+                if len(ids[k]) == len(forced):
+                    yield chunk({"index": k, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                                 "logprobs": None})
+                if finish != "eos":  # an EOS token ends the text without being part of it
+                    ids[k].append(token)
+                split = split_response(ids[k], tokenizer, prefilled=len(forced))
+                for channel, key in (("reasoning", "reasoning_content"), ("content", "content")):
+                    text = _settled(split.text(channel), final=finish is not None)
+                    if len(text) > len(sent[k][channel]) and text.startswith(sent[k][channel]):
+                        yield chunk({"index": k, "delta": {key: text[len(sent[k][channel]):]},
+                                     "finish_reason": None, "logprobs": None})
+                        sent[k][channel] = text
+                if finish is not None:
+                    splits[k] = split
+                    yield chunk({"index": k, "delta": {}, "finish_reason": "length" if finish == "length" else "stop",
+                                 "logprobs": None, "thinking_mode": split.mode})
+        except Exception as e:  # the status line is gone: the error is the stream's last event
+            yield _sse({"error": APIError(500, f"generation failed: {e}", type="server_error").body()["error"]})
+            return
+        finally:
+            listener.gone.set()
+        if include_usage:
+            yield _sse({**head, "object": "chat.completion.chunk", "choices": [],
+                        "usage": usage(prompt_tokens, [sp for sp in splits if sp is not None])})
+        yield "data: [DONE]\n\n"
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -268,31 +327,73 @@ def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wai
         if not prompts or any(not p.strip() for p in prompts):
             raise APIError(400, "prompt must be a non-empty string or list of non-empty strings", param="prompt")
         planned = [plan(p, req, req.max_tokens) for p in prompts]
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        if req.stream:
+            return StreamingResponse(completion_events(planned, head, req.include_usage()),
+                                     media_type="text/event-stream")
         results = await run([g for g, _ in planned])
         samples = [s for group in results for s in group]  # choice index = prompt index * n + sample index
         tokenizer = current["tokenizer"]
-        ids = [generated_ids(s) for s in samples]  # the text continues the prompt and any forced judge
         splits = [split_sample(s, tokenizer) for s in samples]  # for the counts and the mode
-        reasons = [finish_reason(s) for s in samples]
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
-        use = usage(sum(n for _, n in planned), splits)
-        if not req.stream:
-            return {**head, "object": "text_completion", "usage": use, "choices": [
-                {"index": i, "text": "".join(raw_pieces(x, tokenizer)), "finish_reason": fr, "logprobs": None,
-                 "thinking_mode": sp.mode}
-                for i, (x, sp, fr) in enumerate(zip(ids, splits, reasons, strict=True))]}
+        return {**head, "object": "text_completion", "usage": usage(sum(n for _, n in planned), splits), "choices": [
+            # the text continues the prompt and any forced judge
+            {"index": i, "text": tokenizer.decode(generated_ids(s), skip_special_tokens=False),
+             "finish_reason": finish_reason(s), "logprobs": None, "thinking_mode": sp.mode}
+            for i, (s, sp) in enumerate(zip(samples, splits, strict=True))]}
 
-        def events():
-            for i, (x, sp, fr) in enumerate(zip(ids, splits, reasons, strict=True)):
-                for piece in raw_pieces(x, tokenizer, per_token=True):
-                    yield _sse({**head, "object": "text_completion",
-                                "choices": [{"index": i, "text": piece, "finish_reason": None, "logprobs": None}]})
-                yield _sse({**head, "object": "text_completion", "choices": [
-                    {"index": i, "text": "", "finish_reason": fr, "logprobs": None, "thinking_mode": sp.mode}]})
-            if req.include_usage():
-                yield _sse({**head, "object": "text_completion", "choices": [], "usage": use})
-            yield "data: [DONE]\n\n"
+    async def completion_events(planned: list[tuple[GenRequest, int]], head: dict, include_usage: bool):
+        """A completions stream: the raw text of every choice (prompt index * n + sample index) as it grows,
+        each choice's finish; the usage, if asked; [DONE]."""
+        tokenizer = current["tokenizer"]
+        listeners = [_Listener(gen) for gen, _ in planned]
+        futures = [submit(gen) for gen, _ in planned]
+        merged: asyncio.Queue = asyncio.Queue()  # (choice, token, finish), or the end of one prompt's tokens
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        async def pump(p: int) -> None:
+            try:
+                async for k, token, finish in listeners[p].tokens(futures[p]):
+                    merged.put_nowait((p * listeners[p].n + k, token, finish))
+            except Exception as e:
+                merged.put_nowait(e)
+            merged.put_nowait(None)
+
+        pumps = [asyncio.ensure_future(pump(p)) for p in range(len(planned))]
+        n = planned[0][0].n  # every prompt of a request has its n samples
+        forced = [encode(gen.forced) if gen.forced else [] for gen, _ in planned]
+        ids: dict[int, list[int]] = {}
+        sent: dict[int, str] = {}
+        splits: list[Split] = []
+        try:
+            for _ in range(len(planned)):
+                while (item := await merged.get()) is not None:
+                    if isinstance(item, Exception):
+                        error = APIError(500, f"generation failed: {item}", type="server_error")
+                        yield _sse({"error": error.body()["error"]})
+                        return
+                    i, token, finish = item
+                    got = ids.setdefault(i, [])
+                    if finish != "eos":
+                        got.append(token)
+                    text = _settled(tokenizer.decode(got, skip_special_tokens=False), final=finish is not None)
+                    if len(text) > len(sent.setdefault(i, "")):
+                        yield _sse({**head, "object": "text_completion", "choices": [
+                            {"index": i, "text": text[len(sent[i]):], "finish_reason": None, "logprobs": None}]})
+                        sent[i] = text
+                    if finish is not None:
+                        prefix = forced[i // n]
+                        split = split_response(prefix + got, tokenizer, prefilled=len(prefix))
+                        splits.append(split)
+                        yield _sse({**head, "object": "text_completion", "choices": [
+                            {"index": i, "text": "", "finish_reason": "length" if finish == "length" else "stop",
+                             "logprobs": None, "thinking_mode": split.mode}]})
+        finally:
+            for listener in listeners:
+                listener.gone.set()
+            for task in pumps:
+                task.cancel()
+        if include_usage:
+            yield _sse({**head, "object": "text_completion", "choices": [],
+                        "usage": usage(sum(n for _, n in planned), splits)})
+        yield "data: [DONE]\n\n"
 
     return app

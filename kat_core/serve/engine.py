@@ -15,9 +15,11 @@ While a batch runs, new requests queue up and the next batch takes them all at o
 Requests in one `generate` call must share temperature and top-p, so a batch is split into groups by
 (temperature, top_p, seed): a request with a seed and temperature > 0 runs in its own seeded call, which
 makes its sample reproducible; unseeded sampling draws from a seed that advances with every call. Token
-budgets may differ within a group: the call runs to the largest and each response is cut to its own
-budget, which gives exactly the tokens a shorter budget would have produced (tokens are drawn left to
-right), at the cost of decoding some rows past their need.
+budgets may differ within a group: each row leaves the call at its own budget, which gives exactly the tokens
+that budget alone would have produced (tokens are drawn left to right).
+
+Every token reaches its request's `on_token` the moment it is drawn (the server streams it); a listener that
+returns False (its client left) frees the row at once.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class GenRequest:
     top_p: float = 1.0
     seed: int | None = None
     future: Future = field(default_factory=Future)  # -> list of n rollout Samples
+    # on_token(sample_index, token_id, finish): each token as it is drawn, in the engine's thread (`finish` None
+    # until the sample's last token); returning False ends that sample there
+    on_token: Callable[[int, int, str | None], bool | None] | None = None
 
 
 class BatchEngine:
@@ -58,7 +63,7 @@ class BatchEngine:
         self._last_rows = 1  # rows of the previous batch: how many clients to expect back
         self._queue: queue.Queue[list[GenRequest] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self.stats = {"batches": 0, "calls": 0, "requests": 0, "rows": 0, "max_rows": 0}
+        self.stats = {"batches": 0, "calls": 0, "requests": 0, "rows": 0, "max_rows": 0, "cancelled_rows": 0}
 
     def start(self) -> None:
         if self._thread is None:
@@ -163,25 +168,24 @@ class BatchEngine:
         forced = [r.forced for r in group for _ in range(r.n)]
         if seed is None:
             seed, self._seed = self._seed, self._seed + 1
+        owners = [(r, k) for r in group for k in range(r.n)]  # row -> (its request, its sample index)
+        drawn = [0] * len(owners)
+
+        def on_token(row: int, token: int, finish: str | None) -> bool:
+            request, k = owners[row]
+            drawn[row] += 1
+            if finish is None and drawn[row] == request.max_new_tokens:
+                finish = "length"  # its own budget, within a call that runs to the group's largest
+            listening = request.on_token is None or request.on_token(k, token, finish) is not False
+            if not listening:
+                self.stats["cancelled_rows"] += 1
+            return finish is None and listening
+
         samples = generate(self.model, self.tokenizer, prompts, forced=forced, n=1,
                            max_new_tokens=max(r.max_new_tokens for r in group), temperature=temperature,
-                           top_p=top_p, seed=seed, batch_size=max(len(prompts), 1))
+                           top_p=top_p, seed=seed, batch_size=max(len(prompts), 1), on_token=on_token)
         self.stats["calls"] += 1
         at = 0
         for r in group:
-            r.future.set_result([cut(s, r.max_new_tokens, self.tokenizer) for s in samples[at : at + r.n]])
+            r.future.set_result(samples[at : at + r.n])
             at += r.n
-
-
-def cut(sample, max_new_tokens: int, tokenizer):
-    """`sample` as a budget of `max_new_tokens` would have left it."""
-    if sample.num_generated <= max_new_tokens:
-        return sample
-    from dataclasses import replace
-
-    from kat_core.format import count_tokens
-
-    ids = sample.token_ids[:max_new_tokens]
-    full = sample.forced_ids + ids
-    return replace(sample, token_ids=ids, logprobs=sample.logprobs[:max_new_tokens], finish_reason="length",
-                   text=tokenizer.decode(full, skip_special_tokens=False), segment_counts=count_tokens(full, tokenizer))

@@ -198,78 +198,64 @@ class Split:
         return "".join(t for c, t in self.pieces if c == channel)
 
 
-def split_response(ids: list[int], tokenizer, *, per_token: bool = False, prefilled: int = 0) -> Split:
+def split_response(ids: list[int], tokenizer, *, prefilled: int = 0) -> Split:
     """Cut a response (forced prefix + generated ids, no EOS) into reasoning and content pieces.
 
     The first `prefilled` ids are the forced prefix: they give the mode and the segments their context but are
     not the model's output, so they yield no piece and no count.
 
     Judge and think tokens are reasoning, everything else content; tag tokens are structure and produce no
-    text. `per_token=True` yields one piece per token (what streaming sends); otherwise one per run of
-    same-channel tokens. Both concatenate to the same texts, and text is decoded per run, so a multi-byte
-    character split over tokens is never cut."""
+    text. One piece per run of same-channel tokens, decoded as a run, so a multi-byte character split over
+    tokens is never cut."""
     tag_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     by_id = {v: k for k, v in tag_ids.items()}
     labels = token_segments(ids, tag_ids)
     pieces: list[tuple[str, str]] = []
     run: list[int] = []
     run_channel = "content"
-    emitted = ""
     said_reasoning = False
 
     def flush() -> None:
-        nonlocal run, emitted
+        nonlocal run
         if run:
-            rest = tokenizer.decode(run, skip_special_tokens=False)[len(emitted):]
-            if rest:
-                pieces.append((run_channel, rest))
-        run, emitted = [], ""
+            text = tokenizer.decode(run, skip_special_tokens=False)
+            if text:
+                pieces.append((run_channel, text))
+        run = []
 
     # the mode is the one the grammar reads (the mode token right after the judge), as evaluation's `parse` reads
     # it: a mode token elsewhere in a malformed response is not a choice of mode
     mode = parse(tokenizer.decode(ids, skip_special_tokens=False)).mode
-    has_answer = "answer" in labels
+    # whitespace outside the segments that a tag or the end follows (`</think>\n<answer>`) is layout, not
+    # content: the content is the answer, as `format.parse` reads it. Whitespace that text follows is kept. The
+    # rule looks at what came before and the next token only, so a response's split is the split of its prefix
+    # plus what the next tokens add: what a stream sends as they come adds up to the whole response
+    layout: list[int] = []
     for k, (tok, label) in enumerate(zip(ids, labels, strict=True)):
         tag = by_id.get(tok)
         if k < prefilled:
             continue
         if tag is not None:
             flush()
+            layout = []
             if tag == THINK_OPEN and said_reasoning:  # the judge and the reasoning read as two paragraphs
                 pieces.append(("reasoning", "\n"))
             continue
-        # whitespace between two tags (`</think>\n<answer>`) is layout, not content: the content is the answer,
-        # as `format.parse` reads it (a response without an answer segment keeps all it says)
-        if has_answer and label == "other" and not tokenizer.decode([tok], skip_special_tokens=False).strip():
+        if label == "other" and not tokenizer.decode([tok], skip_special_tokens=False).strip():
+            layout.append(tok)
             continue
         channel = "reasoning" if label in ("judge", "think") else "content"
+        if layout:  # text follows: the whitespace before it was content
+            if run_channel != "content":
+                flush()
+                run_channel = "content"
+            run += layout
+            layout = []
         if channel != run_channel:
             flush()
             run_channel = channel
         run.append(tok)
         said_reasoning = said_reasoning or channel == "reasoning"
-        if per_token:
-            text = tokenizer.decode(run, skip_special_tokens=False)
-            if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence waits for its next token
-                if text[len(emitted):]:
-                    pieces.append((channel, text[len(emitted):]))
-                emitted = text
     flush()
     reasoning = sum(label in ("judge", "think") for label in labels[prefilled:])
     return Split(pieces, len(ids) - prefilled, reasoning, mode)
-
-
-def raw_pieces(ids: list[int], tokenizer, *, per_token: bool = False) -> list[str]:
-    """The raw response text (tags kept) in pieces, for /v1/completions."""
-    if not per_token:
-        return [tokenizer.decode(ids, skip_special_tokens=False)] if ids else []
-    pieces, emitted = [], ""
-    for k in range(1, len(ids) + 1):
-        text = tokenizer.decode(ids[:k], skip_special_tokens=False)
-        if not text.endswith("\ufffd") and len(text) > len(emitted):
-            pieces.append(text[len(emitted):])
-            emitted = text
-    full = tokenizer.decode(ids, skip_special_tokens=False)
-    if full[len(emitted):]:
-        pieces.append(full[len(emitted):])
-    return pieces
