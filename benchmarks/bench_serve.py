@@ -13,8 +13,10 @@ Without `--model` the model is demo-profile sized and trained here briefly on re
 
     .venv/bin/python benchmarks/bench_serve.py [--model DIR] [--repeats 5] [--threads 1]
 
-After a warm-up, repeats alternate (sequential, batched, ...); the table shows medians. The last line is
-`ratio batched/sequential requests_per_s: X` (target >= 4).
+After a warm-up, repeats alternate (sequential, batched, ...); the table shows medians, then
+`ratio batched/sequential requests_per_s: X` (target >= 4). Then `--stream-clients` (16) clients send the
+workload's prompts as think-on streaming requests: median time to first token, full response time and gap
+between tokens, and `ratio ttft/full_response ...: X` (issue 21's target: <= 0.2).
 """
 
 from __future__ import annotations
@@ -104,6 +106,30 @@ class Client:
             raise RuntimeError(f"server answered {head.splitlines()[0]}: {payload}")
         return payload
 
+    async def stream(self, path: str, body: dict) -> list[tuple[float, dict]]:
+        """POST a streaming request -> (seconds since sent, event) for every server-sent event as it arrives
+        (HTTP/1.1 chunked transfer, as uvicorn sends a streaming response)."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        data = json.dumps(body).encode()
+        sent = time.perf_counter()
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        head = (await self.reader.readuntil(b"\r\n\r\n")).decode()
+        if not head.startswith("HTTP/1.1 200") or "chunked" not in head.lower():
+            raise RuntimeError(f"server answered {head.splitlines()[0]}")
+        events, pending = [], b""
+        while True:
+            size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
+            chunk = (await self.reader.readexactly(size + 2))[:-2]
+            if size == 0:
+                return events
+            pending += chunk
+            *complete, pending = pending.split(b"\n\n")
+            for event in complete:
+                if event.startswith(b"data: {"):
+                    events.append((time.perf_counter() - sent, json.loads(event[6:])))
+
     async def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -147,6 +173,32 @@ async def run_batched(port: int, requests, max_tokens: int, clients: int) -> tup
     return elapsed, sum(counts)
 
 
+async def run_streaming(port: int, requests, max_tokens: int, clients: int) -> list[tuple[float, float, float]]:
+    """`clients` clients, each sending its share of think-on streaming requests one after another ->
+    per request (time to first token, full response time, mean gap between tokens), seconds."""
+    pool = [Client(port) for _ in range(clients)]
+    for c in pool:
+        c.reader, c.writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def worker(client, share):
+        timings = []
+        for prompt, _ in share:
+            events = await client.stream("/v1/chat/completions", {
+                "model": "bench", "messages": [{"role": "user", "content": prompt}], "temperature": 0,
+                "max_tokens": max_tokens, "thinking": "on", "stream": True})
+            texts = [t for t, e in events if e["choices"] and (e["choices"][0]["delta"].get("content")
+                                                                or e["choices"][0]["delta"].get("reasoning_content"))]
+            if texts:
+                gaps = [b - a for a, b in zip(texts, texts[1:], strict=False)]
+                timings.append((texts[0], events[-1][0], statistics.mean(gaps) if gaps else 0.0))
+        return timings
+
+    results = await asyncio.gather(*(worker(pool[k], requests[k::clients]) for k in range(clients)))
+    for c in pool:
+        await c.close()
+    return [t for share in results for t in share]
+
+
 async def bench(port: int, requests, args) -> dict[str, list[tuple[float, int, float]]]:
     await run_batched(port, requests[:CLIENTS], args.max_tokens, CLIENTS)  # warm-up
     await run_sequential(port, requests[:3], args.max_tokens)
@@ -172,6 +224,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="the server's torch threads (the machine is shared)")
+    ap.add_argument("--stream-clients", type=int, default=16, help="concurrent clients of the streaming run")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -188,6 +241,7 @@ def main() -> None:
             print(f"workload: {len(requests)} chat requests, arith levels 1-5, thinking auto/on/off in turn, greedy, "
                   f"max_tokens {args.max_tokens}")
             results = asyncio.run(bench(port, requests, args))
+            streamed = asyncio.run(run_streaming(port, requests, args.max_tokens, args.stream_clients))
         finally:
             server.terminate()
             server.wait(30)
@@ -203,6 +257,11 @@ def main() -> None:
         print(f"{name:<22} {secs:>8.2f} {rps[name]:>11.1f} {tps:>9.0f} {rows:>11.1f}")
     seq, batched = rps["sequential"], rps[f"batched ({CLIENTS} clients)"]
     print(f"ratio batched/sequential requests_per_s: {batched / seq:.2f}")
+
+    ttft, full, gap = (statistics.median(t[i] for t in streamed) for i in range(3))
+    print(f"\nstreaming, {args.stream_clients} clients, {len(streamed)} think-on requests (medians): time to first "
+          f"token {ttft * 1000:.0f} ms, full response {full * 1000:.0f} ms, between tokens {gap * 1000:.1f} ms")
+    print(f"ratio ttft/full_response (think-on, {args.stream_clients} streaming clients): {ttft / full:.2f}")
 
 
 if __name__ == "__main__":

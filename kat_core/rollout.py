@@ -86,7 +86,7 @@ class _SlabLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
-        rows = max(b, self.max_rows)  # room for rows copied in after the prefill (shared prompts)
+        rows = max(b, self.max_rows)  # room for rows copied in after the prefill (shared prompts, joining rows)
         self.k_slab = key_states.new_empty(rows, h, self.capacity, d)
         self.v_slab = value_states.new_empty(rows, value_states.shape[1], self.capacity, value_states.shape[-1])
         self.rows, self.device, self.is_initialized = b, key_states.device, True
@@ -129,6 +129,26 @@ class _SlabLayer(DynamicLayer):
 
     def drop_left(self, cols: int) -> None:
         self.start += cols
+        self._refresh()
+
+    def move_window(self, to: int) -> None:
+        """Copy the live window to start at column `to` (left of where it is)."""
+        width = self.end - self.start
+        for slab in (self.k_slab, self.v_slab):
+            slab[: self.rows, :, to : to + width] = slab[: self.rows, :, self.start : self.end].clone()
+        self.start, self.end = to, to + width
+        self._refresh()
+
+    def add_rows(self, other: _SlabLayer, start: int) -> None:
+        """Append `other`'s rows, their columns ending where this window ends; the window then starts at
+        `start` (at or left of where it did, so that the new rows' columns are inside)."""
+        k, width = other.rows, other.end - other.start
+        for slab, new in ((self.k_slab, other.keys), (self.v_slab, other.values)):
+            # columns of the window no row wrote are masked, and zeros keep masked attention finite
+            slab[: self.rows, :, start : self.start] = 0
+            slab[self.rows : self.rows + k, :, start : self.end - width] = 0
+            slab[self.rows : self.rows + k, :, self.end - width : self.end] = new
+        self.rows, self.start = self.rows + k, start
         self._refresh()
 
 
@@ -272,14 +292,14 @@ def _stop_ids(model, tokenizer, stop_at_answer: bool) -> list[int]:
 OnToken = Callable[[int, int, "FinishReason | None"], "bool | None"]
 
 
-def _tell(on_token: OnToken, active: torch.Tensor, tok: torch.Tensor, done: torch.Tensor, last: bool, first: int,
+def _tell(on_token: OnToken, rows: list[int], tok: torch.Tensor, stopped: torch.Tensor, last: torch.Tensor,
           answer_close: int) -> torch.Tensor:
-    """Hand each live row's new token to `on_token`; -> the rows it stopped."""
-    stopped = []
-    for i, t, d in zip(active.tolist(), tok.tolist(), done.tolist(), strict=True):
-        finish = ("stop" if t == answer_close else "eos") if d else "length" if last else None
-        stopped.append(on_token(first + i, t, finish) is False and finish is None)
-    return torch.tensor(stopped, dtype=torch.bool, device=tok.device)
+    """Hand each live row's new token to `on_token` (`rows`: the index each reports by); -> the rows it ended."""
+    ended = []
+    for row, t, s, at_budget in zip(rows, tok.tolist(), stopped.tolist(), last.tolist(), strict=True):
+        finish = ("stop" if t == answer_close else "eos") if s else "length" if at_budget else None
+        ended.append(on_token(row, t, finish) is False and finish is None)
+    return torch.tensor(ended, dtype=torch.bool, device=tok.device)
 
 
 def _survivors(done: torch.Tensor) -> torch.Tensor:
@@ -302,76 +322,120 @@ class _Row:
     forced: list[int]
 
 
-def _run_batch(model, rows: list[_Row], *, pad_id: int, stop: torch.Tensor, answer_close: int, max_new: int,
-               temperature: float, top_p: float, gen: torch.Generator, cache_kw: str, fast: bool, on_finish=None,
-               on_token: OnToken | None = None, first: int = 0):
-    """Decode one batch; returns per row (generated ids, log-probs, finish reason). `on_token` hears every
-    token as it is drawn, with `first` + the row's index in this batch."""
+# admit(free_rows, span) -> requests to join a running batch now: at most free_rows of them, each with a context
+# (prompt and forced prefix) and token budget that fit in span positions, as (the index its on_token and
+# on_sample calls go by, the request, its forced prefix or None); called between decode steps
+Admit = Callable[[int, int], list[tuple[int, "str | list[dict]", "str | None"]]]
+# on_sample(index, sample): a row's Sample the moment the row finishes
+OnSample = Callable[[int, "Sample"], None]
+
+
+def _prefill(model, rows: list[_Row], cache: Cache, *, pad_id: int, cache_kw: str, end: int, capacity: int):
+    """Run `rows`' contexts, left-padded to one width, into `cache` so that they end at slab column `end` ->
+    (logits of each row's last position, the rows' attention mask over columns [0, capacity), positions)."""
     device = next(model.parameters()).device
     b, width = len(rows), max(len(r.context) for r in rows)
-    capacity = width + max_new
-    # left padding: every row's next token lands in the same column
     ids = torch.full((b, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((b, capacity), dtype=torch.bool)  # one buffer for all steps; column j = slab column j
+    mask = torch.zeros((b, capacity), dtype=torch.bool)  # column j = slab column j
     for i, r in enumerate(rows):
         ids[i, width - len(r.context):] = torch.tensor(r.context)
-        mask[i, width - len(r.context):width] = True
+        mask[i, end - len(r.context):end] = True
     ids, mask = ids.to(device), mask.to(device)
-    pos = (mask[:, :width].long().cumsum(-1) - 1).clamp_min(0)
-
-    cache = _new_cache(model, capacity, b)
-    slab = all(isinstance(layer, _SlabLayer) for layer in cache.layers)
-    step_fn = _LlamaStep(model, width + max_new) if fast and _LlamaStep.supports(model, cache) else None
-    out_ids = torch.full((b, max_new), pad_id, dtype=torch.long, device=device)
-    out_lp = torch.zeros((b, max_new), dtype=torch.float32, device=device)
-    lengths = [max_new] * b
-    reasons: list[FinishReason] = ["length"] * b
-
-    active = torch.arange(b, device=device)  # original row of each live row
-    start, end = 0, width  # the live column window (shared by the mask and the slab cache)
-    padded = not bool(mask[:, :width].all())
+    window = mask[:, end - width:end]
+    pos = (window.long().cumsum(-1) - 1).clamp_min(0)
+    for layer in cache.layers if _is_slab(cache) else ():
+        layer.start = layer.end = end - width  # the prefill writes columns [end - width, end)
     # the n samples of a prompt share its context: prefill each distinct context once, then copy its rows
     slot: dict[tuple[int, ...], int] = {}  # distinct context -> its row in the prefill
     src = [slot.setdefault(tuple(r.context), len(slot)) for r in rows]
     uniq = torch.tensor([src.index(k) for k in range(len(slot))], device=device)  # first row of each context
-    logits = model(input_ids=ids[uniq], attention_mask=mask[uniq, :width], position_ids=pos[uniq], use_cache=True,
+    logits = model(input_ids=ids[uniq], attention_mask=window[uniq], position_ids=pos[uniq], use_cache=True,
                    logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]
     if len(slot) < b:
         expand = torch.tensor(src, device=device)
         cache.batch_select_indices(expand)
         logits = logits[expand]
-    pos = pos[:, -1]
-    for step in range(max_new):
+    return logits, mask, pos[:, -1]
+
+
+def _is_slab(cache: Cache) -> bool:
+    return all(isinstance(layer, _SlabLayer) for layer in cache.layers)
+
+
+def _run_batch(model, rows: list[_Row], *, pad_id: int, stop: torch.Tensor, answer_close: int, max_new: int,
+               temperature: float, top_p: float, gen: torch.Generator, cache_kw: str, fast: bool, on_finish=None,
+               on_token: OnToken | None = None, first: int = 0,
+               admit: Callable[[int, int], list[tuple[int, _Row]]] | None = None, max_rows: int = 0,
+               on_done: Callable[[int, _Row, list[int], list[float], FinishReason], None] | None = None):
+    """Decode one batch; returns per row (generated ids, log-probs, finish reason). `on_token` hears every
+    token as it is drawn, with `first` + the row's index in this batch.
+
+    With `admit` (a slab cache only), rows join while the batch runs (continuous batching, up to `max_rows`
+    live rows): each is prefilled alone, its keys and values placed so that it ends at the same slab column as
+    the live rows (keys carry their rotary positions, so a row's columns are storage, not position), and it
+    draws its first token with the others at the next step. Admitted rows are reported by `on_token` and
+    `on_done` only (the return value has the first rows), and run to `max_new` tokens unless `on_token` ends
+    them. `on_done(index, row, ids, logprobs, finish)` hears every row the moment it finishes."""
+    device = next(model.parameters()).device
+    width = max(len(r.context) for r in rows)
+    # span: the positions a row may reach (a joining row too: `admit` is told). With admission the window moves
+    # right for as long as rows keep coming: the slab holds three spans of columns, the live rows end at column
+    # >= span (a joining row's context fits left of that end), and the window moves back left when it is a span
+    # from the slab's end
+    span = width + max_new
+    capacity = 3 * span if admit is not None else span
+    end = span if admit is not None else width
+    cache = _new_cache(model, capacity, max(len(rows), max_rows))
+    logits, mask, pos = _prefill(model, rows, cache, pad_id=pad_id, cache_kw=cache_kw, end=end, capacity=capacity)
+    slab = _is_slab(cache)
+    if admit is not None and not (slab and fast and _LlamaStep.supports(model, cache)):
+        admit = None  # admission needs the slab and the fast step (their columns are set here)
+    if admit is not None:  # room for the rows that join
+        mask = torch.cat([mask, mask.new_zeros(max(max_rows - len(rows), 0), capacity)])
+    all_rows = list(rows)
+    step_fn = _LlamaStep(model, span) if fast and _LlamaStep.supports(model, cache) else None
+
+    b = len(rows)
+    out_ids = torch.full((b, max_new), pad_id, dtype=torch.long, device=device)
+    out_lp = torch.zeros((b, max_new), dtype=torch.float32, device=device)
+    drawn = torch.zeros(b, dtype=torch.long, device=device)  # tokens drawn per row
+    budget = torch.tensor([min(max_new, span - len(r.context)) for r in rows], device=device)
+    lengths = [max_new] * b
+    reasons: list[FinishReason] = ["length"] * b
+    ids_of = list(range(first, first + b))  # the index each row reports to on_token by
+
+    active = torch.arange(b, device=device)  # row of each live row
+    start = end - width  # the live column window (shared by the mask and the slab cache)
+    padded = not bool(mask[:, start:end].all())
+    while True:
         logits = logits.float()
         tok = _pick(logits, temperature, top_p, gen)
-        out_ids[active, step] = tok
-        out_lp[active, step] = torch.log_softmax(logits, dim=-1).gather(1, tok[:, None])[:, 0]
-        done = torch.isin(tok, stop)
+        column = drawn[active]
+        out_ids[active, column] = tok
+        out_lp[active, column] = torch.log_softmax(logits, dim=-1).gather(1, tok[:, None])[:, 0]
+        drawn[active] += 1
+        stopped = torch.isin(tok, stop)
+        last = drawn[active] == budget[active]
+        done = stopped | last
         if on_token is not None:
-            done |= _tell(on_token, active, tok, done, step == max_new - 1, first, answer_close)
-        if step == max_new - 1:
-            stopped = torch.isin(tok, stop)
-            for i, t in zip(active[stopped].tolist(), tok[stopped].tolist(), strict=True):
-                reasons[i] = "stop" if t == answer_close else "eos"
-            if on_finish:
-                on_finish(len(active))
-            break
+            done |= _tell(on_token, [ids_of[i] for i in active.tolist()], tok, stopped, last, answer_close)
         if bool(done.any()):
-            for i, t, stop_token in zip(active[done].tolist(), tok[done].tolist(),
-                                        torch.isin(tok[done], stop).tolist(), strict=True):
-                lengths[i] = step + 1
-                reasons[i] = ("stop" if t == answer_close else "eos") if stop_token else "length"  # on_token's
+            for i, t, by_stop in zip(active[done].tolist(), tok[done].tolist(), stopped[done].tolist(), strict=True):
+                lengths[i] = int(drawn[i])
+                reasons[i] = ("stop" if t == answer_close else "eos") if by_stop else "length"  # or on_token's
+                if on_done is not None:
+                    on_done(ids_of[i], all_rows[i], out_ids[i, : lengths[i]].tolist(),
+                            out_lp[i, : lengths[i]].tolist(), reasons[i])
             if on_finish:
                 on_finish(int(done.sum()))
             keep = _survivors(done)
-            if keep.numel() == 0:
-                break
             # finished rows leave: the cache, the mask, positions and inputs keep only the live rows
             active, tok, pos = active[keep], tok[keep], pos[keep]
-            cache.batch_select_indices(keep)
             n = len(keep)
-            mask[:n, start:end] = mask[keep, start:end]
-            if slab and padded:
+            if n:
+                cache.batch_select_indices(keep)
+                mask[:n, start:end] = mask[keep, start:end]
+            if n and slab and padded:
                 # columns that are padding in every remaining row are dead: cut them from the window
                 lead = int(mask[:n, start:end].any(0).int().argmax())  # first column some row uses
                 if lead:
@@ -380,16 +444,53 @@ def _run_batch(model, rows: list[_Row], *, pad_id: int, stop: torch.Tensor, answ
                         layer.drop_left(lead)
                 padded = not bool(mask[:n, start:end].all())
         n = len(active)
-        mask[:n, end] = True
-        end += 1
-        pos = pos + 1
-        # without padding no mask is needed, and SDPA takes its faster unmasked path
-        attn = mask[:n, start:end] if padded else None
-        if step_fn is not None:
-            logits = step_fn(tok, pos, cache, attn)
-        else:
-            logits = model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos[:, None], use_cache=True,
-                           **{cache_kw: cache}).logits[:, -1]
+        if n:
+            mask[:n, end] = True
+            end += 1
+            pos = pos + 1
+            # without padding no mask is needed, and SDPA takes its faster unmasked path
+            attn = mask[:n, start:end] if padded else None
+            if step_fn is not None:
+                logits = step_fn(tok, pos, cache, attn)
+            else:
+                logits = model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos[:, None],
+                               use_cache=True, **{cache_kw: cache}).logits[:, -1]
+        joining = admit(max(len(rows), max_rows) - n, span) if admit is not None else []
+        if not joining:
+            if not n:
+                break
+            continue
+        # --- rows join: prefilled alone, then placed to end at column `end` like the live rows
+        if end + span > capacity:  # no room for another span of steps: move the live window back left
+            for layer in cache.layers:
+                layer.move_window(span - (end - start))
+            mask[:n, span - (end - start):span] = mask[:n, start:end].clone()
+            start, end = span - (end - start), span
+        new_rows = [r for _, r in joining]
+        k, new_width = len(new_rows), max(len(r.context) for r in new_rows)
+        new_cache = _new_cache(model, new_width, k)
+        new_logits, new_mask, new_pos = _prefill(model, new_rows, new_cache, pad_id=pad_id, cache_kw=cache_kw,
+                                                 end=new_width, capacity=new_width)
+        new_start = min(start, end - new_width)
+        mask[:n, new_start:start] = False  # columns the live rows never used now enter the window
+        mask[n:n + k] = False
+        mask[n:n + k, end - new_width:end] = new_mask
+        for layer, new_layer in zip(cache.layers, new_cache.layers, strict=True):
+            layer.add_rows(new_layer, new_start)
+        start = new_start
+        padded = padded or not bool(mask[:n + k, start:end].all())
+        index = torch.arange(len(ids_of), len(ids_of) + k, device=device)
+        ids_of += [i for i, _ in joining]
+        all_rows += new_rows
+        lengths += [max_new] * k
+        reasons += ["length"] * k
+        out_ids = torch.cat([out_ids, torch.full((k, max_new), pad_id, dtype=torch.long, device=device)])
+        out_lp = torch.cat([out_lp, torch.zeros((k, max_new), dtype=torch.float32, device=device)])
+        drawn = torch.cat([drawn, torch.zeros(k, dtype=torch.long, device=device)])
+        budget = torch.cat([budget, torch.tensor([min(max_new, span - len(r.context)) for r in new_rows],
+                                                 device=device)])
+        active, pos = torch.cat([active, index]), torch.cat([pos, new_pos])
+        logits = torch.cat([logits, new_logits]) if n else new_logits
     out_ids, out_lp = out_ids.cpu(), out_lp.cpu()
     return [(out_ids[i, : lengths[i]].tolist(), out_lp[i, : lengths[i]].tolist(), reasons[i]) for i in range(b)]
 
@@ -410,6 +511,9 @@ def generate(
     progress: bool = False,
     fast: bool = True,
     on_token: OnToken | None = None,
+    on_sample: OnSample | None = None,
+    admit: Admit | None = None,
+    max_rows: int = 64,
 ) -> list[Sample]:
     """Sample `n` responses per prompt -> `len(prompts) * n` Samples, ordered by (prompt, sample).
 
@@ -418,7 +522,14 @@ def generate(
     A row stops at `</answer>` (when `stop_at_answer`), at an EOS token, or after `max_new_tokens`.
     `fast=False` runs every decode step through the model's own forward even for a Llama-architecture model
     (the fast step is checked against it in the tests). `on_token(row, token_id, finish)` hears each token the
-    moment it is drawn (streaming) and may end a row by returning False (see `OnToken`)."""
+    moment it is drawn (streaming) and may end a row by returning False (see `OnToken`); `on_sample(row,
+    sample)` gets each Sample the moment its row finishes.
+
+    `admit` (a server's continuous batching): between decode steps, requests join the running batch (up to
+    `max_rows` live rows, one sample each, under this call's sampling settings), answered through `on_token`
+    and `on_sample` only; the call returns when no row is left and none joins. Greedy rows decode as they
+    would in a batch of their own (up to float rounding). Needs a Llama-architecture model (the fast step);
+    other models decode the first rows only."""
     if forced is not None and len(forced) != len(prompts):
         raise ValueError(f"forced has {len(forced)} entries for {len(prompts)} prompts")
     if n < 1 or max_new_tokens < 1 or batch_size < 1:
@@ -449,6 +560,28 @@ def generate(
         from tqdm import tqdm
 
         bar = tqdm(total=len(rows), desc="rollout", unit="sample")
+    def sample_of(r: _Row, ids: list[int], lps: list[float], reason: FinishReason) -> Sample:
+        shown = ids[:-1] if reason == "eos" else ids  # the EOS token is not part of the response text
+        full = r.forced + ids
+        counts = dict.fromkeys(SEGMENTS, 0)
+        for label in token_segments(full, tag_ids):
+            counts[label] += 1
+        counts["total"] = len(full)
+        return Sample(prompt_index=r.prompt_index, sample_index=r.sample_index,
+                      text=tokenizer.decode(r.forced + shown, skip_special_tokens=False), token_ids=ids,
+                      logprobs=lps, finish_reason=reason, forced_ids=r.forced,
+                      forced_mode=mode_of.get(r.forced[-1]) if r.forced else None, segment_counts=counts)
+
+    def joining(free: int, span: int) -> list[tuple[int, _Row]]:
+        out = []
+        for index, request, prefix in admit(free, span):
+            pre = encode(prefix) if prefix else []
+            out.append((index, _Row(index, 0, encode(request_text(tokenizer, request)) + pre, pre)))
+        return out
+
+    def done(index: int, r: _Row, ids: list[int], lps: list[float], reason: FinishReason) -> None:
+        on_sample(index, sample_of(r, ids, lps, reason))
+
     gen = torch.Generator(device=device).manual_seed(seed)
     cache_kw = _cache_kwarg(model)
     results = []
@@ -461,29 +594,11 @@ def generate(
                                       answer_close=answer_close, max_new=max_new_tokens, temperature=temperature,
                                       top_p=top_p, gen=gen, cache_kw=cache_kw, fast=fast,
                                       on_finish=bar.update if bar is not None else None, on_token=on_token,
-                                      first=lo)
+                                      first=lo, admit=joining if admit is not None else None, max_rows=max_rows,
+                                      on_done=done if on_sample is not None else None)
     finally:
         model.train(was_training)
         if bar is not None:
             bar.close()
 
-    samples = []
-    for r, (ids, lps, reason) in zip(rows, results, strict=True):
-        shown = ids[:-1] if reason == "eos" else ids  # the EOS token is not part of the response text
-        full = r.forced + ids
-        counts = dict.fromkeys(SEGMENTS, 0)
-        for label in token_segments(full, tag_ids):
-            counts[label] += 1
-        counts["total"] = len(full)
-        samples.append(Sample(
-            prompt_index=r.prompt_index,
-            sample_index=r.sample_index,
-            text=tokenizer.decode(r.forced + shown, skip_special_tokens=False),
-            token_ids=ids,
-            logprobs=lps,
-            finish_reason=reason,
-            forced_ids=r.forced,
-            forced_mode=mode_of.get(r.forced[-1]) if r.forced else None,
-            segment_counts=counts,
-        ))
-    return samples
+    return [sample_of(r, *result) for r, result in zip(rows, results, strict=True)]

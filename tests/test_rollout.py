@@ -272,3 +272,42 @@ def test_draws_follow_temperature_and_top_p():
     assert torch.allclose(freq(1.0, 0.75), torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.01)
     assert freq(1.0, 0.75)[2:].sum() == 0
     assert torch.equal(_pick(logits[:3], 0.0, 1.0, g), torch.zeros(3, dtype=torch.long))  # greedy
+
+
+@pytest.mark.parametrize("every", [1, 7], ids=["joining-each-step", "window-moves"])
+def test_rows_that_join_a_running_batch_decode_as_they_would_alone(lm, every, monkeypatch):
+    """Continuous batching: rows admitted between decode steps (one per `every` steps, often longer than every
+    row still running, while others finish) produce the same greedy tokens as a batch of their own, and each
+    is reported the moment it ends. With a row joining every 7th step the live window nears the slab's end and
+    moves back left."""
+    from kat_core.rollout import _SlabLayer
+
+    moves = []
+    move_window = _SlabLayer.move_window
+    monkeypatch.setattr(_SlabLayer, "move_window", lambda layer, to: moves.append(to) or move_window(layer, to))
+    model, tok = lm
+    prompts, forced, _ = _workload(30)
+    longest = max(range(30), key=lambda i: len(_context(tok, prompts[i], forced[i])))
+    order = [longest] + [i for i in range(30) if i != longest]  # the first rows' span fits every prompt
+    prompts, forced = [prompts[i] for i in order], [forced[i] for i in order]
+    alone = generate(model, tok, prompts, forced=forced, temperature=0, max_new_tokens=60, stop_at_answer=False)
+    waiting, reported, steps = list(range(3, 30)), {}, [0]
+
+    def admit(free, span):
+        steps[0] += 1
+        if steps[0] % every or not waiting or not free:
+            return []
+        i = waiting[0]
+        if len(_context(tok, prompts[i], forced[i])) + 60 > span:  # what a server checks before it admits
+            pytest.fail(f"the workload's prompt {i} should fit the first rows' span {span}")
+        return [(waiting.pop(0), prompts[i], forced[i])]
+
+    first = generate(model, tok, prompts[:3], forced=forced[:3], temperature=0, max_new_tokens=60,
+                     stop_at_answer=False, admit=admit, max_rows=6,
+                     on_sample=lambda i, s: reported.setdefault(i, s))
+    assert not waiting and sorted(reported) == list(range(30))
+    for i in range(30):
+        got = first[i] if i < 3 else reported[i]
+        assert (got.token_ids, got.finish_reason, got.text) == (alone[i].token_ids, alone[i].finish_reason,
+                                                                 alone[i].text), i
+    assert bool(moves) == (every == 7)

@@ -285,6 +285,37 @@ def test_each_row_leaves_at_its_own_budget_and_a_listener_can_end_it(server):
     assert left.finish_reason == "length" and [f for _, f in heard] == [None, None, None]
 
 
+def test_a_request_that_comes_while_a_call_runs_joins_it(server):
+    """Continuous batching: a request submitted while a call decodes joins that call at the next step (here
+    submitted from the first request's third token, so the timing is exact) and decodes as it would alone;
+    each is answered when its own row ends."""
+    from kat_core.format import forced_prefix
+    from kat_core.rollout import generate
+    from kat_core.serve.engine import BatchEngine, GenRequest
+
+    model, tok = server.engine.model, server.engine.tokenizer
+    forced = forced_prefix("think", "on")
+    (alone,) = generate(model, tok, [PROMPT], forced=[forced], temperature=0, max_new_tokens=40)
+    engine = BatchEngine(model, tok, max_wait_ms=5)
+    later = GenRequest(PROMPT, forced, max_new_tokens=40, temperature=0)
+
+    def submit_later(k, token, finish):
+        if len(heard) == 2:
+            engine.submit(later)
+        heard.append(token)
+
+    heard: list[int] = []
+    first = GenRequest(PROMPT, forced, max_new_tokens=40, temperature=0, on_token=submit_later)
+    engine.start()
+    try:
+        (a,), (b,) = engine.submit(first)[0].result(timeout=60), later.future.result(timeout=60)
+    finally:
+        engine.stop()
+    assert engine.stats["calls"] == 1 and engine.stats["admitted_rows"] == 1
+    assert a.token_ids == b.token_ids == alone.token_ids and len(heard) == len(alone.token_ids) > 3
+    assert a.finish_reason == b.finish_reason == alone.finish_reason
+
+
 @pytest.fixture
 def slow_server(tiny_tokenizer, monkeypatch):
     """A server whose model takes 5 ms per decode step and never writes a stop token: a response streams for

@@ -207,7 +207,7 @@ def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wai
                            param="max_tokens" if max_tokens is not None else "messages",
                            code="context_length_exceeded")
         gen = GenRequest(prompt=request, forced=forced, n=req.n, max_new_tokens=budget,
-                         temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+                         temperature=req.temperature, top_p=req.top_p, seed=req.seed, context_tokens=n_prompt)
         return gen, n_prompt
 
     pending: list[GenRequest] = []

@@ -19,7 +19,12 @@ budgets may differ within a group: each row leaves the call at its own budget, w
 that budget alone would have produced (tokens are drawn left to right).
 
 Every token reaches its request's `on_token` the moment it is drawn (the server streams it); a listener that
-returns False (its client left) frees the row at once.
+returns False (its client left) frees the row at once. A request is answered the moment its last sample ends.
+
+Continuous batching: while a call runs, requests that arrive join it between decode steps (`rollout.generate`'s
+`admit`) when they can share it: same temperature and top-p, unseeded, rows free, context and budget within
+the call's positions. The first that cannot waits, with everything behind it, for the next call. So a request
+does not wait for a running batch to finish before its first token.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class GenRequest:
     # on_token(sample_index, token_id, finish): each token as it is drawn, in the engine's thread (`finish` None
     # until the sample's last token); returning False ends that sample there
     on_token: Callable[[int, int, str | None], bool | None] | None = None
+    context_tokens: int = 0  # prompt and forced-prefix tokens (the server counts them): does it fit a running call
 
 
 class BatchEngine:
@@ -62,8 +68,10 @@ class BatchEngine:
         self._seed = seed
         self._last_rows = 1  # rows of the previous batch: how many clients to expect back
         self._queue: queue.Queue[list[GenRequest] | None] = queue.Queue()
+        self._held: list[list[GenRequest] | None] = []  # taken off the queue by `admit`, not admitted: next call
         self._thread: threading.Thread | None = None
-        self.stats = {"batches": 0, "calls": 0, "requests": 0, "rows": 0, "max_rows": 0, "cancelled_rows": 0}
+        self.stats = {"batches": 0, "calls": 0, "requests": 0, "rows": 0, "max_rows": 0, "cancelled_rows": 0,
+                      "admitted_rows": 0}
 
     def start(self) -> None:
         if self._thread is None:
@@ -98,8 +106,15 @@ class BatchEngine:
             if stopping:
                 return
 
+    def _take(self, timeout: float | None = None) -> list[GenRequest] | None:
+        """The next submission: one held back by `admit` first, else from the queue (queue.Empty after `timeout`;
+        0: do not wait)."""
+        if self._held:
+            return self._held.pop(0)
+        return self._queue.get_nowait() if timeout is not None and timeout <= 0 else self._queue.get(timeout=timeout)
+
     def _collect(self) -> tuple[list[GenRequest], bool]:
-        first = self._queue.get()
+        first = self._take()
         if first is None:
             return [], True
         batch = list(first)
@@ -109,7 +124,7 @@ class BatchEngine:
             left = deadline - time.monotonic()
             wait = left if rows < self._last_rows else min(self.max_wait, left)
             try:
-                more = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+                more = self._take(wait)
             except queue.Empty:
                 more = self._settled(deadline)
                 if more is None:
@@ -128,11 +143,11 @@ class BatchEngine:
             return None
         self.settle(deadline - time.monotonic())
         try:
-            more = self._queue.get_nowait()
+            more = self._take(0)
         except queue.Empty:
             return None
         if more is None:  # a stop request: put it back for the loop to see
-            self._queue.put(None)
+            self._held.insert(0, None)
             return None
         return more
 
@@ -166,14 +181,16 @@ class BatchEngine:
         # one row per sample; identical contexts (a request's n samples) still share one prefill in rollout
         prompts = [r.prompt for r in group for _ in range(r.n)]
         forced = [r.forced for r in group for _ in range(r.n)]
+        owners = [(r, k) for r in group for k in range(r.n)]  # row index -> (its request, its sample index)
+        answers: dict[int, list] = {id(r): [None] * r.n for r in group}
+        drawn: dict[int, int] = {}
+        seeded = seed is not None
         if seed is None:
             seed, self._seed = self._seed, self._seed + 1
-        owners = [(r, k) for r in group for k in range(r.n)]  # row -> (its request, its sample index)
-        drawn = [0] * len(owners)
 
         def on_token(row: int, token: int, finish: str | None) -> bool:
             request, k = owners[row]
-            drawn[row] += 1
+            drawn[row] = drawn.get(row, 0) + 1
             if finish is None and drawn[row] == request.max_new_tokens:
                 finish = "length"  # its own budget, within a call that runs to the group's largest
             listening = request.on_token is None or request.on_token(k, token, finish) is not False
@@ -181,11 +198,47 @@ class BatchEngine:
                 self.stats["cancelled_rows"] += 1
             return finish is None and listening
 
-        samples = generate(self.model, self.tokenizer, prompts, forced=forced, n=1,
-                           max_new_tokens=max(r.max_new_tokens for r in group), temperature=temperature,
-                           top_p=top_p, seed=seed, batch_size=max(len(prompts), 1), on_token=on_token)
-        self.stats["calls"] += 1
-        at = 0
-        for r in group:
-            r.future.set_result(samples[at : at + r.n])
-            at += r.n
+        def on_sample(row: int, sample) -> None:
+            request, k = owners[row]
+            mine = answers[id(request)]
+            mine[k] = sample
+            if all(s is not None for s in mine) and not request.future.done():
+                request.future.set_result(mine)  # answered now, while the call goes on for others
+
+        def admit(free: int, span: int) -> list[tuple[int, str | list[dict], str | None]]:
+            joining: list[tuple[int, str | list[dict], str | None]] = []
+            while not self._held:  # something already waits for the next call: later ones queue behind it
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                fits = item is not None and sum(r.n for r in item) <= free - len(joining) and all(
+                    r.temperature == temperature and r.top_p == top_p and not (r.temperature > 0 and r.seed is not None)
+                    and r.context_tokens + r.max_new_tokens <= span for r in item)
+                if not fits:
+                    self._held.append(item)
+                    break
+                for r in item:
+                    if not r.future.set_running_or_notify_cancel():
+                        continue
+                    answers[id(r)] = [None] * r.n
+                    for k in range(r.n):
+                        joining.append((len(owners), r.prompt, r.forced))
+                        owners.append((r, k))
+                self.stats["requests"] += len(item)
+            self.stats["rows"] += len(joining)
+            self.stats["admitted_rows"] += len(joining)
+            return joining
+
+        try:
+            generate(self.model, self.tokenizer, prompts, forced=forced, n=1,
+                     max_new_tokens=max(r.max_new_tokens for r in group), temperature=temperature, top_p=top_p,
+                     seed=seed, batch_size=max(len(prompts), 1), on_token=on_token, on_sample=on_sample,
+                     admit=None if seeded else admit, max_rows=self.max_rows)
+        except Exception as e:  # the rows that joined fail with the group
+            for r, _ in owners:
+                if not r.future.done():
+                    r.future.set_exception(e)
+            raise
+        finally:
+            self.stats["calls"] += 1
