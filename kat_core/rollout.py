@@ -432,7 +432,7 @@ def _run_batch(model, rows: list[_Row], *, pad_id: int, stop: torch.Tensor, answ
             # finished rows leave: the cache, the mask, positions and inputs keep only the live rows
             active, tok, pos = active[keep], tok[keep], pos[keep]
             n = len(keep)
-            if n:
+            if n or admit is not None:  # (a row may join a batch that just emptied: the cache must be empty too)
                 cache.batch_select_indices(keep)
                 mask[:n, start:end] = mask[keep, start:end]
             if n and slab and padded:
@@ -443,6 +443,10 @@ def _run_batch(model, rows: list[_Row], *, pad_id: int, stop: torch.Tensor, answ
                     for layer in cache.layers:
                         layer.drop_left(lead)
                 padded = not bool(mask[:n, start:end].all())
+            elif not n and admit is not None:  # an empty batch has an empty window: a joining row starts it anew
+                for layer in cache.layers:
+                    layer.drop_left(end - start)
+                start = end
         n = len(active)
         if n:
             mask[:n, end] = True
