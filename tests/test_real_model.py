@@ -126,20 +126,24 @@ def test_after_thirty_sft_steps_the_base_writes_every_tag(smollm2_dir):
     from kat_core.model.lm import load_model
     from kat_core.rollout import generate
     from kat_core.tasks.arith import ArithTask
+    from kat_core.train.engine import _cpu_has_native_bf16
 
     model, tokenizer = load_model(smollm2_dir)  # a fresh copy: this test changes the weights
     before = _max_cosine(_tag_rows(model, tokenizer))
     examples = _grammar_examples(tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
     model.train()
+    # in the precision the engine trains in here (train.bf16 auto: bf16 autocast on a CPU with native bf16)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=_cpu_has_native_bf16())
     for step in range(30):
         batch = [examples[(2 * step) % len(examples)], examples[(2 * step + 1) % len(examples)]]
         width = max(len(e.ids) for e in batch)
         ids = torch.tensor([e.ids + [tokenizer.pad_token_id] * (width - len(e.ids)) for e in batch])
         weights = torch.tensor([e.weights + [0.0] * (width - len(e.ids)) for e in batch])[:, 1:]
         taught = weights > 0  # the output layer (49k rows) only where the loss reads it
-        hidden = model.model(ids).last_hidden_state[:, :-1][taught]
-        ce = torch.nn.functional.cross_entropy(model.lm_head(hidden), ids[:, 1:][taught], reduction="none")
+        with autocast:
+            logits = model.lm_head(model.model(ids).last_hidden_state[:, :-1][taught])
+        ce = torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][taught], reduction="none")
         ((ce * weights[taught]).sum() / weights.sum()).backward()
         optimizer.step()
         optimizer.zero_grad()

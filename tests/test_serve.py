@@ -239,7 +239,7 @@ def test_a_response_split_grows_as_its_tokens_come(tiny_tokenizer):
     spaces = [i for i in range(len(tiny_tokenizer)) if not tiny_tokenizer.decode([i]).strip()][:6]
     words = tiny_tokenizer(" sum, the answer: 42. think again", add_special_tokens=False)["input_ids"]
 
-    @settings(max_examples=300, deadline=None)
+    @settings(max_examples=200, deadline=None)
     @given(st.lists(st.sampled_from(tags + spaces + words), max_size=40), st.integers(0, 3))
     def check(ids, prefilled):
         whole = split_response(ids, tiny_tokenizer, prefilled=min(prefilled, len(ids)))
