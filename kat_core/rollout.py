@@ -388,12 +388,12 @@ def _run_batch(model, rows: list[_Row], *, pad_id: int, stop: torch.Tensor, answ
     cache = _new_cache(model, capacity, max(len(rows), max_rows))
     logits, mask, pos = _prefill(model, rows, cache, pad_id=pad_id, cache_kw=cache_kw, end=end, capacity=capacity)
     slab = _is_slab(cache)
-    if admit is not None and not (slab and fast and _LlamaStep.supports(model, cache)):
-        admit = None  # admission needs the slab and the fast step (their columns are set here)
+    step_fn = _LlamaStep(model, span) if fast and _LlamaStep.supports(model, cache) else None
+    if step_fn is None:
+        admit = None  # admission needs the fast step (and the slab it requires): their columns are set here
     if admit is not None:  # room for the rows that join
         mask = torch.cat([mask, mask.new_zeros(max(max_rows - len(rows), 0), capacity)])
     all_rows = list(rows)
-    step_fn = _LlamaStep(model, span) if fast and _LlamaStep.supports(model, cache) else None
 
     b = len(rows)
     out_ids = torch.full((b, max_new), pad_id, dtype=torch.long, device=device)
