@@ -32,19 +32,28 @@ batch composition is part of "the same arguments", so changing `batch_size` chan
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from kat_core.chat import request_text
+from kat_core.decoding import (  # noqa: F401  (_LlamaStep, _pick, _SlabLayer: the tests reach them here too)
+    FinishReason,
+    OnToken,
+    _cache_kwarg,
+    _is_slab,
+    _LlamaStep,
+    _new_cache,
+    _pick,
+    _prefill,
+    _Row,
+    _SlabLayer,
+    _survivors,
+)
 from kat_core.format import ANSWER_CLOSE, SEGMENTS, SPECIAL_TOKENS, THINK_OFF, THINK_ON, token_segments
-
-FinishReason = Literal["stop", "eos", "length"]
+from kat_core.speculative import run_speculative
 
 
 @dataclass
@@ -66,213 +75,12 @@ class Sample:
     forced_ids: list[int] = field(default_factory=list)
     forced_mode: Literal["on", "off"] | None = None  # the mode token the forced prefix ends with, if any
     segment_counts: dict[str, int] = field(default_factory=dict)
+    # speculative decoding only: per grammar segment, [drafts proposed, drafts accepted] for its tokens
+    draft_counts: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def num_generated(self) -> int:
         return len(self.token_ids)
-
-
-# --- the KV cache -------------------------------------------------------------------------------------------
-
-class _SlabLayer(DynamicLayer):
-    """One layer's keys and values in a preallocated slab (rows, heads, capacity, head_dim).
-
-    The live window is columns [start, end) of the first `rows` rows; attention reads views of it, so a new
-    token is one in-place write rather than a concatenation of the whole cache."""
-
-    def __init__(self, capacity: int, max_rows: int = 0):
-        super().__init__()
-        self.capacity, self.max_rows, self.rows, self.start, self.end = capacity, max_rows, 0, 0, 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, d = key_states.shape
-        rows = max(b, self.max_rows)  # room for rows copied in after the prefill (shared prompts, joining rows)
-        self.k_slab = key_states.new_empty(rows, h, self.capacity, d)
-        self.v_slab = value_states.new_empty(rows, value_states.shape[1], self.capacity, value_states.shape[-1])
-        self.rows, self.device, self.is_initialized = b, key_states.device, True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        t = key_states.shape[-2]
-        if self.end + t > self.capacity:
-            raise RuntimeError(f"KV slab full ({self.capacity} columns)")
-        self.k_slab[: self.rows, :, self.end : self.end + t] = key_states
-        self.v_slab[: self.rows, :, self.end : self.end + t] = value_states
-        self.end += t
-        self._refresh()
-        return self.keys, self.values
-
-    def _refresh(self) -> None:
-        self.keys = self.k_slab[: self.rows, :, self.start : self.end]
-        self.values = self.v_slab[: self.rows, :, self.start : self.end]
-
-    def get_seq_length(self) -> int:
-        return self.end - self.start if self.is_initialized else 0
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return self.capacity
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """New row i = old row indices[i] (rows to keep, or to repeat up to max_rows). In place, over the live
-        window only, and only the rows that move: no new slab, and the copy follows what changed."""
-        moved = (indices != torch.arange(len(indices), device=indices.device)).nonzero()[:, 0]
-        if len(moved):
-            window = slice(self.start, self.end)
-            self.k_slab[moved, :, window] = self.k_slab[indices[moved], :, window]
-            self.v_slab[moved, :, window] = self.v_slab[indices[moved], :, window]
-        self.rows = len(indices)
-        self._refresh()
-
-    def drop_left(self, cols: int) -> None:
-        self.start += cols
-        self._refresh()
-
-    def move_window(self, to: int) -> None:
-        """Copy the live window to start at column `to` (left of where it is)."""
-        width = self.end - self.start
-        for slab in (self.k_slab, self.v_slab):
-            slab[: self.rows, :, to : to + width] = slab[: self.rows, :, self.start : self.end].clone()
-        self.start, self.end = to, to + width
-        self._refresh()
-
-    def add_rows(self, other: _SlabLayer, start: int) -> None:
-        """Append `other`'s rows, their columns ending where this window ends; the window then starts at
-        `start` (at or left of where it did, so that the new rows' columns are inside)."""
-        k, width = other.rows, other.end - other.start
-        for slab, new in ((self.k_slab, other.keys), (self.v_slab, other.values)):
-            # columns of the window no row wrote are masked, and zeros keep masked attention finite
-            slab[: self.rows, :, start : self.start] = 0
-            slab[self.rows : self.rows + k, :, start : self.end - width] = 0
-            slab[self.rows : self.rows + k, :, self.end - width : self.end] = new
-        self.rows, self.start = self.rows + k, start
-        self._refresh()
-
-
-def _new_cache(model, capacity: int, max_rows: int) -> Cache:
-    """A slab cache when every layer is a plain full-attention layer (what DynamicCache builds for Llama,
-    Qwen, Mistral without sliding windows...); otherwise the model's own DynamicCache (sliding windows,
-    linear attention keep their special layers), which still supports dropping rows."""
-    reference = DynamicCache(config=model.config)
-    if reference.layers and all(type(layer) is DynamicLayer for layer in reference.layers):
-        return Cache(layers=[_SlabLayer(capacity, max_rows) for _ in reference.layers])
-    return reference
-
-
-def _cache_kwarg(model) -> str:
-    # transformers 5 renamed `past_key_values` to `cache` (the old name still works, with a warning)
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-# --- a fast decode step for Llama-architecture models ---------------------------------------------------------
-
-class _LlamaStep:
-    """One decode step (one new token per row) of a Llama-architecture model, straight from its weights.
-
-    HF's forward spends most of a small model's decode step in Python: module calls, decorators, mask and
-    rotary set-up. This is the same arithmetic in a dozen tensor ops per layer, written to mirror HF's
-    modules op for op (same dtype casts, same kernels) so that it computes the same logits. The prefill
-    still runs HF's forward; both write the same slab cache. Grouped-query attention (fewer key/value heads
-    than query heads: SmolLM2, Llama 3, Qwen, Mistral) runs as HF's SDPA path runs it for one query token:
-    `enable_gqa` without a mask, else the query heads folded onto their key/value head."""
-
-    @staticmethod
-    def supports(model, cache: Cache) -> bool:
-        cfg = model.config
-        rope = getattr(cfg, "rope_parameters", None) or {}
-        return (
-            cfg.model_type == "llama"
-            and type(model).__name__ == "LlamaForCausalLM"
-            and rope.get("rope_type", "default") == "default"
-            and cfg.num_attention_heads % cfg.num_key_value_heads == 0
-            and not getattr(cfg, "attention_bias", False)
-            and not getattr(cfg, "mlp_bias", False)
-            and cfg.hidden_act == "silu"
-            and cfg._attn_implementation == "sdpa"
-            and all(isinstance(layer, _SlabLayer) for layer in cache.layers)
-        )
-
-    def __init__(self, model, max_positions: int):
-        base = model.model
-        self.embed, self.head = base.embed_tokens.weight, model.lm_head.weight
-        self.norm = (base.norm.weight, base.norm.variance_epsilon)
-        self.head_dim, self.scaling = base.layers[0].self_attn.head_dim, base.layers[0].self_attn.scaling
-        self.groups = model.config.num_attention_heads // model.config.num_key_value_heads
-        # plain tensors per layer: nn.Module attribute lookups are a measurable share of a tiny model's step
-        self.weights = [
-            ((layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
-             layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight,
-             layer.self_attn.o_proj.weight,
-             (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon),
-             layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight)
-            for layer in base.layers
-        ]
-        # RoPE for every position this batch can reach, computed as HF's LlamaRotaryEmbedding does
-        rotary = base.rotary_emb
-        freqs = torch.arange(max_positions, device=self.embed.device).float()[:, None] * rotary.inv_freq.float()
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = (emb.cos() * rotary.attention_scaling).to(self.embed.dtype)
-        self.sin = (emb.sin() * rotary.attention_scaling).to(self.embed.dtype)
-
-    @staticmethod
-    def _rms(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
-        weight, eps = norm
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        return weight * x.to(dtype)
-
-    @staticmethod
-    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-    def __call__(self, tok: torch.Tensor, pos: torch.Tensor, cache: Cache, key_mask: torch.Tensor | None):
-        """Logits (rows, vocab) for one new token per row at positions `pos`; `key_mask` (rows, kv) bool or None."""
-        n, hd = tok.shape[0], self.head_dim
-        x = F.embedding(tok, self.embed)[:, None]  # (n, 1, H), the shape HF's layers see
-        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # (n, 1, 1, hd): all heads
-        mask = key_mask[:, None, None, :] if key_mask is not None else None
-        for (norm1, wq, wk, wv, wo, norm2, wg, wu, wd), kv in zip(self.weights, cache.layers, strict=True):
-            h = self._rms(x, norm1)
-            q = self._rope(F.linear(h, wq).view(n, 1, -1, hd).transpose(1, 2), cos, sin)
-            k = self._rope(F.linear(h, wk).view(n, 1, -1, hd).transpose(1, 2), cos, sin)
-            v = F.linear(h, wv).view(n, 1, -1, hd).transpose(1, 2)
-            keys, values = kv.update(k, v)
-            if self.groups == 1:
-                a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
-            elif mask is None:
-                a = F.scaled_dot_product_attention(q, keys, values, scale=self.scaling, enable_gqa=True)
-            else:  # (n, heads, 1, hd) -> (n, kv heads, groups, hd): each key/value head's queries in one call
-                folded = q.reshape(n, -1, self.groups, hd)
-                a = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=self.scaling)
-                a = a.reshape(n, -1, 1, hd)
-            x = x + F.linear(a.transpose(1, 2).reshape(n, 1, -1), wo)
-            h = self._rms(x, norm2)
-            x = x + F.linear(F.silu(F.linear(h, wg)) * F.linear(h, wu), wd)
-        return F.linear(self._rms(x, self.norm), self.head)[:, 0]
-
-
-# --- sampling -----------------------------------------------------------------------------------------------
-
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
-    """Next token per row: argmax at temperature 0, else a draw from softmax(logits / T) cut to the top-p
-    nucleus (the smallest set of most likely tokens whose mass reaches top_p; the top token always stays)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs, order = torch.softmax(logits / temperature, dim=-1), None
-    if top_p < 1.0:
-        probs, order = probs.sort(dim=-1, descending=True)
-        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)  # mass before it already reaches top_p
-    # inverse-CDF draw, one uniform per row (torch.multinomial costs several times more on CPU): u in (0, total]
-    # and the first index whose cdf reaches u, which is never a zero-probability token
-    cdf = probs.cumsum(-1)
-    u = (1.0 - torch.rand(cdf.shape[0], 1, generator=gen, device=cdf.device)) * cdf[:, -1:]
-    tok = torch.searchsorted(cdf, u)[:, 0]
-    return tok if order is None else order.gather(-1, tok[:, None])[:, 0]
 
 
 def _stop_ids(model, tokenizer, stop_at_answer: bool) -> list[int]:
@@ -286,12 +94,6 @@ def _stop_ids(model, tokenizer, stop_at_answer: bool) -> list[int]:
     return eos
 
 
-# on_token(row, token_id, finish): called for every drawn token, in order, as soon as it is drawn (`row` is the
-# row's index in generate's output); `finish` is None while the row goes on, else its finish reason. Returning
-# False ends the row there, as if its budget had run out ("length"): a client that left, or a shorter budget.
-OnToken = Callable[[int, int, "FinishReason | None"], "bool | None"]
-
-
 def _tell(on_token: OnToken, rows: list[int], tok: torch.Tensor, stopped: torch.Tensor, last: torch.Tensor,
           answer_close: int) -> torch.Tensor:
     """Hand each live row's new token to `on_token` (`rows`: the index each reports by); -> the rows it ended."""
@@ -302,64 +104,12 @@ def _tell(on_token: OnToken, rows: list[int], tok: torch.Tensor, stopped: torch.
     return torch.tensor(ended, dtype=torch.bool, device=tok.device)
 
 
-def _survivors(done: torch.Tensor) -> torch.Tensor:
-    """The live rows as a permutation for `batch_select_indices`: a live row that would land past the new end
-    moves into a finished row's slot, all others stay where they are, so compaction copies as many rows as
-    just finished rather than every survivor."""
-    live = ~done
-    n_keep = int(live.sum())
-    keep = torch.arange(n_keep, device=done.device)
-    holes = done[:n_keep].nonzero()[:, 0]
-    keep[holes] = live[n_keep:].nonzero()[:, 0] + n_keep
-    return keep
-
-
-@dataclass
-class _Row:
-    prompt_index: int
-    sample_index: int
-    context: list[int]  # prompt ids + forced prefix ids
-    forced: list[int]
-
-
 # admit(free_rows, span) -> requests to join a running batch now: at most free_rows of them, each with a context
 # (prompt and forced prefix) and token budget that fit in span positions, as (the index its on_token and
 # on_sample calls go by, the request, its forced prefix or None); called between decode steps
 Admit = Callable[[int, int], list[tuple[int, "str | list[dict]", "str | None"]]]
 # on_sample(index, sample): a row's Sample the moment the row finishes
 OnSample = Callable[[int, "Sample"], None]
-
-
-def _prefill(model, rows: list[_Row], cache: Cache, *, pad_id: int, cache_kw: str, end: int, capacity: int):
-    """Run `rows`' contexts, left-padded to one width, into `cache` so that they end at slab column `end` ->
-    (logits of each row's last position, the rows' attention mask over columns [0, capacity), positions)."""
-    device = next(model.parameters()).device
-    b, width = len(rows), max(len(r.context) for r in rows)
-    ids = torch.full((b, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((b, capacity), dtype=torch.bool)  # column j = slab column j
-    for i, r in enumerate(rows):
-        ids[i, width - len(r.context):] = torch.tensor(r.context)
-        mask[i, end - len(r.context):end] = True
-    ids, mask = ids.to(device), mask.to(device)
-    window = mask[:, end - width:end]
-    pos = (window.long().cumsum(-1) - 1).clamp_min(0)
-    for layer in cache.layers if _is_slab(cache) else ():
-        layer.start = layer.end = end - width  # the prefill writes columns [end - width, end)
-    # the n samples of a prompt share its context: prefill each distinct context once, then copy its rows
-    slot: dict[tuple[int, ...], int] = {}  # distinct context -> its row in the prefill
-    src = [slot.setdefault(tuple(r.context), len(slot)) for r in rows]
-    uniq = torch.tensor([src.index(k) for k in range(len(slot))], device=device)  # first row of each context
-    logits = model(input_ids=ids[uniq], attention_mask=window[uniq], position_ids=pos[uniq], use_cache=True,
-                   logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]
-    if len(slot) < b:
-        expand = torch.tensor(src, device=device)
-        cache.batch_select_indices(expand)
-        logits = logits[expand]
-    return logits, mask, pos[:, -1]
-
-
-def _is_slab(cache: Cache) -> bool:
-    return all(isinstance(layer, _SlabLayer) for layer in cache.layers)
 
 
 def _run_batch(model, rows: list[_Row], *, pad_id: int, stop: torch.Tensor, answer_close: int, max_new: int,
@@ -518,6 +268,8 @@ def generate(
     on_sample: OnSample | None = None,
     admit: Admit | None = None,
     max_rows: int = 64,
+    draft=None,
+    draft_tokens: int = 1,
 ) -> list[Sample]:
     """Sample `n` responses per prompt -> `len(prompts) * n` Samples, ordered by (prompt, sample).
 
@@ -533,7 +285,11 @@ def generate(
     `max_rows` live rows, one sample each, under this call's sampling settings), answered through `on_token`
     and `on_sample` only; the call returns when no row is left and none joins. Greedy rows decode as they
     would in a batch of their own (up to float rounding). Needs a Llama-architecture model (the fast step);
-    other models decode the first rows only."""
+    other models decode the first rows only.
+
+    `draft` (the checkpoint's MTPHeads) decodes speculatively, `draft_tokens` drafts a step
+    (`kat_core.speculative`): the same outputs for greedy decoding, the same distribution for sampling, fewer
+    forwards of the model. Without admission and for Llama-architecture models only; otherwise plain."""
     if forced is not None and len(forced) != len(prompts):
         raise ValueError(f"forced has {len(forced)} entries for {len(prompts)} prompts")
     if n < 1 or max_new_tokens < 1 or batch_size < 1:
@@ -564,17 +320,27 @@ def generate(
         from tqdm import tqdm
 
         bar = tqdm(total=len(rows), desc="rollout", unit="sample")
-    def sample_of(r: _Row, ids: list[int], lps: list[float], reason: FinishReason) -> Sample:
+    def sample_of(r: _Row, ids: list[int], lps: list[float], reason: FinishReason, stats=None) -> Sample:
         shown = ids[:-1] if reason == "eos" else ids  # the EOS token is not part of the response text
         full = r.forced + ids
+        labels = token_segments(full, tag_ids)
         counts = dict.fromkeys(SEGMENTS, 0)
-        for label in token_segments(full, tag_ids):
+        for label in labels:
             counts[label] += 1
         counts["total"] = len(full)
+        drafts: dict[str, list[int]] = {}
+        if stats is not None:
+            for label, was_proposed, was_accepted in zip(labels[len(r.forced):], stats.proposed, stats.accepted,
+                                                         strict=True):
+                if was_proposed:
+                    tally = drafts.setdefault(label, [0, 0])
+                    tally[0] += 1
+                    tally[1] += was_accepted
         return Sample(prompt_index=r.prompt_index, sample_index=r.sample_index,
                       text=tokenizer.decode(r.forced + shown, skip_special_tokens=False), token_ids=ids,
                       logprobs=lps, finish_reason=reason, forced_ids=r.forced,
-                      forced_mode=mode_of.get(r.forced[-1]) if r.forced else None, segment_counts=counts)
+                      forced_mode=mode_of.get(r.forced[-1]) if r.forced else None, segment_counts=counts,
+                      draft_counts=drafts)
 
     def joining(free: int, span: int) -> list[tuple[int, _Row]]:
         out = []
@@ -588,12 +354,21 @@ def generate(
 
     gen = torch.Generator(device=device).manual_seed(seed)
     cache_kw = _cache_kwarg(model)
+    speculative = draft is not None and len(draft) > 0 and admit is None and fast \
+        and _LlamaStep.supports(model, _new_cache(model, 1, 1))
     results = []
     was_training = model.training
     model.eval()  # no dropout while sampling
     try:
         with torch.inference_mode():
             for lo in range(0, len(rows), batch_size):
+                if speculative:
+                    results += run_speculative(
+                        model, draft, rows[lo : lo + batch_size], draft_tokens=draft_tokens, pad_id=pad_id,
+                        stop=stop, answer_close=answer_close, max_new=max_new_tokens, temperature=temperature,
+                        top_p=top_p, gen=gen, cache_kw=cache_kw, on_finish=bar.update if bar is not None else None,
+                        on_token=on_token, first=lo, on_done=done if on_sample is not None else None)
+                    continue
                 results += _run_batch(model, rows[lo : lo + batch_size], pad_id=pad_id, stop=stop,
                                       answer_close=answer_close, max_new=max_new_tokens, temperature=temperature,
                                       top_p=top_p, gen=gen, cache_kw=cache_kw, fast=fast,

@@ -22,9 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m pipelines.worker RUN_ID", file=sys.stderr)
         return 2
-    from kat_core.util import exit_without_final_gc
+    from kat_core.util import short_lived_gc
 
-    exit_without_final_gc()  # the process ends seconds sooner (kfp, mlflow loaded)
+    short_lived_gc()  # the process ends seconds sooner (kfp, mlflow loaded)
     try:
         info = LocalBackend(on_event=_progress).execute(args[0])
     except KatError as e:

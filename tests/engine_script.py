@@ -73,9 +73,9 @@ def weights_digest(model: nn.Module) -> str:
 def main() -> None:
     from kat_core.config import TrainConfig
     from kat_core.train import train
-    from kat_core.util import exit_without_final_gc
+    from kat_core.util import short_lived_gc
 
-    exit_without_final_gc()  # as a stage's process: no final garbage collection over torch and deepspeed
+    short_lived_gc()  # as a stage's process: no final garbage collection over torch and deepspeed
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)

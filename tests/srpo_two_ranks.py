@@ -6,9 +6,9 @@ import sys
 
 from kat_core.config import load_config
 from kat_core.train.srpo import srpo
-from kat_core.util import exit_without_final_gc
+from kat_core.util import short_lived_gc
 
-exit_without_final_gc()  # as a stage's process: no final garbage collection over torch and transformers
+short_lived_gc()  # as a stage's process: no final garbage collection over torch and transformers
 logging.basicConfig(level=logging.INFO)
 ckpt, data, out, *overrides = sys.argv[1:]
 config = load_config("smoke", [*overrides, "srpo.train.steps=3", "srpo.train.checkpoint_every=3",

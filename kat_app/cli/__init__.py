@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     process's arguments) lets a test run the command in-process."""
     import typer
 
-    from kat_core.util import exit_without_final_gc
+    from kat_core.util import short_lived_gc
 
-    exit_without_final_gc()  # `kat run` and the like import mlflow, kfp, torch: their process ends seconds sooner
+    short_lived_gc()  # `kat run` and the like import mlflow, kfp, torch: their process starts and ends sooner
     command = typer.main.get_command(app)
     _plain_metavars(command)
     try:

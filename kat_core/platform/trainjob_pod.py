@@ -102,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             log.info("launching %d processes, rank 0 on %s: %s", args.np, master, " ".join(command))
             os.execvp(command[0], command)  # does not return
             return 0
-        from kat_core.util import exit_without_final_gc
+        from kat_core.util import short_lived_gc
 
-        exit_without_final_gc()  # a rank's process ends seconds sooner (torch, transformers, deepspeed loaded)
+        short_lived_gc()  # a rank's process ends seconds sooner (torch, transformers, deepspeed loaded)
         os.environ.update(rank_env(dict(os.environ)))
         call = StageCall(**json.loads(os.environ[CALL_ENV]))
         run_call(call, int(os.environ.get("RANK", "0")))

@@ -1,0 +1,284 @@
+"""Self-speculative decoding: the checkpoint's own MTP module drafts, the main model verifies.
+
+Pretraining keeps a DeepSeek-V3-style MTP module (`kat_core.model.mtp`): from the main model's last hidden
+state at position i and the embedding of token i+1 it predicts token i+2. Decoding uses it as a draft model
+that costs one transformer block:
+
+    step:  inputs [t, d1 .. dD] at positions p+1 .. p+1+D  ->  one forward of the main model (L = 1 + D tokens)
+           accept the longest prefix of drafts the main model agrees with (a of them), then draw one more
+           token from the main model's distribution after them: 1 + a tokens for one forward
+           the MTP module reads the accepted positions' hidden states and drafts the next D tokens
+
+Draft j > 1 feeds the module its own output as if it were the main model's hidden state at the next position
+(the chain the MTP loss trained at depth 1 only; a checkpoint with several modules still drafts through the
+first, whose inputs are always committed tokens).
+
+- Greedy: a draft is accepted when it is the main model's argmax, so the output is plain greedy decoding's
+  (up to float rounding: a forward over L tokens sums in another order than L forwards of one).
+- Sampling: lossless speculative sampling (Leviathan et al. 2023; Chen et al. 2023): draft d ~ q is accepted
+  with probability min(1, p(d) / q(d)); at the first rejection the token is drawn from max(0, p - q)
+  renormalised. Each emitted token is then distributed as p, the main model's distribution at the sampling
+  temperature and top-p, exactly as plain sampling draws it. Log-probabilities are the main model's raw ones
+  (temperature 1), as `rollout.generate` returns them.
+
+Rows do not move in lockstep: a row that accepts fewer drafts leaves "holes", columns of the KV slab its mask
+hides from then on (its positions count real tokens only), so no cache is rolled back and every row keeps
+its own place. The MTP module's cache has the same columns and the same mask. Needs the fast Llama step
+(`rollout._LlamaStep`) and its slab cache; `generate(draft=...)` falls back to plain decoding otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache
+
+from kat_core.decoding import (
+    FinishReason,
+    OnToken,
+    _LlamaStep,
+    _new_cache,
+    _prefill,
+    _Row,
+    _SlabLayer,
+    _survivors,
+    draw,
+    nucleus_probs,
+)
+
+
+@dataclass
+class DraftStats:
+    """Per generated token of one row: whether a draft was proposed for it, and whether it was accepted."""
+
+    proposed: list[bool]
+    accepted: list[bool]
+
+
+class MTPDrafter:
+    """The first MTP module as plain tensors, run by the fast step's block code, with its own slab cache."""
+
+    def __init__(self, step: _LlamaStep, heads, capacity: int, max_rows: int):
+        module = heads[0]
+        self.step = step
+        self.hnorm = (module.hnorm.weight, module.hnorm.variance_epsilon)
+        self.enorm = (module.enorm.weight, module.enorm.variance_epsilon)
+        self.norm = (module.norm.weight, module.norm.variance_epsilon)
+        self.proj = module.proj.weight
+        self.block = [step.layer_weights(module.block)]
+        rotary = heads.rotary  # the block's own RoPE (plain, with the base model's theta)
+        positions = step.cos.shape[0]
+        freqs = torch.arange(positions, device=self.proj.device).float()[:, None] * rotary.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = (emb.cos() * rotary.attention_scaling).to(self.proj.dtype)
+        self.sin = (emb.sin() * rotary.attention_scaling).to(self.proj.dtype)
+        self.cache = Cache(layers=[_SlabLayer(capacity, max_rows)])
+
+    def __call__(self, hidden: torch.Tensor, next_tok: torch.Tensor, pos: torch.Tensor,
+                 mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden (rows, L, H): the main model's last hidden states at positions `pos` (rows, L); next_tok: the
+        token after each -> (logits for the token two ahead (rows, L, V), the block's output: a chained
+        draft's `hidden`)."""
+        rms = self.step.rms
+        x = F.linear(torch.cat([rms(hidden, self.hnorm), rms(F.embedding(next_tok, self.step.embed), self.enorm)],
+                               dim=-1), self.proj)
+        out = self.step.blocks(x, self.cos[pos][:, None], self.sin[pos][:, None], self.cache, mask, self.block)
+        return F.linear(rms(out, self.norm), self.step.head), out
+
+
+def _attention_mask(mask: torch.Tensor, start: int, end: int, new: int) -> torch.Tensor:
+    """(rows, 1, new, kv): the `new` queries at columns [end - new, end) see the live columns of [start, end -
+    new) their row's mask keeps, and the new columns up to their own (causal)."""
+    rows = mask.shape[0]
+    old = mask[:, start : end - new][:, None, None, :].expand(rows, 1, new, end - new - start)
+    causal = torch.ones(new, new, dtype=torch.bool, device=mask.device).tril()
+    fresh = mask[:, end - new : end][:, None, None, :] & causal[None, None]
+    return torch.cat([old, fresh], dim=-1)
+
+
+def _draft_stats(history: list[tuple[list[int], list[int]]], lengths: list[int], D: int) -> list[DraftStats]:
+    """Per row, which generated tokens had a draft and which drafts stood, from the accepted count of each step:
+    a step drafts the D tokens after the row's last one and emits the a that stood plus one of its own."""
+    stats = [DraftStats([False] * n, [False] * n) for n in lengths]
+    at = [1] * len(lengths)  # the prefill drew each row's first token
+    for rows, accepted in history:
+        for i, a in zip(rows, accepted, strict=True):
+            row, t = stats[i], at[i]
+            for j in range(D):
+                if t + j < lengths[i]:
+                    row.proposed[t + j] = True
+                    row.accepted[t + j] = j < a
+            at[i] = t + a + 1
+    return stats
+
+
+def _accept(logits: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, temperature: float,
+            top_p: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (rows, L, V) of the main model at the inputs [t, d1 .. dD]; drafts (rows, D) drawn from q (rows,
+    D, V), or greedy (q None) -> (a: drafts accepted per row, the token drawn after them)."""
+    rows, D = drafts.shape
+    at = torch.arange(rows, device=drafts.device)
+    if q is None:  # greedy: a draft stands when it is the main model's argmax
+        target = logits.argmax(-1)
+        a = (target[:, :D] == drafts).long().cumprod(1).sum(1)
+        return a, target[at, a]
+    p = nucleus_probs(logits.float(), temperature, top_p)
+    p = p / p.sum(-1, keepdim=True)
+    q = q / q.sum(-1, keepdim=True)
+    pd, qd = p[:, :D].gather(-1, drafts[..., None])[..., 0], q.gather(-1, drafts[..., None])[..., 0]
+    u = torch.rand(rows, D, generator=gen, device=drafts.device)
+    a = (u * qd < pd).long().cumprod(1).sum(1)  # accepted with probability min(1, p(d) / q(d))
+    # after a rejection at j: max(0, p_j - q_j); when every draft stood: p after the last one
+    residual = torch.cat([(p[:, :D] - q).clamp_min(0), p[:, D:]], dim=1)[at, a]
+    empty = residual.sum(-1, keepdim=True) <= 0  # p == q up to rounding: the residual is p itself
+    residual = torch.where(empty, p[at, a], residual)
+    return a, draw(residual, gen)
+
+
+def run_speculative(model, heads, rows: list[_Row], *, draft_tokens: int, pad_id: int, stop: torch.Tensor,
+                    answer_close: int, max_new: int, temperature: float, top_p: float, gen: torch.Generator,
+                    cache_kw: str, on_finish=None, on_token: OnToken | None = None, first: int = 0,
+                    on_done=None) -> list[tuple[list[int], list[float], FinishReason, DraftStats]]:
+    """Decode one batch speculatively (see the module docstring) -> per row (ids, log-probs, finish reason,
+    draft stats). `on_token`, `first`, `on_done(index, row, ids, logprobs, finish)` and `on_finish(count)` as
+    in `rollout._run_batch`."""
+    device = next(model.parameters()).device
+    D, L = draft_tokens, draft_tokens + 1
+    width, b = max(len(r.context) for r in rows), len(rows)
+    # each step writes L columns per row and makes >= 1 token; a chain of drafts writes D - 1 more, tentatively
+    capacity = width + max_new * L + D
+    cache = _new_cache(model, capacity, b)
+    logits, mask, _, hidden = _prefill(model, rows, cache, pad_id=pad_id, cache_kw=cache_kw, end=width,
+                                       capacity=capacity, hidden=True)
+    step = _LlamaStep(model, width + max_new + L + D)
+    drafter = MTPDrafter(step, heads, capacity, b)
+    greedy = temperature == 0
+
+    def pick(lg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if greedy:
+            return lg.argmax(-1), None
+        probs = nucleus_probs(lg, temperature, top_p)
+        return draw(probs, gen), probs
+
+    def draft(new_hidden, new_next, new_pos, new_mask, last, live_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The MTP module reads the new columns, then drafts D tokens from column `last` of each row."""
+        n = len(last)
+        at = torch.arange(n, device=device)
+        lg, out = drafter(new_hidden, new_next, new_pos, new_mask)
+        lg, h, p = lg[at, last], out[at, last], new_pos[at, last]
+        layer = drafter.cache.layers[0]
+        committed = layer.end
+        toks, dists = [], []
+        for j in range(D):
+            t, q = pick(lg.float())
+            toks.append(t)
+            dists.append(q)
+            if j + 1 < D:  # a tentative column: the module's own output stands in for the main model's state
+                p = p + 1
+                seen = torch.cat([live_mask, live_mask.new_ones(n, j + 1)], dim=1)
+                lg, h = drafter(h[:, None], t[:, None], p[:, None], seen[:, None, None, :])
+                lg, h = lg[:, 0], h[:, 0]
+        layer.end = committed  # the next step writes over the tentative columns
+        layer._refresh()
+        return torch.stack(toks, 1), None if greedy else torch.stack(dists, 1)
+
+    # the first token, from the prefill; then the MTP module over the context: column i reads the main state at
+    # i and token i+1 (the next context token, or the first drawn one at the last column)
+    tok, _ = pick(logits.float())
+    first_lp = torch.log_softmax(logits.float(), -1).gather(1, tok[:, None])[:, 0]
+    ctx = torch.full((b, width), pad_id, dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        ctx[i, width - len(r.context):] = torch.tensor(r.context, device=device)
+    ctx_pos = (mask[:, :width].long().cumsum(-1) - 1).clamp_min(0)
+    # every column sees itself too: a padding column then attends to something (no NaN), and no real one sees it
+    ctx_mask = _attention_mask(mask, 0, width, width) | torch.eye(width, dtype=torch.bool, device=device)
+    drafts, q = draft(hidden, torch.cat([ctx[:, 1:], tok[:, None]], dim=1), ctx_pos, ctx_mask,
+                      torch.full((b,), width - 1, device=device), mask[:, :width])
+    pos = ctx_pos[:, -1]
+
+    out_ids = torch.full((b, max_new + L), pad_id, dtype=torch.long, device=device)
+    out_lp = torch.zeros((b, max_new + L), dtype=torch.float32, device=device)
+    history: list[tuple[list[int], list[int]]] = []  # per verifying step: (its rows, drafts each accepted)
+    drawn = torch.zeros(b, dtype=torch.long, device=device)
+    lengths, reasons = [max_new] * b, ["length"] * b
+    ids_of = list(range(first, first + b))
+    active = torch.arange(b, device=device)
+    span = torch.arange(L, device=device)
+    # what the last step emitted per live row: tokens (rows, L), how many, and (for the next step) their number
+    # of accepted drafts; the prefill emitted one token
+    emitted, lps = F.pad(tok[:, None], (0, D), value=pad_id), F.pad(first_lp[:, None], (0, D))
+    count, a = torch.ones(b, dtype=torch.long, device=device), torch.zeros(b, dtype=torch.long, device=device)
+    start, end = 0, width
+    while True:
+        # --- the emitted tokens end a row at a stop token, at its budget, or where its listener says so
+        room = max_new - drawn[active]
+        hit = torch.isin(emitted, stop) & (span[None] < count[:, None])
+        stop_at = torch.where(hit.any(1), hit.int().argmax(1) + 1, L + 1)
+        count = torch.minimum(torch.minimum(count, stop_at), room)
+        stopped = stop_at <= count
+        at_budget = count == room
+        ended = torch.zeros_like(stopped)
+        if on_token is not None:
+            for k, (i, c, s, full) in enumerate(zip(active.tolist(), count.tolist(), stopped.tolist(),
+                                                    at_budget.tolist(), strict=True)):
+                for j in range(c):
+                    t = int(emitted[k, j])
+                    last = j == c - 1
+                    finish = (("stop" if t == answer_close else "eos") if s else "length" if full else None) \
+                        if last else None
+                    if on_token(ids_of[i], t, finish) is False and finish is None:  # ended here: "length"
+                        count[k], ended[k], stopped[k], at_budget[k] = j + 1, True, False, False
+                        break
+        # all L columns are written: those past `count` are overwritten by the next step or cut by the length
+        cols = drawn[active][:, None] + span[None]
+        out_ids[active[:, None], cols] = emitted
+        out_lp[active[:, None], cols] = lps
+        drawn[active] += count
+        done = stopped | at_budget | ended
+        if bool(done.any()):
+            finished = active[done]
+            for i, t_last, by_stop in zip(finished.tolist(), out_ids[finished, drawn[finished] - 1].tolist(),
+                                          stopped[done].tolist(), strict=True):
+                lengths[i] = int(drawn[i])
+                reasons[i] = ("stop" if t_last == answer_close else "eos") if by_stop else "length"
+                if on_done is not None:
+                    on_done(ids_of[i], rows[i], out_ids[i, : lengths[i]].tolist(), out_lp[i, : lengths[i]].tolist(),
+                            reasons[i])
+            if on_finish:
+                on_finish(int(done.sum()))
+            keep = _survivors(done)
+            active, tok, pos, drafts = active[keep], emitted[keep], pos[keep], drafts[keep]
+            tok = tok[torch.arange(len(keep), device=device), count[keep] - 1]
+            q = q[keep] if q is not None else None
+            if not len(keep):
+                break
+            cache.batch_select_indices(keep)
+            drafter.cache.batch_select_indices(keep)
+            mask[: len(keep)] = mask[keep]
+        else:
+            tok = emitted[torch.arange(len(active), device=device), count - 1]
+        n = len(active)
+        # --- one forward of the main model over [t, d1 .. dD]; the MTP module then drafts from what stood
+        inputs = torch.cat([tok[:, None], drafts], dim=1)
+        positions = pos[:, None] + 1 + span[None]
+        mask[:n, end : end + L] = True
+        end += L
+        logits, hidden = step.run(inputs, positions, cache, _attention_mask(mask[:n], start, end, L))
+        a, nxt = _accept(logits, drafts, q, temperature, top_p, gen)
+        history.append((active.tolist(), a.tolist()))
+        at = torch.arange(n, device=device)
+        emitted = torch.cat([drafts, drafts[:, :1]], dim=1)
+        emitted[at, a] = nxt
+        lps = torch.log_softmax(logits.float(), -1).gather(2, emitted[..., None])[..., 0]
+        count = a + 1
+        mask[:n, end - L : end] &= span[None] <= a[:, None]  # the rejected drafts' columns become holes
+        pos = pos + 1 + a
+        drafts, q = draft(hidden, emitted, positions, _attention_mask(mask[:n], start, end, L), a,
+                          mask[:n, start:end])
+
+    stats = _draft_stats(history, lengths, D)
+    out_ids, out_lp = out_ids.cpu(), out_lp.cpu()
+    return [(out_ids[i, : lengths[i]].tolist(), out_lp[i, : lengths[i]].tolist(), reasons[i], stats[i])
+            for i in range(b)]
