@@ -311,6 +311,16 @@ class EvalConfig(_Strict):
         return _known_families(v)
 
 
+class SpeculativeConfig(_Strict):
+    """Self-speculative decoding (kat_core.speculative): the checkpoint's MTP module drafts tokens, the model
+    verifies them in one forward; greedy outputs and sampled distributions stay plain decoding's. Read by the
+    evaluation and the RL stage's rollouts (`kat generate`, `kat eval run` and `kat serve-model` take
+    --draft-tokens)."""
+
+    draft_tokens: int = Field(0, ge=0, le=8, description="tokens the MTP module drafts per decode step (0: plain "
+                              "decoding; a checkpoint without MTP weights decodes plainly, with one log line)")
+
+
 class RegistryConfig(_Strict):
     """The `register` stage: the registered model's name and the promotion gate's margins."""
 
@@ -398,6 +408,7 @@ class KatConfig(_Strict):
     coldstart: ColdStartConfig = Field(default_factory=ColdStartConfig)
     srpo: SrpoConfig = Field(default_factory=SrpoConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
@@ -497,7 +508,7 @@ STAGE_READS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("validate", ("validate",)),
     ("pretrain", ("model", "train", "pretrain", "cluster")),  # pretrain-teacher too
     ("coldstart", ("autothink", "coldstart")),
-    ("srpo", ("srpo",)),
+    ("srpo", ("srpo", "speculative")),  # speculative: the RL samples other draws (same distribution)
     ("evaluate", ("evaluate",)),
     ("register", ("registry", "profile", "purpose")),
 )

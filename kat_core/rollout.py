@@ -32,6 +32,7 @@ batch composition is part of "the same arguments", so changing `batch_size` chan
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -55,6 +56,7 @@ from kat_core.decoding import (  # noqa: F401  (_LlamaStep, _pick, _SlabLayer: t
 from kat_core.format import ANSWER_CLOSE, SEGMENTS, SPECIAL_TOKENS, THINK_OFF, THINK_ON, token_segments
 from kat_core.speculative import run_speculative
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class Sample:
@@ -349,13 +351,16 @@ def generate(
             out.append((index, _Row(index, 0, encode(request_text(tokenizer, request)) + pre, pre)))
         return out
 
-    def done(index: int, r: _Row, ids: list[int], lps: list[float], reason: FinishReason) -> None:
-        on_sample(index, sample_of(r, ids, lps, reason))
+    def done(index: int, r: _Row, ids: list[int], lps: list[float], reason: FinishReason, stats=None) -> None:
+        on_sample(index, sample_of(r, ids, lps, reason, stats))
 
     gen = torch.Generator(device=device).manual_seed(seed)
     cache_kw = _cache_kwarg(model)
     speculative = draft is not None and len(draft) > 0 and admit is None and fast \
         and _LlamaStep.supports(model, _new_cache(model, 1, 1))
+    if draft is not None and not speculative:
+        log.warning("speculative decoding needs a Llama-architecture model, the fast step and no admission of "
+                    "joining requests; decoding plainly")
     results = []
     was_training = model.training
     model.eval()  # no dropout while sampling

@@ -29,7 +29,10 @@ its own place. The MTP module's cache has the same columns and the same mask. Ne
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +50,33 @@ from kat_core.decoding import (
     draw,
     nucleus_probs,
 )
+
+log = logging.getLogger(__name__)
+
+
+def load_drafter(model_dir: str | Path, model, draft_tokens: int):
+    """The MTP heads to draft with for the model loaded from `model_dir`, or None for plain decoding: when
+    `draft_tokens` is 0, or (with one log line) when the directory holds no MTP weights, e.g. a foreign HF model."""
+    if draft_tokens <= 0:
+        return None
+    from kat_core.model.checkpoint import load_mtp_heads
+
+    heads = load_mtp_heads(model_dir, model)
+    if heads is None or len(heads) == 0:
+        log.warning("speculative decoding: %s has no MTP weights to draft with; decoding plainly", model_dir)
+        return None
+    return heads.eval()
+
+
+def acceptance(samples: Iterable) -> dict[str, dict[str, float]]:
+    """Drafts proposed and accepted per grammar segment over `samples` (rollout Samples), with the rate:
+    {segment: {"proposed": n, "accepted": k, "rate": k / n}}; {} when nothing was drafted."""
+    tally: dict[str, list[int]] = {}
+    for sample in samples:
+        for segment, (proposed, accepted) in sample.draft_counts.items():
+            t = tally.setdefault(segment, [0, 0])
+            t[0], t[1] = t[0] + proposed, t[1] + accepted
+    return {k: {"proposed": n, "accepted": a, "rate": round(a / n, 4)} for k, (n, a) in sorted(tally.items()) if n}
 
 
 @dataclass
@@ -98,19 +128,15 @@ def _attention_mask(mask: torch.Tensor, start: int, end: int, new: int) -> torch
     return torch.cat([old, fresh], dim=-1)
 
 
-def _draft_stats(history: list[tuple[list[int], list[int]]], lengths: list[int], D: int) -> list[DraftStats]:
-    """Per row, which generated tokens had a draft and which drafts stood, from the accepted count of each step:
-    a step drafts the D tokens after the row's last one and emits the a that stood plus one of its own."""
-    stats = [DraftStats([False] * n, [False] * n) for n in lengths]
-    at = [1] * len(lengths)  # the prefill drew each row's first token
-    for rows, accepted in history:
-        for i, a in zip(rows, accepted, strict=True):
-            row, t = stats[i], at[i]
-            for j in range(D):
-                if t + j < lengths[i]:
-                    row.proposed[t + j] = True
-                    row.accepted[t + j] = j < a
-            at[i] = t + a + 1
+def _draft_stats(steps: list[tuple[int, int]], length: int, D: int) -> DraftStats:
+    """Which of a row's `length` generated tokens had a draft and which drafts stood, from its verifying steps:
+    (index of the first token the step drafted, drafts accepted); a step drafts D tokens from there."""
+    stats = DraftStats([False] * length, [False] * length)
+    for first, accepted in steps:
+        for j in range(D):
+            if first + j < length:
+                stats.proposed[first + j] = True
+                stats.accepted[first + j] = j < accepted
     return stats
 
 
@@ -200,7 +226,7 @@ def run_speculative(model, heads, rows: list[_Row], *, draft_tokens: int, pad_id
 
     out_ids = torch.full((b, max_new + L), pad_id, dtype=torch.long, device=device)
     out_lp = torch.zeros((b, max_new + L), dtype=torch.float32, device=device)
-    history: list[tuple[list[int], list[int]]] = []  # per verifying step: (its rows, drafts each accepted)
+    steps: list[list[tuple[int, int]]] = [[] for _ in rows]  # per row: (first drafted token, accepted) a step
     drawn = torch.zeros(b, dtype=torch.long, device=device)
     lengths, reasons = [max_new] * b, ["length"] * b
     ids_of = list(range(first, first + b))
@@ -245,7 +271,7 @@ def run_speculative(model, heads, rows: list[_Row], *, draft_tokens: int, pad_id
                 reasons[i] = ("stop" if t_last == answer_close else "eos") if by_stop else "length"
                 if on_done is not None:
                     on_done(ids_of[i], rows[i], out_ids[i, : lengths[i]].tolist(), out_lp[i, : lengths[i]].tolist(),
-                            reasons[i])
+                            reasons[i], _draft_stats(steps[i], lengths[i], D))
             if on_finish:
                 on_finish(int(done.sum()))
             keep = _survivors(done)
@@ -267,7 +293,8 @@ def run_speculative(model, heads, rows: list[_Row], *, draft_tokens: int, pad_id
         end += L
         logits, hidden = step.run(inputs, positions, cache, _attention_mask(mask[:n], start, end, L))
         a, nxt = _accept(logits, drafts, q, temperature, top_p, gen)
-        history.append((active.tolist(), a.tolist()))
+        for i, first_drafted, accepted in zip(active.tolist(), drawn[active].tolist(), a.tolist(), strict=True):
+            steps[i].append((first_drafted, accepted))
         at = torch.arange(n, device=device)
         emitted = torch.cat([drafts, drafts[:, :1]], dim=1)
         emitted[at, a] = nxt
@@ -278,7 +305,6 @@ def run_speculative(model, heads, rows: list[_Row], *, draft_tokens: int, pad_id
         drafts, q = draft(hidden, emitted, positions, _attention_mask(mask[:n], start, end, L), a,
                           mask[:n, start:end])
 
-    stats = _draft_stats(history, lengths, D)
     out_ids, out_lp = out_ids.cpu(), out_lp.cpu()
-    return [(out_ids[i, : lengths[i]].tolist(), out_lp[i, : lengths[i]].tolist(), reasons[i], stats[i])
-            for i in range(b)]
+    return [(out_ids[i, : lengths[i]].tolist(), out_lp[i, : lengths[i]].tolist(), reasons[i],
+             _draft_stats(steps[i], lengths[i], D)) for i in range(b)]

@@ -116,3 +116,95 @@ def test_sampled_sequences_match_plain_sampling(drafting_lm, top_p):
     assert pooled.shape[1] >= 5  # a distribution with some spread, not one sequence
     assert chi2_contingency(pooled.numpy()).pvalue > 1e-3
     assert sum(c[1] for s in spec for c in s.draft_counts.values()) > 0  # drafts stood
+
+
+# --- where it is used: evaluation, `kat generate`, the server, the RL stage's rollouts ---------------------------
+
+
+@pytest.fixture(scope="module")
+def drafting_ckpt(drafting_lm, tmp_path_factory):
+    """The tiny model and its fitted MTP module as a KAT checkpoint, and the same model without MTP weights."""
+    from kat_core.model.checkpoint import save_checkpoint
+
+    model, tok, heads = drafting_lm
+    base = tmp_path_factory.mktemp("drafting")
+    return save_checkpoint(base / "mtp", model, tok, heads), save_checkpoint(base / "plain", model, tok)
+
+
+def test_evaluation_reports_acceptance_and_the_same_results(drafting_ckpt, tmp_path, caplog):
+    import json
+
+    from kat_core.eval.evaluate import evaluate
+
+    ckpt, without_mtp = drafting_ckpt
+    options = dict(limit=12, n_samples=1, max_new_tokens=48, progress=False)
+    plain = evaluate(ckpt, ["arith"], out_dir=tmp_path / "plain", **options)
+    spec = evaluate(ckpt, ["arith"], out_dir=tmp_path / "spec", draft_tokens=2, **options)
+    assert spec["overall"]["on"] == plain["overall"]["on"] and spec["overall"]["off"] == plain["overall"]["off"]
+    greedy = lambda d: [json.loads(x)["greedy"] for x in (d / "items.jsonl").read_text().splitlines()]  # noqa: E731
+    assert greedy(tmp_path / "spec") == greedy(tmp_path / "plain")
+    assert spec["settings"]["draft_tokens"] == 2 and "speculative" not in plain
+    think = spec["speculative"]["arith"]["think"]
+    assert 0 < think["accepted"] <= think["proposed"]
+    assert think["rate"] == round(think["accepted"] / think["proposed"], 4)
+    markdown = (tmp_path / "spec" / "report.md").read_text()
+    assert "Speculative decoding (2 draft tokens a step), drafts accepted: " in markdown
+    # a checkpoint without MTP weights decodes plainly, saying so once
+    with caplog.at_level("WARNING", logger="kat_core.speculative"):
+        fallback = evaluate(without_mtp, ["arith"], out_dir=tmp_path / "fallback", draft_tokens=2, **options)
+    assert [r.message for r in caplog.records].count(
+        f"speculative decoding: {without_mtp} has no MTP weights to draft with; decoding plainly") == 1
+    assert fallback["settings"]["draft_tokens"] == 0 and fallback["overall"]["on"] == plain["overall"]["on"]
+
+
+def test_kat_generate_drafts_and_says_how_many_stood(drafting_ckpt):
+    import json
+
+    from tests.helpers import kat_here
+
+    ckpt, _ = drafting_ckpt
+    args = ["generate", ckpt, "Compute 12+7.", "--mode", "on", "--max-new-tokens", "48", "--json"]
+    plain, spec = kat_here(*args), kat_here(*args, "--draft-tokens", "2")
+    assert plain.returncode == spec.returncode == 0, spec.stderr
+    plain, spec = json.loads(plain.stdout), json.loads(spec.stdout)
+    assert spec.pop("drafts") and spec == plain
+    bad = kat_here(*args, "--draft-tokens", "9")
+    assert bad.returncode == 2 and "--draft-tokens" in bad.stderr
+
+
+def test_server_decodes_speculatively_with_the_same_answers(drafting_ckpt):
+    import openai
+
+    from kat_core.serve import ServerThread, load_for_serving
+    from kat_core.serve.app import create_app
+    from kat_core.speculative import load_drafter
+
+    ckpt, _ = drafting_ckpt
+    model, tokenizer = load_for_serving(ckpt)
+    answers = {}
+    for draft_tokens in (0, 2):
+        app = create_app(model, tokenizer, model_name="tiny", max_wait_ms=20, default_max_tokens=48,
+                         draft=load_drafter(ckpt, model, draft_tokens), draft_tokens=draft_tokens)
+        with ServerThread(app) as s:
+            client = openai.OpenAI(base_url=s.base_url, api_key="-", max_retries=0, timeout=60)
+            answers[draft_tokens] = [
+                client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": p}], temperature=0,
+                                               max_tokens=48, extra_body={"thinking": "on"}).choices[0].message
+                for p in ("Compute 12+7.", "Compute 31*4.")]
+            drafts = app.state.engine.stats["drafts"]
+        assert bool(drafts) == (draft_tokens > 0)
+    assert [(m.content, m.reasoning_content) for m in answers[2]] == \
+        [(m.content, m.reasoning_content) for m in answers[0]]
+
+
+def test_rl_rollouts_report_acceptance_per_segment(drafting_lm):
+    from kat_core.config import AutoThinkConfig, SrpoConfig
+    from kat_core.train.srpo import ALGORITHMS, rollout
+
+    model, tok, heads = drafting_lm
+    pairs = [(TASK, it) for it in TASK.examples("train", n=4, seed=5)]
+    cfg = SrpoConfig(group_size=4, max_new_tokens=32)
+    _, _, _, stats = rollout(model, tok, pairs, ALGORITHMS["grpo"], cfg, AutoThinkConfig(), seed=0, draft=heads,
+                             draft_tokens=2)
+    assert {"draft_accept_judge", "draft_accept_think", "draft_accept_answer"} <= set(stats)
+    assert 0 < stats["draft_accept_judge"] <= 1

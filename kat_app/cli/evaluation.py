@@ -46,6 +46,9 @@ MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="token budget p
 ThreadsOpt = Annotated[int, typer.Option(
     "--threads", help="torch CPU threads (small models decode fastest on one; 0 keeps torch's default)")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="torch device (default: cuda when present, else cpu)")]
+DraftTokensOpt = Annotated[int, typer.Option(
+    "--draft-tokens", min=0, max=8, help="speculative decoding: tokens the checkpoint's MTP module drafts per step, "
+    "verified by the model (same greedy output, same sampling distribution); 0: plain decoding")]
 
 
 def _torch_threads(threads: int) -> None:
@@ -62,12 +65,13 @@ def _csv(text: str) -> list[str]:
 
 
 def _eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, token_cost, benchmarks_dir,
-                 device) -> dict:
+                 device, draft_tokens) -> dict:
     from kat_core.config import AutoThinkConfig
 
     criterion = AutoThinkConfig(delta=oracle_delta, token_cost=token_cost, token_budget=max_new_tokens)
     return {"limit": limit, "n_samples": samples, "temperature": temperature, "max_new_tokens": max_new_tokens,
-            "seed": seed, "criterion": criterion, "benchmarks_dir": benchmarks_dir, "device": device}
+            "seed": seed, "criterion": criterion, "benchmarks_dir": benchmarks_dir, "device": device,
+            "draft_tokens": draft_tokens}
 
 
 OracleDeltaOpt = Annotated[float, typer.Option(
@@ -109,6 +113,7 @@ def eval_run(
     benchmarks_dir: Annotated[str | None, typer.Option(help="folder of the public benchmark files")] = None,
     threads: ThreadsOpt = 1,
     device: DeviceOpt = None,
+    draft_tokens: DraftTokensOpt = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Evaluate MODEL on suites in auto and forced modes: writes report.json, report.md and PNG plots."""
@@ -122,7 +127,7 @@ def eval_run(
     out = out or kat_home() / "eval" / _eval_name(path, served)
     report = evaluate(path, _csv(suites), _csv(modes), out_dir=out, progress=not quiet,
                       **_eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, token_cost,
-                                    benchmarks_dir, device))
+                                    benchmarks_dir, device, draft_tokens))
     typer.echo(f"{'mode':6s} {'n':>5s} {'accuracy':>8s} {'pass@1':>7s} {'tokens':>7s} {'think-on':>8s}")
     for mode, b in report["overall"].items():
         p1 = b["accuracy"]["pass@1"]
@@ -160,6 +165,7 @@ def eval_compare(
     benchmarks_dir: Annotated[str | None, typer.Option(help="folder of the public benchmark files")] = None,
     threads: ThreadsOpt = 1,
     device: DeviceOpt = None,
+    draft_tokens: DraftTokensOpt = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Put A and B side by side on the same items (model dirs are evaluated first, with the options given)."""
@@ -172,7 +178,7 @@ def eval_compare(
     out = out or kat_home() / "eval" / "compare"
     result = compare(a, b, out_dir=out, suites=_csv(suites), modes=_csv(modes), progress=not quiet,
                      **_eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, token_cost,
-                                    benchmarks_dir, device))
+                                    benchmarks_dir, device, draft_tokens))
     typer.echo(render_comparison(result).split("\n![")[0].rstrip())
     _say(f"comparison {out}/compare.md, {out}/compare.json, plot {out}/compare.png")
 
@@ -199,6 +205,7 @@ def serve_model(
     threads: ThreadsOpt = 1,
     device: DeviceOpt = None,
     seed: int = 0,
+    draft_tokens: DraftTokensOpt = 0,
 ) -> None:
     """Serve MODEL with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models), thinking
     control per request (`thinking: auto|on|off`) and dynamic batching."""
@@ -219,7 +226,8 @@ def serve_model(
 
     serve(path, host=host, port=port, name=name or (served.model_id if served else path.resolve().name),
           max_rows=max_batch, max_wait_ms=max_wait_ms, max_delay_ms=max_delay_ms, default_max_tokens=max_tokens,
-          seed=seed, device=device, follow=follow, poll_s=poll_s, source=served.label if served else None)
+          seed=seed, device=device, follow=follow, poll_s=poll_s, source=served.label if served else None,
+          draft_tokens=draft_tokens)
 
 
 @app.command("generate")
@@ -233,6 +241,7 @@ def generate_cmd(
     seed: int = 0,
     threads: ThreadsOpt = 1,
     device: DeviceOpt = None,
+    draft_tokens: DraftTokensOpt = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print the parsed response as JSON")] = False,
 ) -> None:
     """Answer one request and print its parsed judge, mode, reasoning and answer."""
@@ -240,20 +249,24 @@ def generate_cmd(
     from kat_core.rollout import generate
     from kat_core.serve import load_for_serving
     from kat_core.serve.protocol import forced_for_request
+    from kat_core.speculative import load_drafter
 
     if mode not in ("auto", "on", "off"):
         raise KatError(f"--mode must be auto, on or off, not {mode!r}")
     _setup_logging()
     _torch_threads(threads)
     lm, tokenizer = load_for_serving(model, device)
+    draft = load_drafter(model, lm, draft_tokens)
     forced = forced_for_request(prompt, mode)
     (sample,) = generate(lm, tokenizer, [prompt], forced=[forced], max_new_tokens=max_new_tokens,
-                         temperature=temperature, top_p=top_p, seed=seed)
+                         temperature=temperature, top_p=top_p, seed=seed, draft=draft, draft_tokens=draft_tokens)
     parsed = parse(sample.text)
     counts = sample.segment_counts
     record = {"judge": parsed.judge, "mode": parsed.mode, "forced": mode != "auto", "reasoning": parsed.think,
               "answer": parsed.answer, "well_formed": parsed.well_formed, "error": parsed.error,
               "finish_reason": sample.finish_reason, "tokens": counts, "text": sample.text}
+    if draft is not None:  # [proposed, accepted] drafts per segment
+        record["drafts"] = sample.draft_counts
     if as_json:
         typer.echo(json.dumps(record, ensure_ascii=False))
         return
@@ -266,6 +279,9 @@ def generate_cmd(
         f"tokens:    {counts.get('total', 0)} (judge {counts.get('judge', 0)}, think {counts.get('think', 0)}, "
         f"answer {counts.get('answer', 0)}); finish: {sample.finish_reason}",
     ]
+    if draft is not None:
+        lines.append("drafts:    " + ", ".join(f"{seg} {a}/{n} accepted"
+                                               for seg, (n, a) in sample.draft_counts.items()))
     if not parsed.well_formed:
         lines += [f"malformed: {parsed.error}", f"raw:       {sample.text!r}"]
     typer.echo("\n".join(lines))

@@ -104,8 +104,9 @@ def score(task: Task, item: Item, sample, cache: dict[tuple[str, str], bool], pl
 
 def run_suite(model, tokenizer, task: Task, items: list[Item], modes: Sequence[str], *, n_samples: int,
               temperature: float, top_p: float, max_new_tokens: int, seed: int, batch_size: int,
-              progress: bool) -> list[ItemResult]:
-    """Generate and verify every item in every mode -> one ItemResult per item."""
+              progress: bool, draft=None, draft_tokens: int = 0) -> tuple[list[ItemResult], dict[str, Any]]:
+    """Generate and verify every item in every mode -> (one ItemResult per item, the drafts' acceptance per
+    grammar segment when `draft` (MTP heads) decodes speculatively, else {})."""
     from tqdm import tqdm
 
     from kat_core.rollout import generate
@@ -114,13 +115,15 @@ def run_suite(model, tokenizer, task: Task, items: list[Item], modes: Sequence[s
     # think-on rows share batches at no cost
     contexts = [_context(task, it, m) for m in modes for it in items]
     prompts, forced = [c[0] for c in contexts], [c[1] for c in contexts]
+    speculative = {"draft": draft, "draft_tokens": draft_tokens} if draft is not None else {}
     greedy = generate(model, tokenizer, prompts, forced=forced, n=1, temperature=0.0,
-                      max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, progress=progress)
+                      max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, progress=progress,
+                      **speculative)
     sampled = []
     if n_samples > 0:
         sampled = generate(model, tokenizer, prompts, forced=forced, n=n_samples, temperature=temperature,
                            top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
-                           progress=progress)
+                           progress=progress, **speculative)
     from kat_core.autothink import cell_of
 
     results = [ItemResult(id=it.id, suite=task.name, level=int(it.difficulty), cell=cell_of(task.intent_features(it)))
@@ -137,7 +140,9 @@ def run_suite(model, tokenizer, task: Task, items: list[Item], modes: Sequence[s
             results[i].sampled.setdefault(modes[m], []).append(score(task, items[i], s, cache,
                                                                      plain=modes[m] == PLAIN))
             bar.update()
-    return results
+    from kat_core.speculative import acceptance
+
+    return results, acceptance(greedy + sampled)
 
 
 def _check_modes(modes: Sequence[str]) -> list[str]:
@@ -162,14 +167,17 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 64,
     criterion=None,
+    draft_tokens: int = 0,
     benchmarks_dir: str | None = None,
     device: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate the model in `model_dir` and write report.json, report.md, items.jsonl and the plots to
     `out_dir` (atomically, with a manifest). Returns the report (schema in `report.py`). `criterion`: the
-    decision criterion the oracles use (an AutoThinkConfig; default its defaults). `device`: a torch device;
-    default CUDA when there is one, else the CPU."""
+    decision criterion the oracles use (an AutoThinkConfig; default its defaults). `draft_tokens` > 0 decodes
+    speculatively with the checkpoint's MTP module (same greedy outputs, same sampled distribution; plain
+    decoding, with one log line, when it has none); the report then has the drafts' acceptance per segment.
+    `device`: a torch device; default CUDA when there is one, else the CPU."""
     from kat_core.config import AutoThinkConfig
     from kat_core.data.dataset import atomic_output_dir
     from kat_core.eval.report import build_report, write_report
@@ -185,6 +193,10 @@ def evaluate(
     started = time.perf_counter()
     model, tokenizer = load_model(model_dir)
     model.to(device or default_device()).eval()
+    from kat_core.speculative import load_drafter
+
+    draft = load_drafter(model_dir, model, draft_tokens)
+    acceptance: dict[str, Any] = {}
     max_len = getattr(model.config, "max_position_embeddings", None)
     results: dict[str, list[ItemResult]] = {}
     skipped: dict[str, int] = {}
@@ -194,16 +206,20 @@ def evaluate(
         if skipped[task.name]:
             log.warning("%s: skipped %d item(s) that do not fit the model's %s-token context with %d new tokens",
                         task.name, skipped[task.name], max_len, max_new_tokens)
-        results[task.name] = run_suite(
+        results[task.name], acceptance[task.name] = run_suite(
             model, tokenizer, task, items, modes, n_samples=n_samples, temperature=temperature, top_p=top_p,
-            max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, progress=progress) if items else []
+            max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, progress=progress, draft=draft,
+            draft_tokens=draft_tokens) if items else ([], {})
     settings = {
         "suites": list(suites), "modes": modes, "limit": limit, "n_samples": n_samples,
         "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
         "criterion": (criterion or AutoThinkConfig()).model_dump(), "max_len": max_len,
+        "draft_tokens": draft_tokens if draft is not None else 0,
     }
     report = build_report(results, skipped, settings, model=str(model_dir),
                           seconds=time.perf_counter() - started)
+    if draft is not None:
+        report["speculative"] = acceptance
     out = Path(out_dir)
     with atomic_output_dir(out) as tmp:
         write_report(tmp, report, results, inputs={"model": Path(model_dir)} if Path(model_dir).is_dir() else None)

@@ -6,7 +6,9 @@ report.json, schema "kat-eval-report/1":
       "schema": "kat-eval-report/1",
       "model": "<model dir>", "created_at": "<UTC ISO time>", "code_version": "<git sha>", "seconds": 12.3,
       "settings": {"suites", "modes", "limit", "n_samples", "temperature", "top_p", "max_new_tokens", "seed",
-                   "criterion": {"token_cost", "token_budget", "delta", "decoding", "min_cell"}, "max_len"},
+                   "criterion": {"token_cost", "token_budget", "delta", "decoding", "min_cell"}, "max_len",
+                   "draft_tokens"},                      # > 0: decoded speculatively (kat_core.speculative)
+      "speculative": {"<suite>": {"<segment>": {"proposed", "accepted", "rate"}}},  # only when draft_tokens > 0
       "items": ["<item id>", ...],            # every evaluated item, sorted (ids carry their suite's prefix)
       "items_digest": "<16 hex>",             # registry.items_digest(items): equal digests = same items
       "overall": {"<mode>": BLOCK, ...},      # all suites' items together; modes: auto | on | off
@@ -206,6 +208,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         if not suite["n"]:
             continue
         lines += _mode_table(suite["modes"])
+        drafts = report.get("speculative", {}).get(name)
+        if drafts:  # decoded speculatively: how often the MTP module's drafts stood, per segment
+            lines += ["", f"Speculative decoding ({s.get('draft_tokens')} draft tokens a step), drafts accepted: "
+                      + ", ".join(f"{seg} {d['rate']:.2f} of {d['proposed']}" for seg, d in drafts.items()) + "."]
         lines += ["", "By difficulty level:", ""]
         rows = {f"L{lvl} {m}": b for lvl, blocks in suite["levels"].items() for m, b in blocks.items()}
         lines += _mode_table(rows, first="level, mode")

@@ -70,17 +70,25 @@ def save_checkpoint(
 def load_checkpoint(ckpt_dir: str | Path, dtype=None):
     """-> (model, tokenizer, mtp_heads or None). Raises KatError for a dir that is not a checkpoint or whose
     MTP weights do not fit the model."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from kat_core.model.lm import load_model
-    from kat_core.model.mtp import MTPHeads
 
     path = Path(ckpt_dir)
     check_checkpoint(path)
     model, tokenizer = load_model(path, dtype=dtype)
+    return model, tokenizer, load_mtp_heads(path, model)
+
+
+def load_mtp_heads(ckpt_dir: str | Path, model):
+    """The MTP heads saved beside the model in `ckpt_dir`, on `model`'s device and dtype; None when the directory
+    has none (a foreign HF model, or MTP depth 0). Raises KatError when they do not fit the model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from kat_core.model.mtp import MTPHeads
+
+    path = Path(ckpt_dir)
     if not (path / MTP_CONFIG).is_file():
-        return model, tokenizer, None
+        return None
     try:
         depth = int(json.loads((path / MTP_CONFIG).read_text())["depth"])
         heads = MTPHeads(model.config, depth)
@@ -89,7 +97,7 @@ def load_checkpoint(ckpt_dir: str | Path, dtype=None):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise KatError(f"bad MTP weights in checkpoint {path}: {first}") from e
     param = next(model.parameters())
-    return model, tokenizer, heads.to(device=param.device, dtype=param.dtype)
+    return heads.to(device=param.device, dtype=param.dtype)
 
 
 def checkpoint_meta(ckpt_dir: str | Path) -> dict[str, Any]:

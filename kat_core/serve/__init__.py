@@ -33,19 +33,23 @@ def load_for_serving(model_dir: str | Path, device: str | None = None):
 
 def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
           device: str | None = None, log_level: str = "info", follow: Follow | None = None, poll_s: float = 30.0,
-          **app_options: Any) -> None:
+          draft_tokens: int = 0, **app_options: Any) -> None:
     """Load the model (failing fast with one line), then serve it until interrupted. With `follow`, every
     `poll_s` seconds `follow()` says whether another model should be served now (a registry alias moved):
-    a (checkpoint dir, label) to load and switch to under the same model id, or None."""
+    a (checkpoint dir, label) to load and switch to under the same model id, or None. `draft_tokens` > 0
+    decodes speculatively with the checkpoint's MTP module (plainly, with one log line, when it has none)."""
     import uvicorn
 
     from kat_core.serve.app import create_app
+    from kat_core.speculative import load_drafter
 
     model, tokenizer = load_for_serving(model_dir, device)
     name = name or Path(model_dir).name
-    app = create_app(model, tokenizer, model_name=name, **app_options)
+    app = create_app(model, tokenizer, model_name=name, draft=load_drafter(model_dir, model, draft_tokens),
+                     draft_tokens=draft_tokens, **app_options)
     if follow is not None:
-        threading.Thread(target=_follow, args=(app, follow, poll_s, device), name="kat-follow", daemon=True).start()
+        threading.Thread(target=_follow, args=(app, follow, poll_s, device, draft_tokens), name="kat-follow",
+                         daemon=True).start()
     log.info("serving %s as %r on http://%s:%d/v1", model_dir, name, host, port)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
@@ -53,9 +57,10 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, n
 Follow = Callable[[], "tuple[Path, str] | None"]
 
 
-def _follow(app, follow: Follow, poll_s: float, device: str | None) -> None:
+def _follow(app, follow: Follow, poll_s: float, device: str | None, draft_tokens: int = 0) -> None:
     """The poll loop of `serve(follow=...)`: a failed look or load keeps the model being served."""
     from kat_core.errors import KatError
+    from kat_core.speculative import load_drafter
 
     while True:
         time.sleep(poll_s)
@@ -65,10 +70,11 @@ def _follow(app, follow: Follow, poll_s: float, device: str | None) -> None:
                 continue
             path, label = found
             model, tokenizer = load_for_serving(path, device)
+            draft = load_drafter(path, model, draft_tokens)
         except (KatError, OSError) as e:
             log.warning("still serving the previous model: %s", e)
             continue
-        app.state.swap(model, tokenizer, label)
+        app.state.swap(model, tokenizer, label, draft)
         log.info("now serving %s (%s)", label, path)
 
 

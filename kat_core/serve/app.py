@@ -98,10 +98,11 @@ class _Listener:
 
 def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wait_ms: float = 2.0,
                max_delay_ms: float = 200.0, default_max_tokens: int = 256, seed: int = 0,
-               source: str | None = None) -> FastAPI:
+               source: str | None = None, draft=None, draft_tokens: int = 1) -> FastAPI:
     """An app serving `model` under the id `model_name`. The batching engine starts and stops with the app (its
     lifespan). `app.state.swap(model, tokenizer, source)` serves another model under the same id from the next
-    batch on (a registry alias that moved); `source` (e.g. "kat v3") is what /health says is served."""
+    batch on (a registry alias that moved); `source` (e.g. "kat v3") is what /health says is served. `draft`:
+    the model's MTP heads, to decode speculatively with `draft_tokens` drafts a step (kat_core.speculative)."""
     # the worker thread gets its own tokenizer: an HF fast tokenizer mutates its state inside calls, and two
     # threads sharing one fail with "Already borrowed"
     loops: list[asyncio.AbstractEventLoop] = []
@@ -120,13 +121,13 @@ def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wai
                 pass
 
     engine = BatchEngine(model, copy.deepcopy(tokenizer), max_rows=max_rows, max_wait_ms=max_wait_ms,
-                         max_delay_ms=max_delay_ms, seed=seed, settle=settle)
+                         max_delay_ms=max_delay_ms, seed=seed, settle=settle, draft=draft, draft_tokens=draft_tokens)
     current = {"tokenizer": tokenizer, "max_len": getattr(model.config, "max_position_embeddings", None),
                "source": source}
     created = int(time.time())
 
-    def swap(new_model, new_tokenizer, new_source: str | None = None) -> None:
-        engine.swap(new_model, copy.deepcopy(new_tokenizer))
+    def swap(new_model, new_tokenizer, new_source: str | None = None, new_draft=None) -> None:
+        engine.swap(new_model, copy.deepcopy(new_tokenizer), new_draft)
         current.update(tokenizer=new_tokenizer, source=new_source,
                        max_len=getattr(new_model.config, "max_position_embeddings", None))
 

@@ -59,9 +59,11 @@ class GenRequest:
 
 class BatchEngine:
     def __init__(self, model, tokenizer, *, max_rows: int = 64, max_wait_ms: float = 2.0, max_delay_ms: float = 200.0,
-                 seed: int = 0, settle: Callable[[float], None] | None = None):
-        self.model, self.tokenizer = model, tokenizer
-        self._next: tuple | None = None  # a model (and tokenizer) to switch to before the next batch
+                 seed: int = 0, settle: Callable[[float], None] | None = None, draft=None, draft_tokens: int = 1):
+        # `draft`: the model's MTP heads, to decode speculatively (kat_core.speculative); calls then admit no
+        # requests while they run (speculation does not support joining rows yet), batches still form
+        self.model, self.tokenizer, self.draft, self.draft_tokens = model, tokenizer, draft, draft_tokens
+        self._next: tuple | None = None  # a model (tokenizer, draft) to switch to before the next batch
         self._swap_lock = threading.Lock()
         self.settle = settle  # settle(timeout): returns once the front end has handed over what it holds
         self.max_rows, self.max_wait, self.max_delay = max_rows, max_wait_ms / 1000, max_delay_ms / 1000
@@ -71,7 +73,7 @@ class BatchEngine:
         self._held: list[list[GenRequest] | None] = []  # taken off the queue by `admit`, not admitted: next call
         self._thread: threading.Thread | None = None
         self.stats = {"batches": 0, "calls": 0, "requests": 0, "rows": 0, "max_rows": 0, "cancelled_rows": 0,
-                      "admitted_rows": 0}
+                      "admitted_rows": 0, "drafts": {}}  # drafts: {segment: [proposed, accepted]} (speculative)
 
     def start(self) -> None:
         if self._thread is None:
@@ -84,10 +86,11 @@ class BatchEngine:
             self._thread.join(timeout)
             self._thread = None
 
-    def swap(self, model, tokenizer) -> None:
-        """Serve `model` from the next batch on (the batch running now finishes on the current one)."""
+    def swap(self, model, tokenizer, draft=None) -> None:
+        """Serve `model` (drafting with `draft` when speculative) from the next batch on (the batch running now
+        finishes on the current one)."""
         with self._swap_lock:
-            self._next = (model, tokenizer)
+            self._next = (model, tokenizer, draft)
 
     def submit(self, *requests: GenRequest) -> list[Future]:
         """Queue requests; requests submitted together are never split between batches."""
@@ -154,7 +157,7 @@ class BatchEngine:
     def _run(self, batch: list[GenRequest]) -> None:
         with self._swap_lock:
             if self._next is not None:
-                (self.model, self.tokenizer), self._next = self._next, None
+                (self.model, self.tokenizer, self.draft), self._next = self._next, None
         groups: dict[tuple, list[GenRequest]] = defaultdict(list)
         for r in batch:
             if r.future.set_running_or_notify_cancel():  # a cancelled request costs nothing
@@ -199,6 +202,9 @@ class BatchEngine:
             return finish is None and listening
 
         def on_sample(row: int, sample) -> None:
+            for segment, (proposed, accepted) in sample.draft_counts.items():
+                tally = self.stats["drafts"].setdefault(segment, [0, 0])
+                tally[0], tally[1] = tally[0] + proposed, tally[1] + accepted
             request, k = owners[row]
             mine = answers[id(request)]
             mine[k] = sample
@@ -234,7 +240,8 @@ class BatchEngine:
             generate(self.model, self.tokenizer, prompts, forced=forced, n=1,
                      max_new_tokens=max(r.max_new_tokens for r in group), temperature=temperature, top_p=top_p,
                      seed=seed, batch_size=max(len(prompts), 1), on_token=on_token, on_sample=on_sample,
-                     admit=None if seeded else admit, max_rows=self.max_rows)
+                     admit=None if seeded or self.draft is not None else admit, max_rows=self.max_rows,
+                     draft=self.draft, draft_tokens=self.draft_tokens)
         except Exception as e:  # the rows that joined fail with the group
             for r, _ in owners:
                 if not r.future.done():

@@ -368,11 +368,12 @@ def sampled_values(group: Sequence[Scored]) -> tuple[tuple[float, float], tuple[
 
 
 def rollout(model, tokenizer, pairs: list[tuple[Task, Item]], algo: Algorithm, cfg: SrpoConfig,
-            crit: AutoThinkConfig, seed: int, tally: CellTally | None = None
+            crit: AutoThinkConfig, seed: int, tally: CellTally | None = None, draft=None, draft_tokens: int = 0
             ) -> tuple[list[Any], list[Scored], list[Advantages], dict[str, float]]:
     """# 1 sample and # 2 score one rollout, # 3 its advantages -> (samples, scored, advantages per prompt, stats).
     With a `tally` (step_srpo, decision_target cell), each prompt's decision advantage becomes its feature
-    cell's preference from the census."""
+    cell's preference from the census. `draft` (MTP heads): sampled speculatively, the same distribution
+    (kat_core.speculative); the stats then have the drafts' acceptance per segment."""
     from kat_core.rollout import generate
 
     plan = algo.plan(cfg)
@@ -384,8 +385,9 @@ def rollout(model, tokenizer, pairs: list[tuple[Task, Item]], algo: Algorithm, c
             forced.append(None if mode is None else arms[mode])
     # 1 sample (the rollout temperature is the criterion's when the modes are valued at a temperature)
     temperature = crit.temperature or cfg.temperature
+    speculative = {"draft": draft, "draft_tokens": draft_tokens} if draft is not None else {}
     samples = generate(model, tokenizer, prompts, forced=forced, n=1, max_new_tokens=cfg.max_new_tokens,
-                       temperature=temperature, seed=seed, batch_size=len(prompts))
+                       temperature=temperature, seed=seed, batch_size=len(prompts), **speculative)
     # 2 score
     scored = [score(*pairs[i // len(plan)], s) for i, s in enumerate(samples)]
     groups = [scored[g * len(plan):(g + 1) * len(plan)] for g in range(len(pairs))]
@@ -397,7 +399,14 @@ def rollout(model, tokenizer, pairs: list[tuple[Task, Item]], algo: Algorithm, c
     advantages = [algo.advantages(g, v, cfg, crit) for g, v in zip(groups, values, strict=True)]
     if tally is not None:
         pool_decisions(pairs, advantages, tally)
-    return samples, scored, advantages, rollout_stats(pairs, groups, values, crit)
+    stats = rollout_stats(pairs, groups, values, crit)
+    if draft is not None:  # the same keys on every rank: 0 for a segment without drafts
+        from kat_core.speculative import acceptance
+
+        rates = acceptance(samples)
+        stats.update({f"draft_accept_{seg}": rates.get(seg, {}).get("rate", 0.0) for seg in ("judge", "think",
+                                                                                               "answer")})
+    return samples, scored, advantages, stats
 
 
 def pool_decisions(pairs: list[tuple[Task, Item]], advantages: list[Advantages], tally: CellTally) -> None:
@@ -649,6 +658,7 @@ def srpo(config: KatConfig, checkpoint: str | Path, data_dir: str | Path, out_di
 
     from kat_core.format import THINK_OFF, THINK_ON
     from kat_core.model.checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
+    from kat_core.speculative import load_drafter
     from kat_core.train.coldstart import LABELS
     from kat_core.train.engine import _use_bf16, train
 
@@ -663,6 +673,8 @@ def srpo(config: KatConfig, checkpoint: str | Path, data_dir: str | Path, out_di
     probe, pairs = split_probe(load_prompts(config, data_dir, Path(validation) if validation else None),
                                cfg.probe_per_level)
     model, tokenizer, heads = load_checkpoint(checkpoint)
+    # the checkpoint's MTP module drafts the rollouts when asked; it is not trained here, drafts only get rarer
+    draft = load_drafter(checkpoint, model, config.speculative.draft_tokens)
     mode_ids = (tokenizer.convert_tokens_to_ids(THINK_ON), tokenizer.convert_tokens_to_ids(THINK_OFF))
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_beta > 0 else None
     device_type = next(model.parameters()).device.type
@@ -691,7 +703,8 @@ def srpo(config: KatConfig, checkpoint: str | Path, data_dir: str | Path, out_di
             t0 = time.perf_counter()
             samples, _, advantages, stats = rollout(model, tokenizer, chosen, method, cfg, crit,
                                                     seed=config.seed * 1_000_003 + key[0] * world + rank,
-                                                    tally=tally)
+                                                    tally=tally, draft=draft,
+                                                    draft_tokens=config.speculative.draft_tokens)
             stats["rollout_s"] = time.perf_counter() - t0
             if probe and key[0] % max(1, cfg.probe_every // cfg.updates_per_rollout) == 0:
                 stats.update(probe_stats(probe_decisions(model, tokenizer, probe, autocast), probe, probe_values,
