@@ -107,15 +107,17 @@ class MTPDrafter:
         self.cache = Cache(layers=[_SlabLayer(capacity, max_rows)])
 
     def __call__(self, hidden: torch.Tensor, next_tok: torch.Tensor, pos: torch.Tensor,
-                 mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 mask: torch.Tensor | None) -> torch.Tensor:
         """hidden (rows, L, H): the main model's last hidden states at positions `pos` (rows, L); next_tok: the
-        token after each -> (logits for the token two ahead (rows, L, V), the block's output: a chained
-        draft's `hidden`)."""
+        token after each -> the block's output (rows, L, H), written to the module's cache: `logits` of it
+        predict the token two ahead, and it is a chained draft's `hidden`."""
         rms = self.step.rms
         x = F.linear(torch.cat([rms(hidden, self.hnorm), rms(F.embedding(next_tok, self.step.embed), self.enorm)],
                                dim=-1), self.proj)
-        out = self.step.blocks(x, self.cos[pos][:, None], self.sin[pos][:, None], self.cache, mask, self.block)
-        return F.linear(rms(out, self.norm), self.step.head), out
+        return self.step.blocks(x, self.cos[pos][:, None], self.sin[pos][:, None], self.cache, mask, self.block)
+
+    def logits(self, out: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.step.rms(out, self.norm), self.step.head)
 
 
 def _attention_mask(mask: torch.Tensor, start: int, end: int, new: int) -> torch.Tensor:
@@ -192,8 +194,8 @@ def run_speculative(model, heads, rows: list[_Row], *, draft_tokens: int, pad_id
         """The MTP module reads the new columns, then drafts D tokens from column `last` of each row."""
         n = len(last)
         at = torch.arange(n, device=device)
-        lg, out = drafter(new_hidden, new_next, new_pos, new_mask)
-        lg, h, p = lg[at, last], out[at, last], new_pos[at, last]
+        h = drafter(new_hidden, new_next, new_pos, new_mask)[at, last]  # logits only where the drafts start
+        lg, p = drafter.logits(h), new_pos[at, last]
         layer = drafter.cache.layers[0]
         committed = layer.end
         toks, dists = [], []
@@ -204,8 +206,8 @@ def run_speculative(model, heads, rows: list[_Row], *, draft_tokens: int, pad_id
             if j + 1 < D:  # a tentative column: the module's own output stands in for the main model's state
                 p = p + 1
                 seen = torch.cat([live_mask, live_mask.new_ones(n, j + 1)], dim=1)
-                lg, h = drafter(h[:, None], t[:, None], p[:, None], seen[:, None, None, :])
-                lg, h = lg[:, 0], h[:, 0]
+                h = drafter(h[:, None], t[:, None], p[:, None], seen[:, None, None, :])[:, 0]
+                lg = drafter.logits(h)
         layer.end = committed  # the next step writes over the tentative columns
         layer._refresh()
         return torch.stack(toks, 1), None if greedy else torch.stack(dists, 1)
