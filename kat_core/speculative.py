@@ -120,14 +120,11 @@ class MTPDrafter:
         return F.linear(self.step.rms(out, self.norm), self.step.head)
 
 
-def _attention_mask(mask: torch.Tensor, start: int, end: int, new: int) -> torch.Tensor:
-    """(rows, 1, new, kv): the `new` queries at columns [end - new, end) see the live columns of [start, end -
-    new) their row's mask keeps, and the new columns up to their own (causal)."""
-    rows = mask.shape[0]
-    old = mask[:, start : end - new][:, None, None, :].expand(rows, 1, new, end - new - start)
-    causal = torch.ones(new, new, dtype=torch.bool, device=mask.device).tril()
-    fresh = mask[:, end - new : end][:, None, None, :] & causal[None, None]
-    return torch.cat([old, fresh], dim=-1)
+def _attention_mask(old: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+    """(rows, 1, new, kv) for `new` queries written after the columns `old` (rows, kv - new: which of them each
+    row keeps): they see those, and `fresh` (rows, 1, new, new) of the new ones (causal, less any holes)."""
+    rows, new = fresh.shape[0], fresh.shape[-1]
+    return torch.cat([old[:, None, None, :].expand(rows, 1, new, old.shape[1]), fresh], dim=-1)
 
 
 def _draft_stats(steps: list[tuple[int, int]], length: int, D: int) -> DraftStats:
@@ -183,6 +180,7 @@ def run_speculative(model, heads, rows: list[_Row], *, draft_tokens: int, pad_id
     step = _LlamaStep(model, width + max_new + L + D)
     drafter = MTPDrafter(step, heads, capacity, b)
     greedy = temperature == 0
+    arange = torch.arange(b, device=device)  # row indices, cut to the live rows
 
     def pick(lg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if greedy:
@@ -193,7 +191,7 @@ def run_speculative(model, heads, rows: list[_Row], *, draft_tokens: int, pad_id
     def draft(new_hidden, new_next, new_pos, new_mask, last, live_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The MTP module reads the new columns, then drafts D tokens from column `last` of each row."""
         n = len(last)
-        at = torch.arange(n, device=device)
+        at = arange[:n]
         h = drafter(new_hidden, new_next, new_pos, new_mask)[at, last]  # logits only where the drafts start
         lg, p = drafter.logits(h), new_pos[at, last]
         layer = drafter.cache.layers[0]
@@ -221,7 +219,8 @@ def run_speculative(model, heads, rows: list[_Row], *, draft_tokens: int, pad_id
         ctx[i, width - len(r.context):] = torch.tensor(r.context, device=device)
     ctx_pos = (mask[:, :width].long().cumsum(-1) - 1).clamp_min(0)
     # every column sees itself too: a padding column then attends to something (no NaN), and no real one sees it
-    ctx_mask = _attention_mask(mask, 0, width, width) | torch.eye(width, dtype=torch.bool, device=device)
+    causal_ctx = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    ctx_mask = (mask[:, None, None, :width] & causal_ctx) | torch.eye(width, dtype=torch.bool, device=device)
     drafts, q = draft(hidden, torch.cat([ctx[:, 1:], tok[:, None]], dim=1), ctx_pos, ctx_mask,
                       torch.full((b,), width - 1, device=device), mask[:, :width])
     pos = ctx_pos[:, -1]
@@ -234,20 +233,26 @@ def run_speculative(model, heads, rows: list[_Row], *, draft_tokens: int, pad_id
     ids_of = list(range(first, first + b))
     active = torch.arange(b, device=device)
     span = torch.arange(L, device=device)
+    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()[None, None]
+    longest = 1  # at least as many tokens as any row has drawn: rows far from their budget need no check
     # what the last step emitted per live row: tokens (rows, L), how many, and (for the next step) their number
     # of accepted drafts; the prefill emitted one token
     emitted, lps = F.pad(tok[:, None], (0, D), value=pad_id), F.pad(first_lp[:, None], (0, D))
     count, a = torch.ones(b, dtype=torch.long, device=device), torch.zeros(b, dtype=torch.long, device=device)
     start, end = 0, width
     while True:
-        # --- the emitted tokens end a row at a stop token, at its budget, or where its listener says so
-        room = max_new - drawn[active]
-        hit = torch.isin(emitted, stop) & (span[None] < count[:, None])
-        stop_at = torch.where(hit.any(1), hit.int().argmax(1) + 1, L + 1)
-        count = torch.minimum(torch.minimum(count, stop_at), room)
-        stopped = stop_at <= count
-        at_budget = count == room
-        ended = torch.zeros_like(stopped)
+        # --- the emitted tokens end a row at a stop token, at its budget, or where its listener says so; most
+        # steps have none of these (a quick look: no stop token among the L, every row far from its budget)
+        drawn_before = drawn[active]
+        check = on_token is not None or longest >= max_new or bool(torch.isin(emitted, stop).any())
+        if check:
+            room = max_new - drawn_before
+            hit = torch.isin(emitted, stop) & (span[None] < count[:, None])
+            stop_at = torch.where(hit.any(1), hit.int().argmax(1) + 1, L + 1)
+            count = torch.minimum(torch.minimum(count, stop_at), room)
+            stopped = stop_at <= count
+            at_budget = count == room
+            ended = torch.zeros_like(stopped)
         if on_token is not None:
             for k, (i, c, s, full) in enumerate(zip(active.tolist(), count.tolist(), stopped.tolist(),
                                                     at_budget.tolist(), strict=True)):
@@ -260,12 +265,13 @@ def run_speculative(model, heads, rows: list[_Row], *, draft_tokens: int, pad_id
                         count[k], ended[k], stopped[k], at_budget[k] = j + 1, True, False, False
                         break
         # all L columns are written: those past `count` are overwritten by the next step or cut by the length
-        cols = drawn[active][:, None] + span[None]
+        cols = drawn_before[:, None] + span[None]
         out_ids[active[:, None], cols] = emitted
         out_lp[active[:, None], cols] = lps
-        drawn[active] += count
-        done = stopped | at_budget | ended
-        if bool(done.any()):
+        drawn_after = drawn_before + count
+        drawn[active] = drawn_after
+        done = (stopped | at_budget | ended) if check else None
+        if check and bool(done.any()):
             finished = active[done]
             for i, t_last, by_stop in zip(finished.tolist(), out_ids[finished, drawn[finished] - 1].tolist(),
                                           stopped[done].tolist(), strict=True):
@@ -278,7 +284,7 @@ def run_speculative(model, heads, rows: list[_Row], *, draft_tokens: int, pad_id
                 on_finish(int(done.sum()))
             keep = _survivors(done)
             active, tok, pos, drafts = active[keep], emitted[keep], pos[keep], drafts[keep]
-            tok = tok[torch.arange(len(keep), device=device), count[keep] - 1]
+            tok, drawn_after = tok[arange[: len(keep)], count[keep] - 1], drawn_after[keep]
             q = q[keep] if q is not None else None
             if not len(keep):
                 break
@@ -286,25 +292,25 @@ def run_speculative(model, heads, rows: list[_Row], *, draft_tokens: int, pad_id
             drafter.cache.batch_select_indices(keep)
             mask[: len(keep)] = mask[keep]
         else:
-            tok = emitted[torch.arange(len(active), device=device), count - 1]
+            tok = emitted[arange[: len(active)], count - 1]
         n = len(active)
         # --- one forward of the main model over [t, d1 .. dD]; the MTP module then drafts from what stood
         inputs = torch.cat([tok[:, None], drafts], dim=1)
         positions = pos[:, None] + 1 + span[None]
-        mask[:n, end : end + L] = True
-        end += L
-        logits, hidden = step.run(inputs, positions, cache, _attention_mask(mask[:n], start, end, L))
+        seen = mask[:n, start:end]
+        logits, hidden = step.run(inputs, positions, cache, _attention_mask(seen, causal.expand(n, 1, L, L)))
         a, nxt = _accept(logits, drafts, q, temperature, top_p, gen)
-        for i, first_drafted, accepted in zip(active.tolist(), drawn[active].tolist(), a.tolist(), strict=True):
+        for i, first_drafted, accepted in zip(active.tolist(), drawn_after.tolist(), a.tolist(), strict=True):
             steps[i].append((first_drafted, accepted))
-        at = torch.arange(n, device=device)
-        emitted = torch.cat([drafts, drafts[:, :1]], dim=1)
-        emitted[at, a] = nxt
+        emitted = torch.cat([drafts, nxt[:, None]], dim=1).scatter_(1, a[:, None], nxt[:, None])
         lps = torch.log_softmax(logits.float(), -1).gather(2, emitted[..., None])[..., 0]
         count = a + 1
-        mask[:n, end - L : end] &= span[None] <= a[:, None]  # the rejected drafts' columns become holes
+        longest += L
+        valid = span[None] <= a[:, None]  # the rejected drafts' columns become holes
+        mask[:n, end : end + L] = valid
+        end += L
         pos = pos + 1 + a
-        drafts, q = draft(hidden, emitted, positions, _attention_mask(mask[:n], start, end, L), a,
+        drafts, q = draft(hidden, emitted, positions, _attention_mask(seen, valid[:, None, None, :] & causal), a,
                           mask[:n, start:end])
 
     out_ids, out_lp = out_ids.cpu(), out_lp.cpu()
