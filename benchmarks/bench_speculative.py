@@ -61,6 +61,7 @@ def main() -> None:
 
     from kat_core.config import load_config
     from kat_core.model.checkpoint import load_checkpoint
+    from kat_core.speculative import acceptance
 
     torch.set_num_threads(args.threads)
     model, tokenizer, heads = load_checkpoint(args.model)
@@ -97,13 +98,8 @@ def main() -> None:
                                        draft_tokens=d, max_new=max_new)
                     plain_s.append(sum(s.num_generated for s in plain) / t_plain)
                     spec_s.append(sum(s.num_generated for s in spec) / t_spec)
-                tally: dict[str, list[int]] = {}
-                for s in spec:
-                    for seg, (proposed, accepted) in s.draft_counts.items():
-                        t = tally.setdefault(seg, [0, 0])
-                        t[0], t[1] = t[0] + proposed, t[1] + accepted
-                rates = "/".join(f"{tally[k][1] / tally[k][0]:.2f}" if tally.get(k, [0])[0] else "-"
-                                 for k in ("judge", "think", "answer"))
+                tally = acceptance(spec)
+                rates = "/".join(f"{tally[k]['rate']:.2f}" if k in tally else "-" for k in ("judge", "think", "answer"))
                 same = (f"{sum(a.token_ids == b.token_ids for a, b in zip(plain, spec, strict=True))}/{len(plain)}"
                         if temp == 0 else "(sampled)")
                 ratio = statistics.median(spec_s) / statistics.median(plain_s)

@@ -147,12 +147,16 @@ class _LlamaStep:
         self.head_dim, self.scaling = base.layers[0].self_attn.head_dim, base.layers[0].self_attn.scaling
         self.groups = model.config.num_attention_heads // model.config.num_key_value_heads
         self.weights = [self.layer_weights(layer) for layer in base.layers]
-        # RoPE for every position this batch can reach, computed as HF's LlamaRotaryEmbedding does
-        rotary = base.rotary_emb
-        freqs = torch.arange(max_positions, device=self.embed.device).float()[:, None] * rotary.inv_freq.float()
+        self.cos, self.sin = self.rope_tables(base.rotary_emb, max_positions, self.embed)
+
+    @staticmethod
+    def rope_tables(rotary, positions: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for positions 0..positions-1 as HF's LlamaRotaryEmbedding `rotary` computes them, on
+        `like`'s device and dtype."""
+        freqs = torch.arange(positions, device=like.device).float()[:, None] * rotary.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = (emb.cos() * rotary.attention_scaling).to(self.embed.dtype)
-        self.sin = (emb.sin() * rotary.attention_scaling).to(self.embed.dtype)
+        scale = rotary.attention_scaling
+        return (emb.cos() * scale).to(like.dtype), (emb.sin() * scale).to(like.dtype)
 
     @staticmethod
     def layer_weights(layer) -> tuple:

@@ -61,9 +61,16 @@ def load_drafter(model_dir: str | Path, model, draft_tokens: int):
         return None
     from kat_core.model.checkpoint import load_mtp_heads
 
-    heads = load_mtp_heads(model_dir, model)
+    return drafter(load_mtp_heads(model_dir, model), draft_tokens, model_dir)
+
+
+def drafter(heads, draft_tokens: int, source: str | Path):
+    """`heads` (already loaded from `source`, or None) to draft with, or None for plain decoding: when
+    `draft_tokens` is 0, or (with one log line) when there are no MTP modules."""
+    if draft_tokens <= 0:
+        return None
     if heads is None or len(heads) == 0:
-        log.warning("speculative decoding: %s has no MTP weights to draft with; decoding plainly", model_dir)
+        log.warning("speculative decoding: %s has no MTP weights to draft with; decoding plainly", source)
         return None
     return heads.eval()
 
@@ -98,12 +105,8 @@ class MTPDrafter:
         self.norm = (module.norm.weight, module.norm.variance_epsilon)
         self.proj = module.proj.weight
         self.block = [step.layer_weights(module.block)]
-        rotary = heads.rotary  # the block's own RoPE (plain, with the base model's theta)
-        positions = step.cos.shape[0]
-        freqs = torch.arange(positions, device=self.proj.device).float()[:, None] * rotary.inv_freq.float()
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = (emb.cos() * rotary.attention_scaling).to(self.proj.dtype)
-        self.sin = (emb.sin() * rotary.attention_scaling).to(self.proj.dtype)
+        # the block's own RoPE (plain, with the base model's theta), for the positions the step reaches
+        self.cos, self.sin = step.rope_tables(heads.rotary, step.cos.shape[0], self.proj)
         self.cache = Cache(layers=[_SlabLayer(capacity, max_rows)])
 
     def __call__(self, hidden: torch.Tensor, next_tok: torch.Tensor, pos: torch.Tensor,
@@ -244,10 +247,11 @@ def run_speculative(model, heads, rows: list[_Row], *, draft_tokens: int, pad_id
         # --- the emitted tokens end a row at a stop token, at its budget, or where its listener says so; most
         # steps have none of these (a quick look: no stop token among the L, every row far from its budget)
         drawn_before = drawn[active]
-        check = on_token is not None or longest >= max_new or bool(torch.isin(emitted, stop).any())
+        stop_hit = torch.isin(emitted, stop)
+        check = on_token is not None or longest >= max_new or bool(stop_hit.any())
         if check:
             room = max_new - drawn_before
-            hit = torch.isin(emitted, stop) & (span[None] < count[:, None])
+            hit = stop_hit & (span[None] < count[:, None])
             stop_at = torch.where(hit.any(1), hit.int().argmax(1) + 1, L + 1)
             count = torch.minimum(torch.minimum(count, stop_at), room)
             stopped = stop_at <= count

@@ -91,6 +91,7 @@ def cpu_threads(threads: int | None = None) -> int:
 
 
 _SHORT_LIVED_GC: list[bool] = []
+GC_THRESHOLD0 = 50_000  # net allocations between the collector's passes over the youngest generation (Python: 700)
 
 
 def short_lived_gc() -> None:
@@ -111,5 +112,5 @@ def short_lived_gc() -> None:
 
     if not _SHORT_LIVED_GC:
         _SHORT_LIVED_GC.append(True)
-        gc.set_threshold(50_000, *gc.get_threshold()[1:])
+        gc.set_threshold(GC_THRESHOLD0, *gc.get_threshold()[1:])
         atexit.register(gc.freeze)

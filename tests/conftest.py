@@ -15,7 +15,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # a worker holds torch, transformers, mlflow, kfp and the tests' models: every pass of the collector's oldest
     # generation walks them all; collect as a stage does (kat_core.util.short_lived_gc), far less often
-    gc.set_threshold(50_000, *gc.get_threshold()[1:])
+    from kat_core.util import GC_THRESHOLD0
+
+    gc.set_threshold(GC_THRESHOLD0, *gc.get_threshold()[1:])
 
 # session fixtures that cost a minute or more: every test using one runs in the same xdist worker, so it is
 # built once per `make test`, not once per worker

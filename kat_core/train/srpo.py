@@ -658,7 +658,7 @@ def srpo(config: KatConfig, checkpoint: str | Path, data_dir: str | Path, out_di
 
     from kat_core.format import THINK_OFF, THINK_ON
     from kat_core.model.checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
-    from kat_core.speculative import load_drafter
+    from kat_core.speculative import drafter
     from kat_core.train.coldstart import LABELS
     from kat_core.train.engine import _use_bf16, train
 
@@ -674,7 +674,7 @@ def srpo(config: KatConfig, checkpoint: str | Path, data_dir: str | Path, out_di
                                cfg.probe_per_level)
     model, tokenizer, heads = load_checkpoint(checkpoint)
     # the checkpoint's MTP module drafts the rollouts when asked; it is not trained here, drafts only get rarer
-    draft = load_drafter(checkpoint, model, config.speculative.draft_tokens)
+    draft = drafter(heads, config.speculative.draft_tokens, checkpoint)
     mode_ids = (tokenizer.convert_tokens_to_ids(THINK_ON), tokenizer.convert_tokens_to_ids(THINK_OFF))
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_beta > 0 else None
     device_type = next(model.parameters()).device.type
