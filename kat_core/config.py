@@ -208,8 +208,11 @@ class AutoThinkConfig(_Strict):
     decoding: Literal["greedy"] | float = Field(
         "greedy", description="the decoding the modes are valued under: greedy (as the evaluation decodes), "
         "or a sampling temperature > 0 (then the mean over the samples drawn at it)")
-    min_cell: int = Field(4, ge=1, description="cold start and RL (decision_target cell): a feature cell with "
-                          "fewer measured prompts takes its level's verdict")
+    min_cell: int = Field(4, ge=1, description="cold start, RL census and the evaluation's cell oracle: a feature "
+                          "cell with fewer measured prompts takes its level's verdict")
+    tie_z: float = Field(1.645, ge=0, description="a feature cell thinks only when its mean V_on - V_off edge "
+                         "exceeds tie_z standard errors of that mean (one-sided 95%); an edge within the "
+                         "measurement's noise is a tie, and ties go to think-off (kat_core.autothink.CellTally)")
 
     @field_validator("decoding")
     @classmethod
@@ -267,6 +270,10 @@ class SrpoConfig(_Strict):
         "value", description="step_srpo: each prompt's decision loss weighs |A_dec| (value: the regret at stake), "
         "or 1 towards the better arm (sign: steadier decisions, but measured to cost level 4's direct answers "
         "accuracy, README)")
+    decision_anchor: float = Field(0.0, ge=0, description="step_srpo, adaptthink: weight of the KL between the "
+                                   "policy's and the reference's two-arm decision (p_off from the two canonical "
+                                   "judges' log-odds) per prompt; keeps the decision where the reference put it "
+                                   "while the answers train (needs kl_beta > 0 for the reference)")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip range for the importance ratio")
     kl_beta: float = Field(0.05, ge=0, description="weight of the exact KL to the reference (0: no reference)")
     control_weight: float = Field(1.0, ge=0, description="decoupled: weight of the control-token loss")

@@ -410,7 +410,7 @@ def test_api_reads(server, done_run):
     loss = metrics["stages"]["pretrain"]["loss"]
     assert [step for step, _ in loss] == list(range(1, 7)) and all(v > 0 for _, v in loss)
     status, report = api(server, "GET", f"/api/runs/{run}/report")
-    assert report["schema"] == "kat-eval-report/1" and set(report["overall"]) == {"auto", "on", "off"}
+    assert report["schema"] == "kat-eval-report/2" and set(report["overall"]) == {"auto", "on", "off"}
     assert report["plots"] == ["frontier.png", "think_on_by_level.png"]
     status, raw = api(server, "GET", f"/api/runs/{run}/files/evaluate/report/frontier.png")
     assert status == 200 and raw[:8] == b"\x89PNG\r\n\x1a\n"

@@ -78,7 +78,8 @@ def test_by_level_and_no_samples(hand_made):
 def test_oracles_and_mode_selection_by_hand(hand_made):
     from kat_core.config import AutoThinkConfig
 
-    crit = AutoThinkConfig(token_cost=0.2, token_budget=100, delta=0.0)
+    # cells decided by the sign of their mean (no tie band, no level fallback); the tie band is tested below
+    crit = AutoThinkConfig(token_cost=0.2, token_budget=100, delta=0.0, min_cell=1, tie_z=0.0)
     # greedy forced outcomes, V = correct - 0.2 * tokens / 100:
     #   A (L1): off right in 10 (0.98), on right in 30 (0.94)   -> off
     #   B (L2): off wrong in 12 (-0.024), on right in 40 (0.92) -> on
@@ -99,8 +100,16 @@ def test_oracles_and_mode_selection_by_hand(hand_made):
     assert cell["oracle"] == {"accuracy": 0.6667, "mean_tokens": 33.33, "think_on_rate": 0.6667, "value": 0.6}
     assert cell["agreement"] == 0.6667 and cell["regret"] == {"accuracy": 0.0, "tokens": 0.0, "value": 0.0}
     assert cell["by_cell"] == {  # per cell: what the oracle picks, by how much, and what auto did
-        "L1": {"n": 1, "oracle": "off", "preference_off": 0.04, "auto_think_on_rate": 0.0, "auto_none_rate": 0.0},
-        "L2": {"n": 2, "oracle": "on", "preference_off": -0.43, "auto_think_on_rate": 0.5, "auto_none_rate": 0.5}}
+        "L1": {"n": 1, "oracle": "off", "mean_preference_off": 0.04, "error": 0.0, "preference_off": 0.04,
+               "auto_think_on_rate": 0.0, "auto_none_rate": 0.0},
+        "L2": {"n": 2, "oracle": "on", "mean_preference_off": -0.43, "error": 0.514, "preference_off": -0.43,
+               "auto_think_on_rate": 0.5, "auto_none_rate": 0.5}}
+    assert {k: cell["sign_rule"][k] for k in ("oracle", "regret")} == {k: cell[k] for k in ("oracle", "regret")}
+    # with the tie band, L2's edge for thinking (0.43) is within 1.645 standard errors (0.514) of its two items:
+    # a tie, which goes to think-off; the sign rule beside it still thinks
+    tied = mode_selection(hand_made, crit.model_copy(update={"tie_z": 1.645}))["feature_cell"]
+    assert tied["by_cell"]["L2"]["oracle"] == "off" and tied["by_cell"]["L2"]["preference_off"] == 0.4155
+    assert tied["oracle"]["think_on_rate"] == 0.0 and tied["sign_rule"]["oracle"]["think_on_rate"] == 0.6667
     # delta: think-off may give up that much value and still be right
     assert mode_selection(hand_made, crit.model_copy(update={"delta": 1.0}))["oracle"]["think_on_rate"] == 0.0
     # under a sampling criterion the samples are the outcomes: A's off samples are right half the time
@@ -115,7 +124,7 @@ def test_report_is_what_the_promotion_gate_reads(hand_made):
     settings = {"suites": ["arith"], "modes": ["auto", "on", "off"], "n_samples": 2,
                 "criterion": {"token_cost": 0.2, "token_budget": 100, "delta": 0.0}}
     report = build_report({"arith": hand_made}, {"arith": 4}, settings, model="m", seconds=1.0)
-    assert report["schema"] == "kat-eval-report/1"
+    assert report["schema"] == "kat-eval-report/2"
     assert report["items"] == ["A", "B", "C"] and report["items_digest"] == items_digest(["C", "A", "B"])
     suite = report["suites"]["arith"]
     assert suite["n"] == 3 and suite["skipped_too_long"] == 4

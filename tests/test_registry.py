@@ -82,11 +82,11 @@ def test_summary_from_report_layouts():
     suites = summary_from_report({"suites": {"arith": {"auto": {"accuracy": 1.0, "mean_tokens": 10, "n": 30}},
                                              "gsm8k": {"modes": gsm8k}}})
     assert (suites.accuracy, suites.mean_tokens, suites.n) == (0.75, 20.0, 40)
-    # the evaluation's report.json ("kat-eval-report/1"): overall.auto, and the digest it wrote itself
+    # the evaluation's report.json ("kat-eval-report/2"): overall.auto, and the digest it wrote itself
     block = {"n": 4, "accuracy": {"greedy": 0.5, "pass@1": None}, "mean_tokens": {"total": 33.5, "think": 20},
              "think_on_rate": 0.25}
     items = ["arith/1", "arith/2", "gsm8k/7", "gsm8k/9"]
-    report = {"schema": "kat-eval-report/1", "items": items, "items_digest": items_digest(items),
+    report = {"schema": "kat-eval-report/2", "items": items, "items_digest": items_digest(items),
               "overall": {"auto": block, "on": {**block, "accuracy": {"greedy": 0.9}}},
               "suites": {"arith": {"n": 2, "modes": {"auto": block}}}}
     summary = summary_from_report(report)

@@ -152,7 +152,13 @@ def test_decisions_pool_by_feature_cell():
     advs = [Advantages(judge=[], response=[], decision=1.0) for _ in range(5)]
     pool_decisions([(task, it) for it in big + lone], advs, tally)
     assert [a.decision for a in advs] == pytest.approx([-0.195] * 4 + [(0.15 - 0.93 + 0.5) / 5])
-    assert tally.summary()[l4[0]] == {"n": 4, "preference_off": -0.195, "mode": "on"}
+    assert tally.summary()[l4[0]] == {"n": 4, "mean": -0.195, "error": 0.245, "preference_off": -0.195, "mode": "on"}
+    # under the criterion's tie band (tie_z standard errors) that cell's edge for thinking is within the noise
+    banded = CellTally(min_cell=3, tie_z=1.645)
+    for it, pref in zip(big, (0.05, 0.05, 0.05, -0.93), strict=True):
+        banded.add(cell_of(task.intent_features(it)), it.difficulty, pref)
+    assert banded.summary()[l4[0]]["mode"] == "off"
+    assert banded.preference(l4[0]) == pytest.approx(-0.195 + 1.645 * 0.245, abs=1e-3)
     assert tally.summary()[l4[1]]["n"] == 1
 
 
@@ -164,6 +170,20 @@ def test_ppo_clipping_numerically():
     # ratio 1.5, A>0 -> min(1.5, 1.2) = 1.2; ratio 0.5, A<0 -> min(-0.5, -0.8) = -0.8; ratio 1 -> 2
     assert torch.allclose(loss, torch.tensor([-1.2, 0.8, -2.0]))
     assert clipped.tolist() == [True, True, False]
+
+
+def test_decision_anchor_is_the_kl_between_two_arm_decisions():
+    from kat_core.train.srpo import decision_kl
+
+    pol, ref = torch.tensor([2.0, -1.0, 0.3]), torch.tensor([-1.0, -1.0, 0.0])  # logits of p_off
+    p, q = torch.sigmoid(pol), torch.sigmoid(ref)
+    by_hand = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+    assert torch.allclose(decision_kl(pol, ref), by_hand, atol=1e-6)
+    assert float(decision_kl(pol, ref)[1]) == 0.0 and bool((decision_kl(pol, ref) >= 0).all())
+    # the gradient pulls the policy's decision back towards the reference's
+    x = pol.clone().requires_grad_(True)
+    decision_kl(x, ref).sum().backward()
+    assert x.grad[0] > 0 and x.grad[2] > 0
 
 
 def test_exact_kl():
@@ -233,6 +253,9 @@ def test_which_tokens_get_which_advantage(tiny_tokenizer, tmp_path_factory):
         loss, parts = make_loss_fn(cfg)(model, batch)
         assert parts["kl"] == 0.0 and parts["clip_frac"] == 0.0
         assert torch.isfinite(loss)
+        if name == "step_srpo":  # the decision anchor starts at 0 too: the reference is the starting policy
+            _, anchored = make_loss_fn(cfg.model_copy(update={"decision_anchor": 1.0}))(model, batch)
+            assert anchored["decision_anchor_kl"] == 0.0
 
 
 def test_the_decision_loss_moves_the_greedy_decision(tiny_tokenizer, tmp_path_factory):

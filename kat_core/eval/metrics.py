@@ -11,7 +11,10 @@ under the criterion's decoding (greedy: the greedy response; a temperature: the 
 think-off is right when `V_off >= V_on - delta`. Two oracles are reported:
   - hindsight: the right mode per item, knowing its outcomes (no selector can beat it);
   - feature cell: the right mode per prompt-visible cell (level and judge description, `autothink.cell_of`),
-    from the cell's summed preference: the frontier a mode selector that sees only the request can reach.
+    by the criterion's cell rule (`autothink.CellTally`: the mean preference plus `tie_z` standard errors,
+    a think-on edge within the noise is a tie; a cell under `min_cell` items takes its level's): the frontier
+    a mode selector that sees only the request can reach. Beside it (`sign_rule`), the sign of each cell's
+    mean alone, the rule before tie_z: it also knows which of the split's few items a direct answer missed.
 The auto mode's choice is the mode token of its greedy response, valued with the same forced outcomes, so
 the regret measures the choice alone: accuracy regret = mean(acc[oracle] - acc[choice]), token regret =
 mean(t[choice] - t[oracle]), value regret likewise. A response without a mode token (choice "none") is
@@ -127,7 +130,7 @@ def mode_selection(results: list[ItemResult], crit=None) -> dict[str, Any] | Non
     """Auto's mode choices against the hindsight and the feature-cell oracles (see the module doc): each
     one's accuracy, tokens, think-on rate and value, auto's regret and agreement against each, and the
     confusion against hindsight. None unless auto and both forced modes were evaluated."""
-    from kat_core.autothink import decide, preference_off
+    from kat_core.autothink import CellTally, cell_tally, decide, preference_off
     from kat_core.config import AutoThinkConfig
 
     crit = crit or AutoThinkConfig()
@@ -142,10 +145,16 @@ def mode_selection(results: list[ItemResult], crit=None) -> dict[str, Any] | Non
         return None
     prefs = [preference_off(o["off"], o["on"], crit) for o in outcomes]
     hindsight = [decide(p) for p in prefs]
-    cell_sum: dict[str, float] = defaultdict(float)
-    for r, p in zip(rows, prefs, strict=True):
-        cell_sum[r.cell or f"L{r.level}"] += p
-    by_cell = [decide(cell_sum[r.cell or f"L{r.level}"]) for r in rows]
+    cell_rows = [(r.cell or f"L{r.level}", r.level, p) for r, p in zip(rows, prefs, strict=True)]
+    cells = cell_tally(cell_rows, crit).summary()
+    by_cell = [cells[cell]["mode"] for cell, _, _ in cell_rows]
+    # the in-sample sign of each cell's mean alone (no tie band, no level fallback): an upper bound that
+    # knows the split's single misses, reported beside the criterion's cell oracle
+    signs = CellTally(min_cell=1, tie_z=0.0)
+    for row in cell_rows:
+        signs.add(*row)
+    sign_modes = signs.modes()
+    by_sign = [sign_modes[cell] for cell, _, _ in cell_rows]
     choices = []
     for r, o in zip(rows, outcomes, strict=True):
         choice = r.greedy["auto"].mode
@@ -169,22 +178,23 @@ def mode_selection(results: list[ItemResult], crit=None) -> dict[str, Any] | Non
     for o, c in zip(hindsight, choices, strict=True):
         confusion[f"oracle_{o}"][f"chose_{c}"] += 1
     hind, cell = against(hindsight), against(by_cell)
-    per_cell: dict[str, dict[str, Any]] = {}  # what auto did per cell (the cell's preference is cell_sum's)
-    for r, pick, c in zip(rows, by_cell, choices, strict=True):
-        entry = per_cell.setdefault(r.cell or f"L{r.level}", {"n": 0, "oracle": pick, "on": 0, "none": 0})
-        entry["n"] += 1
+    per_cell: dict[str, dict[str, Any]] = {}  # what auto did per cell
+    for (key, _, _), c in zip(cell_rows, choices, strict=True):
+        entry = per_cell.setdefault(key, {"on": 0, "none": 0})
         entry["on"] += c == "on"
         entry["none"] += c == "none"
-    by_cell_report = {k: {"n": e["n"], "oracle": e["oracle"], "preference_off": _r(cell_sum[k] / e["n"]),
-                          "auto_think_on_rate": _r(e["on"] / e["n"]), "auto_none_rate": _r(e["none"] / e["n"])}
+    by_cell_report = {k: {"n": cells[k]["n"], "oracle": cells[k]["mode"], "mean_preference_off": cells[k]["mean"],
+                          "error": cells[k]["error"], "preference_off": cells[k]["preference_off"],
+                          "auto_think_on_rate": _r(e["on"] / cells[k]["n"]),
+                          "auto_none_rate": _r(e["none"] / cells[k]["n"])}
                       for k, e in sorted(per_cell.items())}
     return {
         "n": len(rows),
         "criterion": {"token_cost": crit.token_cost, "token_budget": crit.token_budget, "delta": crit.delta,
-                      "decoding": crit.decoding},
+                      "decoding": crit.decoding, "min_cell": crit.min_cell, "tie_z": crit.tie_z},
         "delta": crit.delta,
         "choice": {k: _r(v, 2 if k == "mean_tokens" else 4) for k, v in chosen.items()},
         # hindsight: the per-item oracle (kept under the schema's original keys)
         "oracle": hind["oracle"], "agreement": hind["agreement"], "regret": hind["regret"], "confusion": confusion,
-        "feature_cell": {**cell, "cells": len(cell_sum), "by_cell": by_cell_report},
+        "feature_cell": {**cell, "cells": len(cells), "by_cell": by_cell_report, "sign_rule": against(by_sign)},
     }

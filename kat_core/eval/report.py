@@ -1,9 +1,9 @@
 """The evaluation report: report.json (a stable, documented schema), report.md, and the comparison of two.
 
-report.json, schema "kat-eval-report/1":
+report.json, schema "kat-eval-report/2":
 
     {
-      "schema": "kat-eval-report/1",
+      "schema": "kat-eval-report/2",
       "model": "<model dir>", "created_at": "<UTC ISO time>", "code_version": "<git sha>", "seconds": 12.3,
       "settings": {"suites", "modes", "limit", "n_samples", "temperature", "top_p", "max_new_tokens", "seed",
                    "criterion": {"token_cost", "token_budget", "delta", "decoding", "min_cell"}, "max_len",
@@ -33,13 +33,16 @@ report.json, schema "kat-eval-report/1":
                  "oracle": ORACLE, "agreement", "regret": {"accuracy", "tokens", "value"},
                  "confusion": {"oracle_off"|"oracle_on": {"chose_off", "chose_on", "chose_none"}},
                  "feature_cell": {"oracle": ORACLE, "agreement", "regret", "cells",
-                                  "by_cell": {cell: {"n", "oracle", "preference_off", "auto_think_on_rate",
-                                                     "auto_none_rate"}}}}      (see metrics.py)
+                                  "by_cell": {cell: {"n", "oracle", "mean_preference_off", "error",
+                                                     "preference_off", "auto_think_on_rate", "auto_none_rate"}},
+                                  "sign_rule": {"oracle": ORACLE, "agreement", "regret"}}}      (see metrics.py)
     ORACLE = {"accuracy", "mean_tokens", "think_on_rate", "value"}
 
 The promotion gate (`platform.registry.summary_from_report`) reads `overall.auto.accuracy.greedy`,
 `overall.auto.mean_tokens.total`, `overall.auto.n` and `items_digest`. Additions keep the schema name;
-a change of meaning bumps it.
+a change of meaning bumps it. /2: the feature-cell oracle decides each cell by the criterion's cell rule
+(mean preference + `tie_z` standard errors, `min_cell`; kat_core.autothink.CellTally); /1's sign of the
+cell's summed preference is `feature_cell.sign_rule`.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from typing import Any
 
 from kat_core.eval.metrics import ItemResult, by_level, mode_metrics, mode_selection
 
-SCHEMA = "kat-eval-report/1"
+SCHEMA = "kat-eval-report/2"
 COMPARE_SCHEMA = "kat-eval-compare/1"
 FRONTIER_PNG, LEVELS_PNG, COMPARE_PNG = "frontier.png", "think_on_by_level.png", "compare.png"
 
@@ -151,9 +154,14 @@ def _selection_lines(sel: dict[str, Any] | None) -> list[str]:
     if sel.get("feature_cell"):
         fc = sel["feature_cell"]
         rows.append((f"feature cell ({fc['cells']} cells)", fc["oracle"], fc["regret"], fc["agreement"]))
+        if fc.get("sign_rule"):
+            sign = fc["sign_rule"]
+            rows.append(("feature cell, sign of the mean", sign["oracle"], sign["regret"], sign["agreement"]))
     return [
         f"Mode selection over {sel['n']} items ({rule}). Auto's choices are valued by the forced modes' outcomes; "
-        "the feature-cell oracle is the frontier a selector that sees only the request can reach.",
+        "the feature-cell oracle is the frontier a selector that sees only the request can reach (a cell thinks "
+        f"when its mean edge exceeds {crit.get('tie_z', 0)} standard errors, else a tie goes to think-off; the "
+        "sign of the mean alone also knows which of this split's items a direct answer missed).",
         "",
         "| | accuracy | tokens | think-on | value | auto agrees | regret: accuracy | tokens | value |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -175,10 +183,10 @@ def _cell_lines(by_cell: dict[str, Any] | None) -> list[str]:
     """Per feature cell: its size, the oracle's mode and margin, and how often auto thought."""
     if not by_cell:
         return []
-    return ["", "| feature cell | items | mean V_off - V_on + delta | cell oracle | auto think-on |",
-            "|---|---:|---:|---|---:|",
-            *(f"| {cell} | {c['n']} | {c['preference_off']:+.3f} | {c['oracle']} | {_f(c['auto_think_on_rate'])} |"
-              for cell, c in by_cell.items())]
+    return ["", "| feature cell | items | mean V_off - V_on + delta | standard error | cell oracle | auto think-on |",
+            "|---|---:|---:|---:|---|---:|",
+            *(f"| {cell} | {c['n']} | {c.get('mean_preference_off', c['preference_off']):+.3f} | "
+              f"{_f(c.get('error'))} | {c['oracle']} | {_f(c['auto_think_on_rate'])} |" for cell, c in by_cell.items())]
 
 
 def render_markdown(report: dict[str, Any]) -> str:

@@ -62,7 +62,7 @@ class Margins:
 def summary_from_report(report: dict[str, Any] | EvalSummary, mode: str = "auto") -> EvalSummary:
     """The gate's view of an evaluation report: `mode`'s overall accuracy and mean tokens.
 
-    Accepted layouts (adapt here, in one place): the evaluation's report.json ("kat-eval-report/1":
+    Accepted layouts (adapt here, in one place): the evaluation's report.json ("kat-eval-report/2":
     overall.<mode>.accuracy.greedy, overall.<mode>.mean_tokens.total, overall.<mode>.n, items); a flat
     {"accuracy", "mean_tokens", "items"}; the mode's block under "modes" or the mode's own key; or only
     per-suite blocks {"suites": {suite: {"modes": {mode: {...}}}}}, averaged weighted by each suite's n.

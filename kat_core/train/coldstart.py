@@ -4,10 +4,11 @@ Prompts come from the dataset's held-out pool (`pool.jsonl`, use "coldstart"): p
 a direct answer is measured as on a new request, not a memorised one. For each prompt both forced modes are
 measured under the evaluation's decoding (`autothink.decoding`: one greedy answer per mode, or `coldstart.k`
 samples at a temperature), the judge pre-filled from the prompt's intent features. Each prompt's preference
-`V_off - V_on + delta` (kat_core.autothink) is summed over its *feature cell* (level and judge description,
-what the model can see before answering), and the cell's sign labels every prompt of the cell: the model is
-taught the best mode a selector can reach, not the coin flips of single items (a cell with fewer than
-`autothink.min_cell` prompts takes its level's verdict).
+`V_off - V_on + delta` (kat_core.autothink) is averaged over its *feature cell* (level and judge description,
+what the model can see before answering), and the cell's verdict labels every prompt of the cell: the model
+is taught the best mode a selector can reach, not the coin flips of single items. A cell thinks only where
+thinking's edge exceeds `autothink.tie_z` standard errors of the mean (within the noise it is a tie, and
+ties go to think-off); a cell with fewer than `autothink.min_cell` prompts takes its level's verdict.
 
 The SFT example for a prompt is its shortest verified response in the labelled mode, under the judge written
 from intent features for that mode, so the model learns both the choice and why. A prompt with no verified
@@ -30,7 +31,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from kat_core.autothink import cell_modes, cell_of, preference_off
+from kat_core.autothink import cell_of, cell_tally, preference_off
 from kat_core.config import AutoThinkConfig, ColdStartConfig, KatConfig
 from kat_core.data.judge import judge_text
 from kat_core.errors import KatError
@@ -88,16 +89,15 @@ def label_items(pairs: list[tuple[Task, Item]], sampled: list[dict[str, Any]], c
         prefs.append(preference_off((row["acc_off"], row["tokens_off"]), (row["acc_on"], row["tokens_on"]),
                                     criterion))
         cells.append(cell_of(task.intent_features(item)))
-    verdict = cell_modes(zip(cells, (item.difficulty for _, item in pairs), prefs, strict=True), criterion.min_cell)
-    cell_pref: dict[str, list[float]] = defaultdict(list)
-    for cell, pref in zip(cells, prefs, strict=True):
-        cell_pref[cell].append(pref)
+    tally = cell_tally(zip(cells, (item.difficulty for _, item in pairs), prefs, strict=True), criterion)
+    cell_info = tally.summary()
     labels, sft = [], []
     for (task, item), row, pref, cell in zip(pairs, sampled, prefs, cells, strict=True):
-        label = verdict[cell]
-        mean = sum(cell_pref[cell]) / len(cell_pref[cell])
-        reason = (f"cell {cell!r} ({len(cell_pref[cell])} prompts): mean V_off - V_on + delta = {mean:+.3f}"
-                  + ("" if len(cell_pref[cell]) >= criterion.min_cell else ", too few: the level's verdict"))
+        info = cell_info[cell]
+        label = info["mode"]
+        reason = (f"cell {cell!r} ({info['n']} prompts): mean V_off - V_on + delta = {info['mean']:+.3f} "
+                  f"+- {info['error']:.3f}"
+                  + ("" if info["n"] >= criterion.min_cell else ", too few: the level's verdict"))
         best = row[f"best_{label}"]
         source = "sample"
         if best is None and item.steps:

@@ -20,9 +20,10 @@ temperature), which gives the prompt's preference (kat_core.autothink, the one d
     L_dec = -|A_dec| * log p_better,   better = off if A_dec >= 0 else on
 
 Both arms are measured, so no decision is sampled and none needs an importance weight. With
-`decision_target: cell` (the default), a prompt's A_dec is its feature cell's mean preference over the whole
-RL pool, measured once (greedy, both modes) on the starting policy before the first step (`census`; a cell
-with fewer than `autothink.min_cell` prompts takes its level's mean): every prompt of a cell pushes the same
+`decision_target: cell` (the default), a prompt's A_dec is its feature cell's decision value over the whole
+RL pool (mean preference + `autothink.tie_z` standard errors, kat_core.autothink.CellTally), measured once
+(greedy, both modes) on the starting policy before the first step (`census`; a cell with fewer than
+`autothink.min_cell` prompts takes its level's): every prompt of a cell pushes the same
 way, towards the evaluation's feature-cell oracle (kat_core.eval.metrics), and every seed aims at the same
 cells. With `decision_weighting: sign` each prompt's loss weighs 1 instead of |A_dec|. With per-prompt
 targets (`prompt`) the loss is minimised at a *soft* decision, p_off = (sum of A_dec > 0) / (sum of |A_dec|)
@@ -74,7 +75,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kat_core.autothink import CellTally, cell_of, decide, mode_value, preference_off
+from kat_core.autothink import CellTally, cell_of, decide, mode_value, preference_off, tally_for
 from kat_core.chat import request_text
 from kat_core.config import AutoThinkConfig, KatConfig, SrpoConfig
 from kat_core.data.judge import judge_text
@@ -231,6 +232,18 @@ def decision_loss(l_on, l_off, pref, by_sign: bool = False):
     return -(1.0 if by_sign else pref.abs()) * F.logsigmoid(margin)
 
 
+def decision_kl(logit_off, ref_logit_off):
+    """KL(policy || reference) per prompt between the two-arm decisions p_off = sigmoid(l_off - l_on): what the
+    decision anchor (`srpo.decision_anchor`) keeps small, so that training the answers of both modes does not
+    move the greedy decision through the shared weights (measured: one RL seed of six, with no decision loss,
+    turned a level-5 item direct)."""
+    import torch.nn.functional as F
+
+    log_off, log_on = F.logsigmoid(logit_off), F.logsigmoid(-logit_off)
+    ref_off, ref_on = F.logsigmoid(ref_logit_off), F.logsigmoid(-ref_logit_off)
+    return log_off.exp() * (log_off - ref_off) + log_on.exp() * (log_on - ref_on)
+
+
 def torch_sign(x):
     """+1 where think-off is better or tied (x >= 0), -1 elsewhere."""
     import torch
@@ -275,6 +288,11 @@ def make_loss_fn(cfg: SrpoConfig) -> Callable:
                                         cfg.clip_eps)
             loss = loss + cfg.decision_weight * (dec * batch["decision_weight"]).sum()
             parts["decision_loss"] = float(dec.detach().mean())
+            if cfg.decision_anchor > 0 and "ref_logp_all" in batch:
+                ref_on, ref_off = _decision_logp(batch["ref_logp_all"], batch)
+                anchor = decision_kl(l_off - l_on, ref_off - ref_on)
+                loss = loss + cfg.decision_anchor * (anchor * batch["decision_weight"]).sum()
+                parts["decision_anchor_kl"] = float(anchor.detach().mean())
         if cfg.kl_beta > 0:
             kl_mask = batch["kl_weights"]
             kl = exact_kl(logp_all, batch["ref_logp_all"])
@@ -689,7 +707,7 @@ def srpo(config: KatConfig, checkpoint: str | Path, data_dir: str | Path, out_di
     pick = level_sampler(pairs, per_rollout, seed=config.seed)
     probe_values = measure_modes(model, tokenizer, probe, cfg.max_new_tokens, config.seed) if probe else []
     cache: dict[tuple[int, int], list[dict[str, Any]]] = {}
-    tally = CellTally(crit.min_cell) if method.name == "step_srpo" and cfg.decision_target == "cell" else None
+    tally = tally_for(crit) if method.name == "step_srpo" and cfg.decision_target == "cell" else None
     census_s = census(model, tokenizer, pairs, tally, cfg, crit, config.seed) if tally is not None else 0.0
 
     def batches(i: int) -> dict[str, Any]:
