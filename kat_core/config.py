@@ -176,7 +176,8 @@ class PretrainConfig(_Strict):
     alpha: float = Field(0.5, ge=0, le=1, description="CE weight when a teacher is given (1 without one)")
     kd_temperature: float = Field(2.0, gt=0)
     mtp_lambda: float = Field(0.3, ge=0)
-    mode_token_weight: float = Field(3.0, ge=1, description="extra CE weight on the mode token")
+    mode_token_weight: float = Field(3.0, ge=1, description="extra CE weight on the decision: the judge's verdict "
+                                     "word (think / direct) and the mode token (kat_core.train.data)")
     pack_len: int | None = Field(
         None, ge=16, description="tokens per packed training row (None: model.max_seq_len); rows a few examples "
         "long cost less attention per token than rows of the whole context")
@@ -270,10 +271,6 @@ class SrpoConfig(_Strict):
         "value", description="step_srpo: each prompt's decision loss weighs |A_dec| (value: the regret at stake), "
         "or 1 towards the better arm (sign: steadier decisions, but measured to cost level 4's direct answers "
         "accuracy, README)")
-    decision_anchor: float = Field(0.0, ge=0, description="step_srpo, adaptthink: weight of the KL between the "
-                                   "policy's and the reference's two-arm decision (p_off from the two canonical "
-                                   "judges' log-odds) per prompt; keeps the decision where the reference put it "
-                                   "while the answers train (needs kl_beta > 0 for the reference)")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip range for the importance ratio")
     kl_beta: float = Field(0.05, ge=0, description="weight of the exact KL to the reference (0: no reference)")
     control_weight: float = Field(1.0, ge=0, description="decoupled: weight of the control-token loss")

@@ -223,3 +223,26 @@ def test_kat_eval_command(ckpt, tmp_path):
     assert set(json.loads((out / "report.json").read_text())["overall"]) == {"auto", "off"}
     r = CliRunner().invoke(app, ["eval", str(ckpt), "--out", str(tmp_path / "x"), "--modes", "sometimes"])
     assert isinstance(r.exception, KatError) and "sometimes" in str(r.exception)
+
+
+def test_cell_census_counts_a_split_oracle_that_leaves_the_population():
+    """benchmarks/cell_census.py: on a split where a think-off cell's one direct miss falls among few items, the
+    sign rule's oracle thinks there (more than 0.03 x think-on tokens away from the population's selector); the
+    criterion's tie rule does not."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cell_census", "benchmarks/cell_census.py")
+    census = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(census)
+
+    def item(cell, level, right_off):  # thinking: right, 46 tokens; directly: 16 tokens
+        pref = (1.0 if right_off else 0.0) - 1.0 + 0.2 * 30 / 160 + 0.02
+        return {"cell": cell, "level": level, "pref": pref, "tokens_off": 16, "tokens_on": 46}
+
+    population = [item("L4 sum", 4, k % 40) for k in range(400)] + [item("L5 product", 5, False)] * 400
+    split = [item("L4 sum", 4, k) for k in range(16)] + [item("L5 product", 5, False)] * 16  # k 0: a miss
+    selector = census.modes_of(population, 4, 1.645)
+    assert selector == {"L4 sum": "off", "L5 product": "on"}
+    assert census.modes_of(split, 1, 0.0)["L4 sum"] == "on"
+    assert census.token_gap(split, census.modes_of(split, 1, 0.0), selector) > 0.03
+    assert census.token_gap(split, census.modes_of(split, 4, 1.645), selector) == 0.0

@@ -97,3 +97,24 @@ def test_a_tokenizer_that_adds_a_bos_gets_it_in_the_layout(tiny_tokenizer):
     assert request_text(llama_like, "Compute 2+3.") == f"{bos}Compute 2+3.\n"
     ids = llama_like(request_text(llama_like, "Compute 2+3."), add_special_tokens=False)["input_ids"]
     assert ids[0] == llama_like.bos_token_id and ids.count(llama_like.bos_token_id) == 1
+
+
+def test_the_decision_weight_lands_on_the_verdict_word_and_the_mode_token(tiny_tokenizer):
+    """The choice is made at the judge's verdict word ("think" / "direct"); `</judge>` and the mode token only
+    follow from it. Both get `mode_token_weight`, nothing else of the completion does."""
+    from kat_core.format import render
+    from kat_core.train.data import decision_span, encode_example
+
+    for mode, answer, verdict in (("on", "57", "think"), ("off", "57", "direct")):
+        completion = render(f"product, 4 steps, carries: {verdict}", mode, answer,
+                            think="9*3=27 w7 c2" if mode == "on" else None)
+        example = encode_example({"prompt": "Compute 19*3.", "completion": completion}, tiny_tokenizer, 3.0)
+        heavy = [tiny_tokenizer.decode([t]) for t, w in zip(example.ids, example.weights, strict=True) if w == 3.0]
+        assert "".join(heavy).replace(" ", "") == f"{verdict}</judge><think_{mode}>", heavy
+        lo, hi = decision_span(completion)
+        assert completion[lo:hi] == f"{verdict}</judge><think_{mode}>"
+    # a record without a judge (e.g. a plain answer) keeps the weight on its mode token alone, if it has one
+    assert decision_span("<think_off><answer>5</answer>") is None
+    plain = encode_example({"prompt": "Compute 2+3.", "completion": "<think_off><answer>5</answer>"}, tiny_tokenizer, 3.0)
+    assert [tiny_tokenizer.decode([t]) for t, w in zip(plain.ids, plain.weights, strict=True) if w == 3.0] == [
+        "<think_off>"]

@@ -2,8 +2,9 @@
 
 Each example is `request_text(tokenizer, prompt) + completion + EOS` (kat_core.chat: the base's chat template
 when it has one). Loss weights: 0 on the prompt (we do not
-teach the model to write requests), 1 on the completion, `mode_token_weight` on the mode token so the
-model learns to choose `<think_on>`/`<think_off>` early, and 0 on the closing `</answer>` and EOS of a record whose
+teach the model to write requests), 1 on the completion, `mode_token_weight` on the *decision*: the judge's
+verdict word (`: think` / `: direct`, where the choice is made: everything after it follows from it) and the
+mode token `<think_on>`/`<think_off>` (alone, in a record without a judge), and 0 on the closing `</answer>` and EOS of a record whose
 answer was `cut` short (a self-replay answer that ran out of its token budget: the model should keep the base's
 words, not learn to stop where the budget did). Examples are packed first-fit into rows of
 `seq_len` tokens without being split; position ids restart at each example, which transformers turns
@@ -13,11 +14,15 @@ into a block-diagonal causal mask (examples in one row do not see each other).
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from kat_core.chat import request_text
-from kat_core.format import ANSWER_CLOSE, THINK_OFF, THINK_ON
+from kat_core.format import ANSWER_CLOSE, JUDGE_CLOSE, THINK_OFF, THINK_ON
+
+# the judge's verdict word and the mode token after it: "...carries: think</judge><think_on>"
+_DECISION = re.compile(rf":\s*(\w+){re.escape(JUDGE_CLOSE)}\s*(?:{re.escape(THINK_ON)}|{re.escape(THINK_OFF)})")
 
 
 @dataclass
@@ -26,13 +31,23 @@ class Example:
     weights: list[float]  # weight of predicting ids[i] (so weights[0] is unused)
 
 
+def decision_span(completion: str) -> tuple[int, int] | None:
+    """Character span of the completion's decision: from its judge's verdict word to the end of the mode token
+    (None without a judge's verdict)."""
+    m = _DECISION.search(completion)
+    return (m.start(1), m.end()) if m else None
+
+
 def encode_example(record: dict[str, Any], tokenizer, mode_token_weight: float = 1.0) -> Example:
     prompt_ids = tokenizer(request_text(tokenizer, record["prompt"]), add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
+    encoded = tokenizer(record["completion"], add_special_tokens=False, return_offsets_mapping=True)
+    completion_ids = encoded["input_ids"]
     ids = prompt_ids + completion_ids + [tokenizer.eos_token_id]
     mode_ids = {tokenizer.convert_tokens_to_ids(THINK_ON), tokenizer.convert_tokens_to_ids(THINK_OFF)}
+    lo, hi = decision_span(record["completion"]) or (0, 0)
     weights = [0.0] * len(prompt_ids) + [
-        mode_token_weight if t in mode_ids else 1.0 for t in completion_ids
+        mode_token_weight if t in mode_ids or (start < hi and end > lo) else 1.0
+        for t, (start, end) in zip(completion_ids, encoded["offset_mapping"], strict=True)
     ] + [1.0]
     if record.get("cut"):
         if completion_ids[-1:] != [tokenizer.convert_tokens_to_ids(ANSWER_CLOSE)]:

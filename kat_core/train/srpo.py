@@ -232,18 +232,6 @@ def decision_loss(l_on, l_off, pref, by_sign: bool = False):
     return -(1.0 if by_sign else pref.abs()) * F.logsigmoid(margin)
 
 
-def decision_kl(logit_off, ref_logit_off):
-    """KL(policy || reference) per prompt between the two-arm decisions p_off = sigmoid(l_off - l_on): what the
-    decision anchor (`srpo.decision_anchor`) keeps small, so that training the answers of both modes does not
-    move the greedy decision through the shared weights (measured: one RL seed of six, with no decision loss,
-    turned a level-5 item direct)."""
-    import torch.nn.functional as F
-
-    log_off, log_on = F.logsigmoid(logit_off), F.logsigmoid(-logit_off)
-    ref_off, ref_on = F.logsigmoid(ref_logit_off), F.logsigmoid(-ref_logit_off)
-    return log_off.exp() * (log_off - ref_off) + log_on.exp() * (log_on - ref_on)
-
-
 def torch_sign(x):
     """+1 where think-off is better or tied (x >= 0), -1 elsewhere."""
     import torch
@@ -288,11 +276,6 @@ def make_loss_fn(cfg: SrpoConfig) -> Callable:
                                         cfg.clip_eps)
             loss = loss + cfg.decision_weight * (dec * batch["decision_weight"]).sum()
             parts["decision_loss"] = float(dec.detach().mean())
-            if cfg.decision_anchor > 0 and "ref_logp_all" in batch:
-                ref_on, ref_off = _decision_logp(batch["ref_logp_all"], batch)
-                anchor = decision_kl(l_off - l_on, ref_off - ref_on)
-                loss = loss + cfg.decision_anchor * (anchor * batch["decision_weight"]).sum()
-                parts["decision_anchor_kl"] = float(anchor.detach().mean())
         if cfg.kl_beta > 0:
             kl_mask = batch["kl_weights"]
             kl = exact_kl(logp_all, batch["ref_logp_all"])
