@@ -115,6 +115,7 @@ def test_the_decision_weight_lands_on_the_verdict_word_and_the_mode_token(tiny_t
         assert completion[lo:hi] == f"{verdict}</judge><think_{mode}>"
     # a record without a judge (e.g. a plain answer) keeps the weight on its mode token alone, if it has one
     assert decision_span("<think_off><answer>5</answer>") is None
-    plain = encode_example({"prompt": "Compute 2+3.", "completion": "<think_off><answer>5</answer>"}, tiny_tokenizer, 3.0)
+    plain = encode_example({"prompt": "Compute 2+3.", "completion": "<think_off><answer>5</answer>"}, tiny_tokenizer,
+                           3.0)
     assert [tiny_tokenizer.decode([t]) for t, w in zip(plain.ids, plain.weights, strict=True) if w == 3.0] == [
         "<think_off>"]

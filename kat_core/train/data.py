@@ -1,14 +1,14 @@
 """Turn dataset records into packed training rows.
 
 Each example is `request_text(tokenizer, prompt) + completion + EOS` (kat_core.chat: the base's chat template
-when it has one). Loss weights: 0 on the prompt (we do not
-teach the model to write requests), 1 on the completion, `mode_token_weight` on the *decision*: the judge's
-verdict word (`: think` / `: direct`, where the choice is made: everything after it follows from it) and the
-mode token `<think_on>`/`<think_off>` (alone, in a record without a judge), and 0 on the closing `</answer>` and EOS of a record whose
-answer was `cut` short (a self-replay answer that ran out of its token budget: the model should keep the base's
-words, not learn to stop where the budget did). Examples are packed first-fit into rows of
-`seq_len` tokens without being split; position ids restart at each example, which transformers turns
-into a block-diagonal causal mask (examples in one row do not see each other).
+when it has one). Loss weights: 0 on the prompt (we do not teach the model to write requests), 1 on the
+completion, `mode_token_weight` on the *decision*: the judge's verdict word (`: think` / `: direct`, where the
+choice is made: everything after it follows from it) and the mode token `<think_on>`/`<think_off>` (alone, in a
+record without a judge), and 0 on the closing `</answer>` and EOS of a record whose answer was `cut` short (a
+self-replay answer that ran out of its token budget: the model should keep the base's words, not learn to stop
+where the budget did). Examples are packed first-fit into rows of `seq_len` tokens without being split;
+position ids restart at each example, which transformers turns into a block-diagonal causal mask (examples in
+one row do not see each other).
 """
 
 from __future__ import annotations
