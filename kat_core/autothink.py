@@ -14,7 +14,8 @@ description of it ("sum, 2 steps", "product plus sum, 7 steps, carries"). The be
 preferences of the cell's prompts, is the frontier a selector can reach (the feature-cell oracle); the best
 mode per prompt, knowing the outcomes, is the hindsight oracle. A cell is decided by its mean preference
 plus `tie_z` standard errors (CellTally): a think-on edge within the measurement's noise is a tie, and ties
-go to think-off, in the cold start's labels, the RL's census and the evaluation's cell oracle alike.
+go to think-off; a cell its own prompts cannot settle takes its level's verdict. The same rule serves the
+cold start's labels, the RL's census and the evaluation's cell oracle.
 """
 
 from __future__ import annotations
@@ -52,13 +53,13 @@ class CellTally:
 
     A cell's decision value is its mean `preference_off` plus `tie_z` standard errors of that mean: think-on
     is chosen only where thinking's edge stands out of the measurement's noise (one-sided, z = `tie_z`), and a
-    cell whose edge is within it is a tie, which goes to think-off like a tie within `delta`. Why: a cell holds
-    a few dozen prompts, each a 0/1 outcome per mode, so near the criterion's threshold one wrong direct answer
-    in 16 prompts (-0.06) flips the sign of the mean alone. Measured on the demo student: the sign picked
-    think-on for a level-4 cell of a 200-item test split whose 91 fresh items preferred think-off by +0.047; over
-    resampled 500-item splits the sign rule's cell oracle disagreed with the population's by more than 0.03 x
-    think-on tokens in half of them, at z = 1.645 in 2%. A cell with fewer than `min_cell` prompts takes its
-    level's value (too few prompts to tell it apart)."""
+    tie goes to think-off like a tie within `delta`. A cell whose own prompts do not settle it (fewer than
+    `min_cell`, or a mean within `tie_z` standard errors of 0) takes its level's value under the same rule.
+    Why: a cell holds a few dozen prompts, each a 0/1 outcome per mode, so near the criterion's threshold one
+    wrong direct answer in 16 prompts (-0.06) flips the sign of the mean alone. Measured on the demo student:
+    the sign picked think-on for a level-4 cell of a 200-item test split whose 91 fresh items preferred
+    think-off by +0.047; over resampled 500-item splits the sign rule's cell oracle disagreed with the
+    population's by more than 0.03 x think-on tokens in half of them (README, benchmarks/cell_census.py)."""
 
     def __init__(self, min_cell: int = 1, tie_z: float = 0.0) -> None:
         self.min_cell = min_cell
@@ -78,15 +79,26 @@ class CellTally:
     def count(self, cell: str) -> int:
         return int(self._cell[cell][2]) if cell in self._cell else 0
 
-    def mean_and_error(self, cell: str) -> tuple[float, float]:
-        """(mean preference_off, its standard error) of the cell, or of its level when the cell is too small."""
-        total, squares, n = self._cell[cell] if self.count(cell) >= self.min_cell else \
-            self._level[self._level_of[cell]]
+    @staticmethod
+    def _stats(tally: list[float]) -> tuple[float, float]:
+        total, squares, n = tally
         mean = total / n
         if n < 2:
             return mean, 0.0
-        variance = max(squares - n * mean * mean, 0.0) / (n - 1)
-        return mean, (variance / n) ** 0.5
+        return mean, (max(squares - n * mean * mean, 0.0) / (n - 1) / n) ** 0.5
+
+    def _decides(self, cell: str) -> bool:
+        """Whether the cell's own prompts settle it: at least min_cell of them, and a mean beyond tie_z
+        standard errors either way. Otherwise its level decides (a small or inconclusive cell borrows the
+        level's evidence: a level-5 cell of 5 prompts, 2 right directly, is not a tie when its level thinks)."""
+        if self.count(cell) < self.min_cell:
+            return False
+        mean, error = self._stats(self._cell[cell])
+        return abs(mean) > self.tie_z * error
+
+    def mean_and_error(self, cell: str) -> tuple[float, float]:
+        """(mean preference_off, its standard error) of the cell, or of its level when the cell does not decide."""
+        return self._stats(self._cell[cell] if self._decides(cell) else self._level[self._level_of[cell]])
 
     def preference(self, cell: str) -> float:
         """The cell's decision value: mean preference_off + tie_z standard errors (>= 0: think-off)."""
@@ -94,14 +106,16 @@ class CellTally:
         return mean + self.tie_z * error
 
     def summary(self) -> dict[str, dict[str, Any]]:
-        """{cell: {n, mean (preference_off), error (its standard error), preference_off (the decision value),
-        mode}}, for the RL stage's and the evaluation's reports."""
+        """{cell: {n, mean and error (the cell's own mean preference_off and its standard error), by ("cell", or
+        "level" when the cell does not settle itself), preference_off (the decision value), mode}}, for the cold
+        start's labels and the RL stage's and the evaluation's reports."""
         out = {}
         for cell in sorted(self._cell):
-            mean, error = self.mean_and_error(cell)
+            mean, error = self._stats(self._cell[cell])
             pref = self.preference(cell)
             out[cell] = {"n": self.count(cell), "mean": round(mean, 4), "error": round(error, 4),
-                         "preference_off": round(pref, 4), "mode": decide(pref)}
+                         "by": "cell" if self._decides(cell) else "level", "preference_off": round(pref, 4),
+                         "mode": decide(pref)}
         return out
 
     def modes(self) -> dict[str, str]:

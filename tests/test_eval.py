@@ -100,10 +100,10 @@ def test_oracles_and_mode_selection_by_hand(hand_made):
     assert cell["oracle"] == {"accuracy": 0.6667, "mean_tokens": 33.33, "think_on_rate": 0.6667, "value": 0.6}
     assert cell["agreement"] == 0.6667 and cell["regret"] == {"accuracy": 0.0, "tokens": 0.0, "value": 0.0}
     assert cell["by_cell"] == {  # per cell: what the oracle picks, by how much, and what auto did
-        "L1": {"n": 1, "oracle": "off", "mean_preference_off": 0.04, "error": 0.0, "preference_off": 0.04,
-               "auto_think_on_rate": 0.0, "auto_none_rate": 0.0},
-        "L2": {"n": 2, "oracle": "on", "mean_preference_off": -0.43, "error": 0.514, "preference_off": -0.43,
-               "auto_think_on_rate": 0.5, "auto_none_rate": 0.5}}
+        "L1": {"n": 1, "oracle": "off", "mean_preference_off": 0.04, "error": 0.0, "decided_by": "cell",
+               "preference_off": 0.04, "auto_think_on_rate": 0.0, "auto_none_rate": 0.0},
+        "L2": {"n": 2, "oracle": "on", "mean_preference_off": -0.43, "error": 0.514, "decided_by": "cell",
+               "preference_off": -0.43, "auto_think_on_rate": 0.5, "auto_none_rate": 0.5}}
     assert {k: cell["sign_rule"][k] for k in ("oracle", "regret")} == {k: cell[k] for k in ("oracle", "regret")}
     # with the tie band, L2's edge for thinking (0.43) is within 1.645 standard errors (0.514) of its two items:
     # a tie, which goes to think-off; the sign rule beside it still thinks

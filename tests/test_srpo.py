@@ -152,7 +152,8 @@ def test_decisions_pool_by_feature_cell():
     advs = [Advantages(judge=[], response=[], decision=1.0) for _ in range(5)]
     pool_decisions([(task, it) for it in big + lone], advs, tally)
     assert [a.decision for a in advs] == pytest.approx([-0.195] * 4 + [(0.15 - 0.93 + 0.5) / 5])
-    assert tally.summary()[l4[0]] == {"n": 4, "mean": -0.195, "error": 0.245, "preference_off": -0.195, "mode": "on"}
+    assert tally.summary()[l4[0]] == {"n": 4, "mean": -0.195, "error": 0.245, "by": "cell", "preference_off": -0.195,
+                                      "mode": "on"}
     # under the criterion's tie band (tie_z standard errors) that cell's edge for thinking is within the noise
     banded = CellTally(min_cell=3, tie_z=1.645)
     for it, pref in zip(big, (0.05, 0.05, 0.05, -0.93), strict=True):

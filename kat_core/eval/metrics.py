@@ -12,7 +12,7 @@ think-off is right when `V_off >= V_on - delta`. Two oracles are reported:
   - hindsight: the right mode per item, knowing its outcomes (no selector can beat it);
   - feature cell: the right mode per prompt-visible cell (level and judge description, `autothink.cell_of`),
     by the criterion's cell rule (`autothink.CellTally`: the mean preference plus `tie_z` standard errors,
-    a think-on edge within the noise is a tie; a cell under `min_cell` items takes its level's): the frontier
+    a think-on edge within the noise is a tie; a cell its items do not settle takes its level's): the frontier
     a mode selector that sees only the request can reach. Beside it (`sign_rule`), the sign of each cell's
     mean alone, the rule before tie_z: it also knows which of the split's few items a direct answer missed.
 The auto mode's choice is the mode token of its greedy response, valued with the same forced outcomes, so
@@ -184,7 +184,8 @@ def mode_selection(results: list[ItemResult], crit=None) -> dict[str, Any] | Non
         entry["on"] += c == "on"
         entry["none"] += c == "none"
     by_cell_report = {k: {"n": cells[k]["n"], "oracle": cells[k]["mode"], "mean_preference_off": cells[k]["mean"],
-                          "error": cells[k]["error"], "preference_off": cells[k]["preference_off"],
+                          "error": cells[k]["error"], "decided_by": cells[k]["by"],
+                          "preference_off": cells[k]["preference_off"],
                           "auto_think_on_rate": _r(e["on"] / cells[k]["n"]),
                           "auto_none_rate": _r(e["none"] / cells[k]["n"])}
                       for k, e in sorted(per_cell.items())}

@@ -33,7 +33,7 @@ report.json, schema "kat-eval-report/2":
                  "oracle": ORACLE, "agreement", "regret": {"accuracy", "tokens", "value"},
                  "confusion": {"oracle_off"|"oracle_on": {"chose_off", "chose_on", "chose_none"}},
                  "feature_cell": {"oracle": ORACLE, "agreement", "regret", "cells",
-                                  "by_cell": {cell: {"n", "oracle", "mean_preference_off", "error",
+                                  "by_cell": {cell: {"n", "oracle", "mean_preference_off", "error", "decided_by",
                                                      "preference_off", "auto_think_on_rate", "auto_none_rate"}},
                                   "sign_rule": {"oracle": ORACLE, "agreement", "regret"}}}      (see metrics.py)
     ORACLE = {"accuracy", "mean_tokens", "think_on_rate", "value"}
@@ -41,7 +41,8 @@ report.json, schema "kat-eval-report/2":
 The promotion gate (`platform.registry.summary_from_report`) reads `overall.auto.accuracy.greedy`,
 `overall.auto.mean_tokens.total`, `overall.auto.n` and `items_digest`. Additions keep the schema name;
 a change of meaning bumps it. /2: the feature-cell oracle decides each cell by the criterion's cell rule
-(mean preference + `tie_z` standard errors, `min_cell`; kat_core.autothink.CellTally); /1's sign of the
+(mean preference + `tie_z` standard errors; a cell that does not settle itself takes its level's;
+kat_core.autothink.CellTally); /1's sign of the
 cell's summed preference is `feature_cell.sign_rule`.
 """
 
@@ -180,13 +181,15 @@ def _selection_lines(sel: dict[str, Any] | None) -> list[str]:
 
 
 def _cell_lines(by_cell: dict[str, Any] | None) -> list[str]:
-    """Per feature cell: its size, the oracle's mode and margin, and how often auto thought."""
+    """Per feature cell: its size, its mean preference and standard error, the oracle's mode (and whether the cell
+    or its level settled it), and how often auto thought."""
     if not by_cell:
         return []
     return ["", "| feature cell | items | mean V_off - V_on + delta | standard error | cell oracle | auto think-on |",
             "|---|---:|---:|---:|---|---:|",
             *(f"| {cell} | {c['n']} | {c.get('mean_preference_off', c['preference_off']):+.3f} | "
-              f"{_f(c.get('error'))} | {c['oracle']} | {_f(c['auto_think_on_rate'])} |" for cell, c in by_cell.items())]
+              f"{_f(c.get('error'))} | {c['oracle']}{' (level)' if c.get('decided_by') == 'level' else ''} | "
+              f"{_f(c['auto_think_on_rate'])} |" for cell, c in by_cell.items())]
 
 
 def render_markdown(report: dict[str, Any]) -> str:

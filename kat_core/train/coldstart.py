@@ -8,7 +8,8 @@ samples at a temperature), the judge pre-filled from the prompt's intent feature
 what the model can see before answering), and the cell's verdict labels every prompt of the cell: the model
 is taught the best mode a selector can reach, not the coin flips of single items. A cell thinks only where
 thinking's edge exceeds `autothink.tie_z` standard errors of the mean (within the noise it is a tie, and
-ties go to think-off); a cell with fewer than `autothink.min_cell` prompts takes its level's verdict.
+ties go to think-off); a cell with fewer than `autothink.min_cell` prompts, or a mean within that band of 0,
+takes its level's verdict.
 
 The SFT example for a prompt is its shortest verified response in the labelled mode, under the judge written
 from intent features for that mode, so the model learns both the choice and why. A prompt with no verified
@@ -96,8 +97,7 @@ def label_items(pairs: list[tuple[Task, Item]], sampled: list[dict[str, Any]], c
         info = cell_info[cell]
         label = info["mode"]
         reason = (f"cell {cell!r} ({info['n']} prompts): mean V_off - V_on + delta = {info['mean']:+.3f} "
-                  f"+- {info['error']:.3f}"
-                  + ("" if info["n"] >= criterion.min_cell else ", too few: the level's verdict"))
+                  f"+- {info['error']:.3f}" + ("" if info["by"] == "cell" else ", not settled: the level's verdict"))
         best = row[f"best_{label}"]
         source = "sample"
         if best is None and item.steps:
