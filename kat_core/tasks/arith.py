@@ -293,8 +293,12 @@ class ArithTask(Task):
         items: dict[int, list[Item]] = {lvl: [] for lvl in self.levels}
         seen: set[str] = set()
         for level in sorted(self.levels):
-            misses = 0
-            while len(items[level]) < quotas[level] and misses < 2000:
+            # tries that miss (a repeat, or another split's expression) before a level is taken as exhausted. A
+            # held-out split is 12-20% of the space, so a large pool needs more tries per item; the train split
+            # keeps the fixed 2000 (its stream, the pretraining data, stays as it was), and so does any split up
+            # to 100 items a level (the evaluation's test items stay as they were)
+            misses, patience = 0, 2000 if split == "train" else max(2000, 20 * quotas[level])
+            while len(items[level]) < quotas[level] and misses < patience:
                 expr, _ = _level_expression(level, rng)
                 if expr in seen or split_of(expr) != split:
                     misses += 1
