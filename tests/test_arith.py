@@ -132,3 +132,17 @@ def test_a_product_column_adds_its_carry_in_its_own_step():
     assert solve("47*6") == (282, ["7*6=42 w2 c4", "4*6=24", "24+4=28 w28", "47*6=282"])
     assert solve("6*47") == solve("47*6")
     assert solve("32*3")[1] == ["2*3=6 w6", "3*3=9 w9", "32*3=96"]  # no carry, no extra step
+
+
+def test_a_large_held_out_pool_is_filled_from_levels_with_room():
+    """A held-out split is ~12% of the expression space: 2000 pool items need more tries than the fixed 2000
+    misses a level (which left the demo's pool at 776); levels 1-2 run out and hand their share on."""
+    from collections import Counter
+
+    from kat_core.tasks.arith import ArithTask, split_of
+
+    items = ArithTask().examples("pool", n=2000, seed=0)
+    assert len(items) == len({it.prompt for it in items}) == 2000
+    assert all(split_of(it.prompt.removeprefix("Compute ").rstrip(".")) == "pool" for it in items)
+    per_level = Counter(it.difficulty for it in items)
+    assert per_level[1] < 150 and per_level[2] < 150 and min(per_level[lvl] for lvl in (3, 4, 5)) >= 500
