@@ -73,8 +73,8 @@ def test_a_think_on_edge_within_the_noise_is_a_tie_and_goes_to_think_off():
     """One missed direct answer among 16 prompts, where thinking costs 0.058 of value, tips the sign of the
     cell's mean towards thinking (measured: the evaluation's oracle did so on a level-4 cell whose 91 fresh
     items preferred direct answers by +0.047); the criterion calls that a tie. Eight misses are not noise. A
-    cell too noisy to settle itself takes its level's verdict: a small level-5 cell where direct answers are
-    wrong 2 times in 5 (alone: a tie) thinks when the rest of its level does."""
+    cell under min_cell prompts takes its level's verdict: a level-5 cell of 3 prompts, one direct answer
+    wrong (alone: a tie), thinks when the rest of its level does."""
     from kat_core.tasks.arith import ArithTask
 
     task = ArithTask()
@@ -85,12 +85,12 @@ def test_a_think_on_edge_within_the_noise_is_a_tie_and_goes_to_think_off():
     largest = lambda level: max((c for c in cells if c.startswith(level)), key=lambda c: len(cells[c]))  # noqa: E731
     l4 = cells[largest("L4")][:16]
     l5 = cells[largest("L5")][:16]
-    small = next(v for c, v in cells.items() if c.startswith("L5") and c != largest("L5") and len(v) >= 5)[:5]
+    small = next(v for c, v in cells.items() if c.startswith("L5") and c != largest("L5") and len(v) >= 3)[:3]
     pairs = [(task, it) for it in l4 + l5 + small]
     wrong_off, right_both = measured(0, 1, 16, 46), measured(1, 1, 16, 46)
     sampled = ([wrong_off] + [right_both] * 15  # level 4: one direct miss
                + [wrong_off] * 8 + [right_both] * 8  # level 5: half the direct answers wrong
-               + [wrong_off] * 2 + [right_both] * 3)  # a small level-5 cell: 2 of 5 direct answers wrong
+               + [wrong_off] + [right_both] * 2)  # a small level-5 cell: 1 of 3 direct answers wrong
     labels, _ = label_items(pairs, sampled, crit)
     assert sum(r["preference_off"] for r in labels[:16]) / 16 < 0  # the sign alone would think
     assert {r["label"] for r in labels[:16]} == {"off"} and "+-" in labels[0]["reason"]
@@ -117,8 +117,7 @@ def test_coldstart_on_a_quickly_trained_model(tmp_path):
         cell = [r["preference_off"] for r in labels if r["cell"] == row["cell"]]  # beyond tie_z standard errors
         level = [r["preference_off"] for r in labels if r["difficulty"] == row["difficulty"]]
         mean, error = mean_error(cell)
-        settled = len(cell) >= crit.min_cell and abs(mean) > crit.tie_z * error + 1e-3
-        mean, error = (mean, error) if settled else mean_error(level)  # else the level decides
+        mean, error = (mean, error) if len(cell) >= crit.min_cell else mean_error(level)  # too few: the level
         assert row["label"] == ("off" if mean + crit.tie_z * error >= -1e-3 else "on")
     prompts = {r["prompt"] for r in labels}
     pretrained_on = {json.loads(x)["prompt"] for x in (tmp_path / "data" / "train-00000.jsonl").read_text().split("\n")

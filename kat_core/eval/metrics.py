@@ -12,7 +12,7 @@ think-off is right when `V_off >= V_on - delta`. Two oracles are reported:
   - hindsight: the right mode per item, knowing its outcomes (no selector can beat it);
   - feature cell: the right mode per prompt-visible cell (level and judge description, `autothink.cell_of`),
     by the criterion's cell rule (`autothink.CellTally`: the mean preference plus `tie_z` standard errors,
-    a think-on edge within the noise is a tie; a cell its items do not settle takes its level's): the frontier
+    a think-on edge within the noise is a tie; a cell under `min_cell` items takes its level's): the frontier
     a mode selector that sees only the request can reach. Beside it (`sign_rule`), the sign of each cell's
     mean alone, the rule before tie_z: it also knows which of the split's few items a direct answer missed.
 The auto mode's choice is the mode token of its greedy response, valued with the same forced outcomes, so

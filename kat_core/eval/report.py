@@ -41,7 +41,7 @@ report.json, schema "kat-eval-report/2":
 The promotion gate (`platform.registry.summary_from_report`) reads `overall.auto.accuracy.greedy`,
 `overall.auto.mean_tokens.total`, `overall.auto.n` and `items_digest`. Additions keep the schema name;
 a change of meaning bumps it. /2: the feature-cell oracle decides each cell by the criterion's cell rule
-(mean preference + `tie_z` standard errors; a cell that does not settle itself takes its level's;
+(mean preference + `tie_z` standard errors; a cell under `min_cell` items takes its level's;
 kat_core.autothink.CellTally); /1's sign of the
 cell's summed preference is `feature_cell.sign_rule`.
 """
@@ -182,7 +182,7 @@ def _selection_lines(sel: dict[str, Any] | None) -> list[str]:
 
 def _cell_lines(by_cell: dict[str, Any] | None) -> list[str]:
     """Per feature cell: its size, its mean preference and standard error, the oracle's mode (and whether the cell
-    or its level settled it), and how often auto thought."""
+    or its level decided it), and how often auto thought."""
     if not by_cell:
         return []
     return ["", "| feature cell | items | mean V_off - V_on + delta | standard error | cell oracle | auto think-on |",

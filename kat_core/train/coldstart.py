@@ -97,7 +97,7 @@ def label_items(pairs: list[tuple[Task, Item]], sampled: list[dict[str, Any]], c
         info = cell_info[cell]
         label = info["mode"]
         reason = (f"cell {cell!r} ({info['n']} prompts): mean V_off - V_on + delta = {info['mean']:+.3f} "
-                  f"+- {info['error']:.3f}" + ("" if info["by"] == "cell" else ", not settled: the level's verdict"))
+                  f"+- {info['error']:.3f}" + ("" if info["by"] == "cell" else ", too few: the level's verdict"))
         best = row[f"best_{label}"]
         source = "sample"
         if best is None and item.steps:
