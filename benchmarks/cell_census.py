@@ -44,12 +44,11 @@ def measure(model_dir: Path, n: int, seed: int, criterion) -> list[dict]:
 
 
 def modes_of(rows: list[dict], min_cell: int, tie_z: float) -> dict[str, str]:
-    from kat_core.autothink import CellTally
+    from kat_core.autothink import cell_tally
+    from kat_core.config import AutoThinkConfig
 
-    tally = CellTally(min_cell, tie_z)
-    for r in rows:
-        tally.add(r["cell"], r["level"], r["pref"])
-    return tally.modes()
+    crit = AutoThinkConfig(min_cell=min_cell, tie_z=tie_z)
+    return cell_tally(((r["cell"], r["level"], r["pref"]) for r in rows), crit).modes()
 
 
 def token_gap(split: list[dict], oracle: dict[str, str], selector: dict[str, str]) -> float:
@@ -72,7 +71,7 @@ def main() -> None:
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
 
-    from kat_core.autothink import CellTally
+    from kat_core.autothink import cell_tally
     from kat_core.config import load_config
     from kat_core.errors import KatError
     from kat_core.model.checkpoint import check_checkpoint
@@ -85,9 +84,7 @@ def main() -> None:
     except KatError as e:
         sys.exit(f"error: {e}")
     rows = measure(args.model, args.items, args.seed, crit)
-    tally = CellTally(crit.min_cell, crit.tie_z)
-    for r in rows:
-        tally.add(r["cell"], r["level"], r["pref"])
+    tally = cell_tally(((r["cell"], r["level"], r["pref"]) for r in rows), crit)
     by_cell: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_cell[r["cell"]].append(r)

@@ -130,7 +130,7 @@ def mode_selection(results: list[ItemResult], crit=None) -> dict[str, Any] | Non
     """Auto's mode choices against the hindsight and the feature-cell oracles (see the module doc): each
     one's accuracy, tokens, think-on rate and value, auto's regret and agreement against each, and the
     confusion against hindsight. None unless auto and both forced modes were evaluated."""
-    from kat_core.autothink import CellTally, cell_tally, decide, preference_off
+    from kat_core.autothink import cell_tally, decide, preference_off
     from kat_core.config import AutoThinkConfig
 
     crit = crit or AutoThinkConfig()
@@ -150,10 +150,7 @@ def mode_selection(results: list[ItemResult], crit=None) -> dict[str, Any] | Non
     by_cell = [cells[cell]["mode"] for cell, _, _ in cell_rows]
     # the in-sample sign of each cell's mean alone (no tie band, no level fallback): an upper bound that
     # knows the split's single misses, reported beside the criterion's cell oracle
-    signs = CellTally(min_cell=1, tie_z=0.0)
-    for row in cell_rows:
-        signs.add(*row)
-    sign_modes = signs.modes()
+    sign_modes = cell_tally(cell_rows, crit.model_copy(update={"min_cell": 1, "tie_z": 0.0})).modes()
     by_sign = [sign_modes[cell] for cell, _, _ in cell_rows]
     choices = []
     for r, o in zip(rows, outcomes, strict=True):
