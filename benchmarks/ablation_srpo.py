@@ -4,6 +4,7 @@ modes), with the decision criterion's two oracles.
 
     .venv/bin/python benchmarks/ablation_srpo.py [--model DIR] [--data DIR] [--profile demo] [--seeds 0 1 2]
                                                  [--algos step_srpo grpo] [--limit 500] [--eval-seed 0]
+                                                 [--oracle-items 1500]
                                                  [--set key=value ...]
 
 Defaults: the cold-start checkpoint and dataset of the last `make run` (.kat/make-run/coldstart and
@@ -12,8 +13,11 @@ forced think-on accuracy, auto tokens as a share of forced think-on's, the featu
 (same share) and auto's value regret against it, think-on rate per level, and the issue's checks per row
 (auto accuracy >= think-on - 0.01, tokens <= 0.70 x think-on, within 0.03 x think-on of the feature-cell
 oracle, regret <= the cold start's; and, for reference, within 0.03 x of the sign-rule cell oracle, which
-decides each cell by the sign of its mean alone). Then, per algorithm, the spread of each level's think-on rate across
-seeds. Ends with `ratio step_srpo/cold_start value_regret: X` (mean over seeds).
+decides each cell by the sign of its mean alone). The feature-cell oracle decides its cells on `--oracle-items`
+(1500) other test items each model answers in both forced modes, so that a cell's verdict is not one 500-item
+split's noise; "split-cell tok/on" is the same oracle decided on the evaluated split alone. Then, per algorithm,
+the spread of each level's think-on rate across seeds. Ends with `ratio step_srpo/cold_start value_regret: X`
+(mean over seeds).
 
 The demo profile sets `srpo.decision_weight: 0` (the RL keeps the cold start's decisions; README): to ablate the
 decision losses of step_srpo and adaptthink, give the weight, e.g. `--set srpo.decision_weight=0.3`.
@@ -31,11 +35,11 @@ import warnings
 from pathlib import Path
 
 
-def evaluate_model(model_dir: Path, out: Path, limit: int, seed: int, criterion) -> dict:
+def evaluate_model(model_dir: Path, out: Path, limit: int, seed: int, criterion, oracle_items: int) -> dict:
     from kat_core.eval.evaluate import evaluate
 
     return evaluate(model_dir, ["arith"], out_dir=out, limit=limit, n_samples=0, seed=seed, criterion=criterion,
-                    progress=False)
+                    oracle_items=oracle_items, progress=False)
 
 
 def row(name: str, seed: int | str, report: dict, seconds: float) -> dict:
@@ -51,7 +55,9 @@ def row(name: str, seed: int | str, report: dict, seconds: float) -> dict:
         "cell_share": sel["feature_cell"]["oracle"]["mean_tokens"] / tokens_on,
         "hind_share": sel["oracle"]["mean_tokens"] / tokens_on,
         "cell_acc": sel["feature_cell"]["oracle"]["accuracy"],
+        # the cells decided on the split's own items (when the oracle was decided on calibration items), and by
         # the sign of each cell's mean alone (no tie band): it also knows the split's single misses
+        "split_share": sel["feature_cell"].get("in_split", sel["feature_cell"])["oracle"]["mean_tokens"] / tokens_on,
         "sign_share": sel["feature_cell"]["sign_rule"]["oracle"]["mean_tokens"] / tokens_on,
         "regret": sel["feature_cell"]["regret"]["value"],
         "levels": {lvl: v["auto"]["think_on_rate"] for lvl, v in sorted(levels.items())},
@@ -70,7 +76,7 @@ def checks(r: dict, cold_regret: float) -> str:
 def print_table(rows: list[dict]) -> None:
     levels = list(rows[0]["levels"])
     head = ["algorithm", "seed", "acc auto", "acc on", "acc off", "tok/on", "cell tok/on", "cell acc", "regret",
-            "sign tok/on"]
+            "split-cell tok/on", "sign tok/on"]
     head += [f"L{x} on" for x in levels] + ["checks", "train s"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -78,7 +84,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         cells = [r["algo"], str(r["seed"]), f"{r['acc_auto']:.3f}", f"{r['acc_on']:.3f}", f"{r['acc_off']:.3f}",
                  f"{r['tok_share']:.2f}", f"{r['cell_share']:.2f}", f"{r['cell_acc']:.3f}", f"{r['regret']:.4f}",
-                 f"{r['sign_share']:.2f}"]
+                 f"{r['split_share']:.2f}", f"{r['sign_share']:.2f}"]
         cells += [f"{r['levels'][x]:.2f}" for x in levels]
         cells += [checks(r, cold), f"{r['seconds']:.0f}"]
         print("| " + " | ".join(cells) + " |", flush=True)
@@ -119,6 +125,8 @@ def main() -> None:
     ap.add_argument("--algos", nargs="+", default=list(ALGOS), choices=ALGOS)
     ap.add_argument("--limit", type=int, default=500, help="held-out items evaluated")
     ap.add_argument("--eval-seed", type=int, default=0, help="which held-out items (the test split's seed)")
+    ap.add_argument("--oracle-items", type=int, default=1500, help="other test items each model answers in both "
+                    "forced modes, on which the feature-cell oracle decides its cells (0: on the evaluated split)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
@@ -143,7 +151,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         rows.append(row("cold start", "-", evaluate_model(args.model, root / "eval-cold", args.limit, args.eval_seed,
-                                                          criterion), 0.0))
+                                                          criterion, args.oracle_items), 0.0))
         print_table(rows)
         print_disagreements(rows[0])
         for seed in args.seeds:
@@ -153,7 +161,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 srpo(config, args.model, args.data, out, progress=False)
                 seconds = time.perf_counter() - t0
-                report = evaluate_model(out, root / f"eval-{algo}-{seed}", args.limit, args.eval_seed, criterion)
+                report = evaluate_model(out, root / f"eval-{algo}-{seed}", args.limit, args.eval_seed, criterion,
+                                        args.oracle_items)
                 rows.append(row(algo, seed, report, seconds))
                 print(f"{algo} seed {seed}: done in {seconds:.0f} s", flush=True)
                 print_table(rows[:1] + rows[-1:])  # the row so far, under the cold start's

@@ -48,6 +48,50 @@ def run(model, tokenizer, heads, prompts, forced, *, batch, n, temperature, draf
     return samples, time.perf_counter() - t0
 
 
+def step_costs(model, heads, *, rows: int, drafts: int, context: int = 40, repeats: int = 300) -> dict[str, float]:
+    """Seconds per call, at `rows` rows after a `context`-token cache: the main model's forward over 1 token
+    (a plain decode step) and over 1 + `drafts` tokens (a verifying step), and the MTP module over 1 + `drafts`
+    columns (a drafting step, D = 1's work). What speculative decoding's speed is made of, apart from
+    acceptance and bookkeeping."""
+    import torch
+
+    from kat_core.decoding import _LlamaStep, _new_cache
+    from kat_core.speculative import MTPDrafter
+
+    L, hidden_size = 1 + drafts, model.config.hidden_size
+    capacity = context + L + 1
+    cache = _new_cache(model, capacity, rows)
+    step = _LlamaStep(model, capacity)
+    drafter = MTPDrafter(step, heads, capacity, rows)
+    gen = torch.Generator().manual_seed(0)
+    tokens = lambda n: torch.randint(2, model.config.vocab_size, (rows, n), generator=gen)  # noqa: E731
+    positions = lambda n: torch.arange(context, context + n).expand(rows, n)  # noqa: E731
+    step.run(tokens(context), torch.arange(context).expand(rows, context), cache, None)
+    drafter(torch.randn(rows, context, hidden_size), tokens(context), torch.arange(context).expand(rows, context), None)
+
+    def timed(call, layers) -> float:
+        for _ in range(20):  # warm-up
+            call()
+            for layer in layers:
+                layer.end = context
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            call()
+            for layer in layers:  # the next call writes the same columns again
+                layer.end = context
+        return (time.perf_counter() - t0) / repeats
+
+    mask = lambda n: torch.ones(rows, 1, n, context + n, dtype=torch.bool).tril(context)  # noqa: E731
+    x, h = tokens(L), torch.randn(rows, L, hidden_size)
+    return {
+        "plain step": timed(lambda: step.run(x[:, :1], positions(1), cache, None), cache.layers),
+        "verify step": timed(lambda: step.run(x, positions(L), cache, mask(L)), cache.layers),
+        "draft step": timed(lambda: drafter.logits(drafter(h, x, positions(L), mask(L))[:, -1]), drafter.cache.layers),
+        "chained draft": timed(lambda: drafter.logits(drafter(h[:, :1], x[:, :1], positions(1), None)[:, -1]),
+                               drafter.cache.layers),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(ROOT / ".kat/make-run/srpo"), help="a KAT checkpoint with MTP weights")
@@ -55,6 +99,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=32, help="prompts of the batch-1 and batch-32 runs")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--costs-only", action="store_true", help="only the forward costs and the ceiling they set")
     args = parser.parse_args()
 
     import torch
@@ -88,7 +133,7 @@ def main() -> None:
     with torch.inference_mode():
         run(model, tokenizer, None, prompts[:4], forced[:4], batch=4, n=1, temperature=0, draft_tokens=1,
             max_new=max_new)  # warm-up
-        for name, ps, fs, batch, n, temp in shapes:
+        for name, ps, fs, batch, n, temp in [] if args.costs_only else shapes:
             for d in args.draft_tokens:
                 plain_s, spec_s = [], []
                 for _ in range(args.repeats):
@@ -107,7 +152,20 @@ def main() -> None:
                       f"{ratio:>6.2f}  {rates:<32} {same}")
                 if name == "greedy b1" and headline is None:
                     headline = ratio
-    print(f"ratio spec/plain tokens_per_s: {headline:.2f}")
+        # the ceiling: every draft accepted, no bookkeeping -> (1 + D) tokens for a verify and a draft step
+        print("forward costs (ms) and the speed-up if every draft stood, decode steps only:")
+        for batch in (1, 32):
+            for d in args.draft_tokens:
+                cost = step_costs(model, heads, rows=batch, drafts=d)
+                spec_step = cost["verify step"] + cost["draft step"] + (d - 1) * cost["chained draft"]
+                ceiling = (1 + d) * cost["plain step"] / spec_step
+                plain, verify, first, chained = (cost[k] * 1e3 for k in ("plain step", "verify step", "draft step",
+                                                                           "chained draft"))
+                print(f"  batch {batch:>2} D {d}: plain {plain:.2f}, verify (L {1 + d}) {verify:.2f} "
+                      f"({verify / plain:.2f} x plain), draft {first:.2f} ({first / plain:.2f} x), chained "
+                      f"{chained:.2f}; ceiling {ceiling:.2f} (a free drafter: {(1 + d) * plain / verify:.2f})")
+    if headline is not None:
+        print(f"ratio spec/plain tokens_per_s: {headline:.2f}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ def evaluate(profile: str, overrides: list, model: dsl.Input[dsl.Model], report:
         e = config.evaluate
         result = run_stage(model.path, e.suites, e.modes, out_dir=report.path, limit=e.limit, n_samples=e.n_samples,
                            temperature=e.temperature, max_new_tokens=e.max_new_tokens, seed=config.seed,
-                           criterion=config.autothink, draft_tokens=config.speculative.draft_tokens,
+                           criterion=config.autothink, oracle_items=e.oracle_items,
+                           draft_tokens=config.speculative.draft_tokens,
                            benchmarks_dir=config.tasks.benchmarks_dir, progress=False)
         track("evaluate", config, report.path, inputs={"model": model.path})
     auto = result.get("overall", {}).get("auto", {})

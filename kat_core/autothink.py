@@ -102,18 +102,32 @@ class CellTally:
         mean, error = self.mean_and_error(cell)
         return mean + self.tie_z * error
 
+    def knows(self, cell: str, level: int) -> bool:
+        """Whether this tally can decide `cell`: it measured the cell, or at least its level."""
+        return cell in self._cell or level in self._level
+
+    def stats_for(self, cell: str, level: int) -> dict[str, Any]:
+        """`summary()`'s entry for a cell, also for one this tally never measured (n 0: its level decides), as
+        when the evaluation's cell oracle is decided on other items than the ones it is applied to."""
+        if cell in self._cell:
+            return self.summary_of(cell)
+        mean, error = self._stats(self._level[level])
+        pref = mean + self.tie_z * error
+        return {"n": 0, "mean": round(mean, 4), "error": round(error, 4), "by": "level",
+                "preference_off": round(pref, 4), "mode": decide(pref)}
+
+    def summary_of(self, cell: str) -> dict[str, Any]:
+        mean, error = self._stats(self._cell[cell])
+        pref = self.preference(cell)
+        return {"n": self.count(cell), "mean": round(mean, 4), "error": round(error, 4),
+                "by": "cell" if self._decides(cell) else "level", "preference_off": round(pref, 4),
+                "mode": decide(pref)}
+
     def summary(self) -> dict[str, dict[str, Any]]:
         """{cell: {n, mean and error (the cell's own mean preference_off and its standard error), by ("cell", or
         "level" when the cell is too small), preference_off (the decision value), mode}}, for the cold
         start's labels and the RL stage's and the evaluation's reports."""
-        out = {}
-        for cell in sorted(self._cell):
-            mean, error = self._stats(self._cell[cell])
-            pref = self.preference(cell)
-            out[cell] = {"n": self.count(cell), "mean": round(mean, 4), "error": round(error, 4),
-                         "by": "cell" if self._decides(cell) else "level", "preference_off": round(pref, 4),
-                         "mode": decide(pref)}
-        return out
+        return {cell: self.summary_of(cell) for cell in sorted(self._cell)}
 
     def modes(self) -> dict[str, str]:
         return {cell: decide(self.preference(cell)) for cell in self._cell}

@@ -100,10 +100,11 @@ def test_oracles_and_mode_selection_by_hand(hand_made):
     assert cell["oracle"] == {"accuracy": 0.6667, "mean_tokens": 33.33, "think_on_rate": 0.6667, "value": 0.6}
     assert cell["agreement"] == 0.6667 and cell["regret"] == {"accuracy": 0.0, "tokens": 0.0, "value": 0.0}
     assert cell["by_cell"] == {  # per cell: what the oracle picks, by how much, and what auto did
-        "L1": {"n": 1, "oracle": "off", "mean_preference_off": 0.04, "error": 0.0, "decided_by": "cell",
-               "preference_off": 0.04, "auto_think_on_rate": 0.0, "auto_none_rate": 0.0},
-        "L2": {"n": 2, "oracle": "on", "mean_preference_off": -0.43, "error": 0.514, "decided_by": "cell",
-               "preference_off": -0.43, "auto_think_on_rate": 0.5, "auto_none_rate": 0.5}}
+        "L1": {"n": 1, "oracle": "off", "decided_on_n": 1, "mean_preference_off": 0.04, "error": 0.0,
+               "decided_by": "cell", "preference_off": 0.04, "auto_think_on_rate": 0.0, "auto_none_rate": 0.0},
+        "L2": {"n": 2, "oracle": "on", "decided_on_n": 2, "mean_preference_off": -0.43, "error": 0.514,
+               "decided_by": "cell", "preference_off": -0.43, "auto_think_on_rate": 0.5, "auto_none_rate": 0.5}}
+    assert cell["decided_on"] == {"source": "split", "items": 3} and "in_split" not in cell
     assert {k: cell["sign_rule"][k] for k in ("oracle", "regret")} == {k: cell[k] for k in ("oracle", "regret")}
     # with the tie band, L2's edge for thinking (0.43) is within 1.645 standard errors (0.514) of its two items:
     # a tie, which goes to think-off; the sign rule beside it still thinks
@@ -116,6 +117,48 @@ def test_oracles_and_mode_selection_by_hand(hand_made):
     sampled = mode_selection(hand_made, crit.model_copy(update={"decoding": 0.7}))
     assert sampled["oracle"]["think_on_rate"] == 0.6667  # A: on (1 - 0.064) beats off (0.5 - 0.022)
     assert mode_selection([ItemResult("X", "arith", 1, greedy={"auto": o("on", True, 9)})], crit) is None
+
+
+def _forced_only(item_id, level, cell, off_right, on_right):
+    """A calibration item: both forced modes' greedy outcomes (off 10 tokens, on 30), no auto response."""
+    return ItemResult(item_id, "arith", level, cell=cell,
+                      greedy={"on": o("on", on_right, 30, think=20), "off": o("off", off_right, 10)})
+
+
+def test_cell_oracle_decided_on_calibration_items(hand_made):
+    """With other items measured in both forced modes, the cell oracle decides each cell on them and applies the
+    verdicts to the evaluated split; the split's own verdicts stay beside it (`in_split`)."""
+    from kat_core.config import AutoThinkConfig
+
+    crit = AutoThinkConfig(token_cost=0.2, token_budget=100, delta=0.0, min_cell=2, tie_z=1.645)
+    for r, cell in zip(hand_made, ("L1 sum", "L2 sum", "L2 sum"), strict=True):
+        r.cell = cell
+    # on the split, "L2 sum" is a tie (-0.43 +- 0.514): the split's oracle answers B and C directly.
+    # Calibration: 40 "L2 sum" items whose direct answers are wrong one time in four (-0.21 +- 0.069:
+    # thinking stands out of the noise); 30 "L1 sum" items both modes get right (+0.04: off); nothing of level 3
+    calibration = ([_forced_only(f"k{i}", 2, "L2 sum", i % 4 != 0, True) for i in range(40)]
+                   + [_forced_only(f"j{i}", 1, "L1 sum", True, True) for i in range(30)])
+    sel = mode_selection(hand_made, crit, calibration)
+    cell = sel["feature_cell"]
+    assert cell["decided_on"] == {"source": "calibration", "items": 70}
+    assert cell["by_cell"]["L2 sum"]["oracle"] == "on" and cell["by_cell"]["L2 sum"]["decided_on_n"] == 40
+    assert cell["by_cell"]["L2 sum"]["n"] == 2 and cell["by_cell"]["L2 sum"]["mean_preference_off"] == -0.21
+    assert cell["by_cell"]["L1 sum"]["oracle"] == "off"
+    assert cell["oracle"]["think_on_rate"] == 0.6667  # B and C think
+    assert cell["in_split"]["oracle"]["think_on_rate"] == 0.0  # the split alone calls L2 a tie
+    assert sel["oracle"] == mode_selection(hand_made, crit)["oracle"]  # hindsight does not change
+    # a cell the calibration never met takes its level's verdict there: "L2 carries" is level 2, which thinks
+    hand_made[2].cell = "L2 carries"
+    assert mode_selection(hand_made, crit, calibration)["feature_cell"]["by_cell"]["L2 carries"] | {
+        "auto_think_on_rate": None} == {
+        "n": 1, "oracle": "on", "decided_on_n": 0, "mean_preference_off": -0.21, "error": 0.0693,
+        "decided_by": "level", "preference_off": -0.0959, "auto_think_on_rate": None, "auto_none_rate": 1.0}
+    # a level the calibration never met: the split decides
+    hand_made[2].level, hand_made[2].cell = 3, "L3 sum"
+    assert mode_selection(hand_made, crit, calibration)["feature_cell"]["by_cell"]["L3 sum"]["decided_on_n"] == 1
+    # calibration items lacking a forced mode are no calibration: the split decides
+    assert mode_selection(hand_made, crit, [ItemResult("z", "arith", 2, cell="L2 sum")])["feature_cell"][
+        "decided_on"] == {"source": "split", "items": 3}
 
 
 def test_report_is_what_the_promotion_gate_reads(hand_made):
@@ -184,6 +227,25 @@ def test_items_that_do_not_fit_are_skipped_and_counted(ckpt, tmp_path):
     assert report["suites"]["arith"]["n"] == 0 and report["suites"]["arith"]["skipped_too_long"] == 3
     assert report["overall"]["auto"]["accuracy"]["greedy"] is None
     assert (tmp_path / "r" / "frontier.png").is_file()
+
+
+def test_evaluate_decides_the_cell_oracle_on_other_items(ckpt, tmp_path):
+    from kat_core.eval.evaluate import calibration_items, evaluate
+    from kat_core.tasks.arith import ArithTask
+
+    task = ArithTask()
+    evaluated = task.examples("test", n=10, seed=0)
+    others = calibration_items(task, evaluated, 20, seed=0)
+    assert len(others) == 20 and not {it.prompt for it in others} & {it.prompt for it in evaluated}
+    report = evaluate(ckpt, ["arith"], out_dir=tmp_path / "r", limit=4, n_samples=0, max_new_tokens=24,
+                      oracle_items=6, progress=False)
+    cell = report["mode_selection"]["feature_cell"]
+    assert report["settings"]["oracle_items"] == 6 and cell["decided_on"] == {"source": "calibration", "items": 6}
+    assert "in_split" in cell and report["overall"]["auto"]["n"] == 4  # the calibration items are not evaluated
+    assert "decided on 6 other items" in (tmp_path / "r" / "report.md").read_text()
+    with pytest.raises(KatError, match="oracle_items"):
+        evaluate(ckpt, ["arith"], out_dir=tmp_path / "bad", limit=4, oracle_items=-1, progress=False)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_compare_same_items_and_refuses_different_ones(evaluated, tmp_path):

@@ -64,20 +64,23 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, token_cost, benchmarks_dir,
-                 device, draft_tokens) -> dict:
+def _eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, token_cost, oracle_items,
+                 benchmarks_dir, device, draft_tokens) -> dict:
     from kat_core.config import AutoThinkConfig
 
     criterion = AutoThinkConfig(delta=oracle_delta, token_cost=token_cost, token_budget=max_new_tokens)
     return {"limit": limit, "n_samples": samples, "temperature": temperature, "max_new_tokens": max_new_tokens,
-            "seed": seed, "criterion": criterion, "benchmarks_dir": benchmarks_dir, "device": device,
-            "draft_tokens": draft_tokens}
+            "seed": seed, "criterion": criterion, "oracle_items": oracle_items, "benchmarks_dir": benchmarks_dir,
+            "device": device, "draft_tokens": draft_tokens}
 
 
 OracleDeltaOpt = Annotated[float, typer.Option(
     help="the decision criterion's delta: think-off is right when V_off >= V_on - delta")]
 TokenCostOpt = Annotated[float, typer.Option(
     help="the decision criterion's token cost: V = accuracy - token_cost * tokens / max_new_tokens")]
+OracleItemsOpt = Annotated[int, typer.Option(
+    "--oracle-items", min=0, help="other test items per suite answered in both forced modes, on which the "
+    "feature-cell oracle decides its cells (0: on the evaluated items themselves)")]
 
 
 def _eval_name(path: Path, served) -> str:
@@ -110,6 +113,7 @@ def eval_run(
     seed: int = 0,
     oracle_delta: OracleDeltaOpt = 0.02,
     token_cost: TokenCostOpt = 0.2,
+    oracle_items: OracleItemsOpt = 0,
     benchmarks_dir: Annotated[str | None, typer.Option(help="folder of the public benchmark files")] = None,
     threads: ThreadsOpt = 1,
     device: DeviceOpt = None,
@@ -127,7 +131,7 @@ def eval_run(
     out = out or kat_home() / "eval" / _eval_name(path, served)
     report = evaluate(path, _csv(suites), _csv(modes), out_dir=out, progress=not quiet,
                       **_eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, token_cost,
-                                    benchmarks_dir, device, draft_tokens))
+                                    oracle_items, benchmarks_dir, device, draft_tokens))
     typer.echo(f"{'mode':6s} {'n':>5s} {'accuracy':>8s} {'pass@1':>7s} {'tokens':>7s} {'think-on':>8s}")
     for mode, b in report["overall"].items():
         p1 = b["accuracy"]["pass@1"]
@@ -162,6 +166,7 @@ def eval_compare(
     seed: int = 0,
     oracle_delta: OracleDeltaOpt = 0.02,
     token_cost: TokenCostOpt = 0.2,
+    oracle_items: OracleItemsOpt = 0,
     benchmarks_dir: Annotated[str | None, typer.Option(help="folder of the public benchmark files")] = None,
     threads: ThreadsOpt = 1,
     device: DeviceOpt = None,
@@ -178,7 +183,7 @@ def eval_compare(
     out = out or kat_home() / "eval" / "compare"
     result = compare(a, b, out_dir=out, suites=_csv(suites), modes=_csv(modes), progress=not quiet,
                      **_eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, token_cost,
-                                    benchmarks_dir, device, draft_tokens))
+                                    oracle_items, benchmarks_dir, device, draft_tokens))
     typer.echo(render_comparison(result).split("\n![")[0].rstrip())
     _say(f"comparison {out}/compare.md, {out}/compare.json, plot {out}/compare.png")
 

@@ -44,6 +44,7 @@ from kat_core.tasks.base import Item, Task
 log = logging.getLogger(__name__)
 
 REPORT_JSON, REPORT_MD, ITEMS_JSONL = "report.json", "report.md", "items.jsonl"
+CALIBRATION_SEED = 7919  # the oracle's calibration items are drawn at the evaluation's seed + this
 PLAIN = "plain"
 EVAL_MODES = (*MODES, PLAIN)
 
@@ -145,6 +146,14 @@ def run_suite(model, tokenizer, task: Task, items: list[Item], modes: Sequence[s
     return results, acceptance(greedy + sampled)
 
 
+def calibration_items(task: Task, evaluated: list[Item], n: int, seed: int) -> list[Item]:
+    """Up to `n` test items for the feature-cell oracle to decide its cells on: another seed's draw of the test
+    split, less every prompt that is evaluated (a small test split may leave fewer, or none)."""
+    asked = {it.prompt for it in evaluated}
+    drawn = task.examples("test", n=n + len(evaluated), seed=seed + CALIBRATION_SEED)
+    return [it for it in drawn if it.prompt not in asked][:n]
+
+
 def _check_modes(modes: Sequence[str]) -> list[str]:
     modes = list(dict.fromkeys(modes))
     bad = [m for m in modes if m not in EVAL_MODES]
@@ -167,6 +176,7 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 64,
     criterion=None,
+    oracle_items: int = 0,
     draft_tokens: int = 0,
     benchmarks_dir: str | None = None,
     device: str | None = None,
@@ -174,7 +184,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate the model in `model_dir` and write report.json, report.md, items.jsonl and the plots to
     `out_dir` (atomically, with a manifest). Returns the report (schema in `report.py`). `criterion`: the
-    decision criterion the oracles use (an AutoThinkConfig; default its defaults). `draft_tokens` > 0 decodes
+    decision criterion the oracles use (an AutoThinkConfig; default its defaults). `oracle_items` > 0: that many
+    other test items per suite (none of the evaluated ones) are answered in both forced modes, and the feature-cell
+    oracle decides its cells on them (a 500-item split holds 20-30 items of a cell, too few to tell an edge of
+    0.15 from a tie; metrics.mode_selection). `draft_tokens` > 0 decodes
     speculatively with the checkpoint's MTP module (same greedy outputs, same sampled distribution; plain
     decoding, with one log line, when it has none); the report then has the drafts' acceptance per segment.
     `device`: a torch device; default CUDA when there is one, else the CPU."""
@@ -187,8 +200,10 @@ def evaluate(
     modes = _check_modes(modes)
     if not suites:
         raise KatError("no evaluation suites given")
-    if n_samples < 0 or max_new_tokens < 1 or (limit is not None and limit < 1):
-        raise KatError("n_samples must be >= 0, max_new_tokens >= 1 and limit >= 1")
+    if n_samples < 0 or max_new_tokens < 1 or (limit is not None and limit < 1) or oracle_items < 0:
+        raise KatError("n_samples must be >= 0, max_new_tokens >= 1, limit >= 1 and oracle_items >= 0")
+    criterion = criterion or AutoThinkConfig()
+    calibrate = oracle_items > 0 and "on" in modes and "off" in modes and "auto" in modes
     tasks = [get_task(s, benchmarks_dir=benchmarks_dir) for s in suites]  # unknown suites fail before loading
     started = time.perf_counter()
     model, tokenizer = load_model(model_dir)
@@ -199,6 +214,7 @@ def evaluate(
     acceptance: dict[str, Any] = {}
     max_len = getattr(model.config, "max_position_embeddings", None)
     results: dict[str, list[ItemResult]] = {}
+    calibration: dict[str, list[ItemResult]] = {}
     skipped: dict[str, int] = {}
     for task in tasks:
         items = task.examples("test", n=limit, seed=seed)
@@ -210,14 +226,25 @@ def evaluate(
             model, tokenizer, task, items, modes, n_samples=n_samples, temperature=temperature, top_p=top_p,
             max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, progress=progress, draft=draft,
             draft_tokens=draft_tokens) if items else ([], {})
+        extra = calibration_items(task, items, oracle_items, seed) if calibrate and items else []
+        extra, _ = fitting_items(task, extra, tokenizer, ("on", "off"), max_len, max_new_tokens)
+        if extra:
+            log.info("%s: %d other test items in both forced modes, for the feature-cell oracle", task.name, len(extra))
+            # sampled answers only where the criterion values the modes by them
+            calibration[task.name], _ = run_suite(
+                model, tokenizer, task, extra, ("on", "off"),
+                n_samples=n_samples if criterion.temperature > 0 else 0, temperature=temperature, top_p=top_p,
+                max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, progress=progress, draft=draft,
+                draft_tokens=draft_tokens)
     settings = {
         "suites": list(suites), "modes": modes, "limit": limit, "n_samples": n_samples,
         "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
-        "criterion": (criterion or AutoThinkConfig()).model_dump(), "max_len": max_len,
+        "criterion": criterion.model_dump(), "oracle_items": sum(len(c) for c in calibration.values()),
+        "max_len": max_len,
         "draft_tokens": draft_tokens if draft is not None else 0,
     }
     report = build_report(results, skipped, settings, model=str(model_dir),
-                          seconds=time.perf_counter() - started)
+                          seconds=time.perf_counter() - started, calibration=calibration)
     if draft is not None:
         report["speculative"] = acceptance
     out = Path(out_dir)

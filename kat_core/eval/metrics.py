@@ -126,28 +126,57 @@ def _summary(picks: list[str], outcomes: list[dict[str, tuple[float, float]]], c
             "value": _mean(mode_value(a, t, crit) for a, t in zip(acc, tok, strict=True))}
 
 
-def mode_selection(results: list[ItemResult], crit=None) -> dict[str, Any] | None:
-    """Auto's mode choices against the hindsight and the feature-cell oracles (see the module doc): each
-    one's accuracy, tokens, think-on rate and value, auto's regret and agreement against each, and the
-    confusion against hindsight. None unless auto and both forced modes were evaluated."""
-    from kat_core.autothink import cell_tally, decide, preference_off
-    from kat_core.config import AutoThinkConfig
+def _preferences(results: list[ItemResult], crit, need_auto: bool) -> tuple[list[ItemResult], list[dict], list[float]]:
+    """The items with both forced modes measured (and auto's greedy response, when `need_auto`) -> (those items,
+    their forced outcomes {"on", "off": (accuracy, tokens)}, their preference_off)."""
+    from kat_core.autothink import preference_off
 
-    crit = crit or AutoThinkConfig()
     sampled = crit.temperature > 0
     rows, outcomes = [], []
     for r in results:
         on, off = _forced(r, "on", sampled), _forced(r, "off", sampled)
-        if "auto" in r.greedy and on is not None and off is not None:
+        if (not need_auto or "auto" in r.greedy) and on is not None and off is not None:
             rows.append(r)
             outcomes.append({"on": on, "off": off})
+    return rows, outcomes, [preference_off(o["off"], o["on"], crit) for o in outcomes]
+
+
+def _cell_rows(rows: list[ItemResult], prefs: list[float]) -> list[tuple[str, int, float]]:
+    return [(r.cell or f"L{r.level}", r.level, p) for r, p in zip(rows, prefs, strict=True)]
+
+
+def mode_selection(results: list[ItemResult], crit=None, calibration: list[ItemResult] | None = None
+                   ) -> dict[str, Any] | None:
+    """Auto's mode choices against the hindsight and the feature-cell oracles (see the module doc): each
+    one's accuracy, tokens, think-on rate and value, auto's regret and agreement against each, and the
+    confusion against hindsight. None unless auto and both forced modes were evaluated.
+
+    `calibration`: other items of the suite measured in both forced modes (`evaluate`'s `oracle_items`). The
+    feature-cell oracle then decides each cell on them and is applied to `results`: what a selector tuned on
+    held-out measurements reaches on this split, without the split's own noise (a cell of 24 items cannot
+    show an edge of 0.15 from a tie; `benchmarks/cell_census.py`). The oracle decided on the split itself is
+    reported beside it (`in_split`). A cell the calibration never met takes its level's verdict there."""
+    from kat_core.autothink import cell_tally, decide
+    from kat_core.config import AutoThinkConfig
+
+    crit = crit or AutoThinkConfig()
+    rows, outcomes, prefs = _preferences(results, crit, need_auto=True)
     if not rows:
         return None
-    prefs = [preference_off(o["off"], o["on"], crit) for o in outcomes]
     hindsight = [decide(p) for p in prefs]
-    cell_rows = [(r.cell or f"L{r.level}", r.level, p) for r, p in zip(rows, prefs, strict=True)]
-    cells = cell_tally(cell_rows, crit).summary()
+    cell_rows = _cell_rows(rows, prefs)
+    split_tally = cell_tally(cell_rows, crit)
+    decider, source, decided_items = split_tally, "split", len(rows)
+    if calibration:
+        cal_rows, _, cal_prefs = _preferences(calibration, crit, need_auto=False)
+        if cal_rows:
+            decider, source, decided_items = cell_tally(_cell_rows(cal_rows, cal_prefs), crit), "calibration", \
+                len(cal_rows)
+    cells = {cell: (decider if decider.knows(cell, level) else split_tally).stats_for(cell, level)
+             for cell, level, _ in cell_rows}
     by_cell = [cells[cell]["mode"] for cell, _, _ in cell_rows]
+    split_modes = split_tally.modes()
+    by_split = [split_modes[cell] for cell, _, _ in cell_rows]
     # the in-sample sign of each cell's mean alone (no tie band, no level fallback): an upper bound that
     # knows the split's single misses, reported beside the criterion's cell oracle
     sign_modes = cell_tally(cell_rows, crit.model_copy(update={"min_cell": 1, "tie_z": 0.0})).modes()
@@ -180,11 +209,13 @@ def mode_selection(results: list[ItemResult], crit=None) -> dict[str, Any] | Non
         entry = per_cell.setdefault(key, {"on": 0, "none": 0})
         entry["on"] += c == "on"
         entry["none"] += c == "none"
-    by_cell_report = {k: {"n": cells[k]["n"], "oracle": cells[k]["mode"], "mean_preference_off": cells[k]["mean"],
-                          "error": cells[k]["error"], "decided_by": cells[k]["by"],
+    split_counts = {k: split_tally.count(k) for k in per_cell}
+    by_cell_report = {k: {"n": split_counts[k], "oracle": cells[k]["mode"], "decided_on_n": cells[k]["n"],
+                          "mean_preference_off": cells[k]["mean"], "error": cells[k]["error"],
+                          "decided_by": cells[k]["by"],
                           "preference_off": cells[k]["preference_off"],
-                          "auto_think_on_rate": _r(e["on"] / cells[k]["n"]),
-                          "auto_none_rate": _r(e["none"] / cells[k]["n"])}
+                          "auto_think_on_rate": _r(e["on"] / split_counts[k]),
+                          "auto_none_rate": _r(e["none"] / split_counts[k])}
                       for k, e in sorted(per_cell.items())}
     return {
         "n": len(rows),
@@ -194,5 +225,8 @@ def mode_selection(results: list[ItemResult], crit=None) -> dict[str, Any] | Non
         "choice": {k: _r(v, 2 if k == "mean_tokens" else 4) for k, v in chosen.items()},
         # hindsight: the per-item oracle (kept under the schema's original keys)
         "oracle": hind["oracle"], "agreement": hind["agreement"], "regret": hind["regret"], "confusion": confusion,
-        "feature_cell": {**cell, "cells": len(cells), "by_cell": by_cell_report, "sign_rule": against(by_sign)},
+        "feature_cell": {**cell, "cells": len(cells), "by_cell": by_cell_report,
+                         "decided_on": {"source": source, "items": decided_items},
+                         **({"in_split": against(by_split)} if source == "calibration" else {}),
+                         "sign_rule": against(by_sign)},
     }

@@ -34,7 +34,10 @@ report.json, schema "kat-eval-report/2":
                  "confusion": {"oracle_off"|"oracle_on": {"chose_off", "chose_on", "chose_none"}},
                  "feature_cell": {"oracle": ORACLE, "agreement", "regret", "cells",
                                   "by_cell": {cell: {"n", "oracle", "mean_preference_off", "error", "decided_by",
-                                                     "preference_off", "auto_think_on_rate", "auto_none_rate"}},
+                                                     "preference_off", "decided_on_n", "auto_think_on_rate",
+                                                     "auto_none_rate"}},
+                                  "decided_on": {"source": "split" | "calibration", "items"},
+                                  "in_split": {"oracle": ORACLE, "agreement", "regret"},  # only when calibrated
                                   "sign_rule": {"oracle": ORACLE, "agreement", "regret"}}}      (see metrics.py)
     ORACLE = {"accuracy", "mean_tokens", "think_on_rate", "value"}
 
@@ -43,7 +46,10 @@ The promotion gate (`platform.registry.summary_from_report`) reads `overall.auto
 a change of meaning bumps it. /2: the feature-cell oracle decides each cell by the criterion's cell rule
 (mean preference + `tie_z` standard errors; a cell under `min_cell` items takes its level's;
 kat_core.autothink.CellTally); /1's sign of the
-cell's summed preference is `feature_cell.sign_rule`.
+cell's summed preference is `feature_cell.sign_rule`. With `settings.oracle_items` > 0 the cells are decided on
+that many other test items measured in both forced modes (`feature_cell.decided_on`); the oracle decided on the
+split's own items is then `feature_cell.in_split` (by_cell's `n` counts the split's items, `decided_on_n` the
+deciding ones).
 """
 
 from __future__ import annotations
@@ -62,7 +68,9 @@ FRONTIER_PNG, LEVELS_PNG, COMPARE_PNG = "frontier.png", "think_on_by_level.png",
 
 
 def build_report(results: dict[str, list[ItemResult]], skipped: dict[str, int], settings: dict[str, Any], *,
-                 model: str, seconds: float) -> dict[str, Any]:
+                 model: str, seconds: float, calibration: dict[str, list[ItemResult]] | None = None) -> dict[str, Any]:
+    """The report (schema above). `calibration`: per suite, other items measured in both forced modes, on which
+    the feature-cell oracle decides its cells (metrics.mode_selection)."""
     from kat_core.manifest import code_version
     from kat_core.platform.registry import items_digest
 
@@ -73,14 +81,17 @@ def build_report(results: dict[str, list[ItemResult]], skipped: dict[str, int], 
         AutoThinkConfig(delta=settings.get("oracle_delta", AutoThinkConfig().delta))
     everything = [r for rs in results.values() for r in rs]
     items = sorted(r.id for r in everything)
+    calibration = calibration or {}
+    all_calibration = [r for rs in calibration.values() for r in rs]
     suites = {
         name: {
             "n": len(rs),
             "skipped_too_long": skipped.get(name, 0),
             "modes": {m: mode_metrics(rs, m) for m in modes},
             "levels": by_level(rs, modes),
-            "mode_selection": mode_selection(rs, crit),
-            "level_selection": {lvl: mode_selection([r for r in rs if str(r.level) == lvl], crit)
+            "mode_selection": mode_selection(rs, crit, calibration.get(name)),
+            "level_selection": {lvl: mode_selection([r for r in rs if str(r.level) == lvl], crit,
+                                                    [r for r in calibration.get(name, []) if str(r.level) == lvl])
                                 for lvl in by_level(rs, ())},
         }
         for name, rs in results.items()
@@ -95,7 +106,7 @@ def build_report(results: dict[str, list[ItemResult]], skipped: dict[str, int], 
         "items": items,
         "items_digest": items_digest(items),
         "overall": {m: mode_metrics(everything, m) for m in modes},
-        "mode_selection": mode_selection(everything, crit),
+        "mode_selection": mode_selection(everything, crit, all_calibration),
         "suites": suites,
     }
 
@@ -154,7 +165,12 @@ def _selection_lines(sel: dict[str, Any] | None) -> list[str]:
     rows = [("hindsight (per item)", sel["oracle"], sel["regret"], sel["agreement"])]
     if sel.get("feature_cell"):
         fc = sel["feature_cell"]
-        rows.append((f"feature cell ({fc['cells']} cells)", fc["oracle"], fc["regret"], fc["agreement"]))
+        on = fc.get("decided_on", {"source": "split"})
+        where = f"decided on {on['items']} other items" if on["source"] == "calibration" else "decided on this split"
+        rows.append((f"feature cell ({fc['cells']} cells, {where})", fc["oracle"], fc["regret"], fc["agreement"]))
+        if fc.get("in_split"):
+            split = fc["in_split"]
+            rows.append(("feature cell, decided on this split", split["oracle"], split["regret"], split["agreement"]))
         if fc.get("sign_rule"):
             sign = fc["sign_rule"]
             rows.append(("feature cell, sign of the mean", sign["oracle"], sign["regret"], sign["agreement"]))
@@ -185,9 +201,11 @@ def _cell_lines(by_cell: dict[str, Any] | None) -> list[str]:
     or its level decided it), and how often auto thought."""
     if not by_cell:
         return []
-    return ["", "| feature cell | items | mean V_off - V_on + delta | standard error | cell oracle | auto think-on |",
-            "|---|---:|---:|---:|---|---:|",
-            *(f"| {cell} | {c['n']} | {c.get('mean_preference_off', c['preference_off']):+.3f} | "
+    return ["", "| feature cell | items | decided on | mean V_off - V_on + delta | standard error | cell oracle | "
+            "auto think-on |",
+            "|---|---:|---:|---:|---:|---|---:|",
+            *(f"| {cell} | {c['n']} | {c.get('decided_on_n', c['n'])} | "
+              f"{c.get('mean_preference_off', c['preference_off']):+.3f} | "
               f"{_f(c.get('error'))} | {c['oracle']}{' (level)' if c.get('decided_by') == 'level' else ''} | "
               f"{_f(c['auto_think_on_rate'])} |" for cell, c in by_cell.items())]
 
