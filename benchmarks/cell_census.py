@@ -43,12 +43,12 @@ def measure(model_dir: Path, n: int, seed: int, criterion) -> list[dict]:
             for it, r in zip(items, rows, strict=True)]
 
 
-def modes_of(rows: list[dict], min_cell: int, tie_z: float) -> dict[str, str]:
+def modes_of(rows: list[dict], min_cell: int, tie_z: float, accuracy_first: bool = True) -> dict[str, str]:
     from kat_core.autothink import cell_tally
     from kat_core.config import AutoThinkConfig
 
-    crit = AutoThinkConfig(min_cell=min_cell, tie_z=tie_z)
-    return cell_tally(((r["cell"], r["level"], r["pref"]) for r in rows), crit).modes()
+    crit = AutoThinkConfig(min_cell=min_cell, tie_z=tie_z, accuracy_first=accuracy_first)
+    return cell_tally(((r["cell"], r["level"], r["pref"], r["acc_on"] - r["acc_off"]) for r in rows), crit).modes()
 
 
 def token_gap(split: list[dict], oracle: dict[str, str], selector: dict[str, str]) -> float:
@@ -84,7 +84,7 @@ def main() -> None:
     except KatError as e:
         sys.exit(f"error: {e}")
     rows = measure(args.model, args.items, args.seed, crit)
-    tally = cell_tally(((r["cell"], r["level"], r["pref"]) for r in rows), crit)
+    tally = cell_tally(((r["cell"], r["level"], r["pref"], r["acc_on"] - r["acc_off"]) for r in rows), crit)
     by_cell: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_cell[r["cell"]].append(r)
@@ -100,7 +100,8 @@ def main() -> None:
               f"{mean('tokens_on'):.1f} | {info['mean']:+.3f} +- {info['error']:.3f} | {info['mode']} | "
               f"{'off' if info['mean'] >= 0 else 'on'} |")
 
-    population = modes_of(rows, crit.min_cell, crit.tie_z)  # the selector: every cell's mode on all the items
+    # the selector: every cell's mode on all the items
+    population = modes_of(rows, crit.min_cell, crit.tie_z, crit.accuracy_first)
     by_level: dict[int, list[dict]] = defaultdict(list)
     for r in rows:
         by_level[r["level"]].append(r)
@@ -110,7 +111,7 @@ def main() -> None:
     for _ in range(args.splits):
         split = [r for lvl in sorted(by_level) for r in rng.choices(by_level[lvl], k=per_level)]
         for name, (min_cell, tie_z) in {"tie rule": (crit.min_cell, crit.tie_z), "sign rule": (1, 0.0)}.items():
-            misses[name] += token_gap(split, modes_of(split, min_cell, tie_z), population) > 0.03
+            misses[name] += token_gap(split, modes_of(split, min_cell, tie_z, crit.accuracy_first), population) > 0.03
     print(f"{args.splits} splits of {per_level * len(by_level)} items: the cell oracle more than 0.03 x think-on "
           f"tokens from the population's selector: tie rule {misses['tie rule']}, sign rule {misses['sign rule']}")
     print(f"ratio tie_rule/sign_rule token_line_misses: {misses['tie rule'] / max(misses['sign rule'], 1):.3f}")

@@ -14,7 +14,8 @@ description of it ("sum, 2 steps", "product plus sum, 7 steps, carries"). The be
 preferences of the cell's prompts, is the frontier a selector can reach (the feature-cell oracle); the best
 mode per prompt, knowing the outcomes, is the hindsight oracle. A cell is decided by its mean preference
 plus `tie_z` standard errors (CellTally): a think-on edge within the measurement's noise is a tie, and ties
-go to think-off; a cell with fewer than `min_cell` prompts takes its level's verdict. The same rule serves
+go to think-off unless thinking is measurably more accurate (`accuracy_first`); a cell with fewer than
+`min_cell` prompts takes its level's verdict. The same rule serves
 the cold start's labels, the RL's census and the evaluation's cell oracle.
 """
 
@@ -48,76 +49,109 @@ def cell_of(features: dict[str, Any]) -> str:
     return f"L{level} {describe(features)}" if level is not None else describe(features)
 
 
+class _Moments:
+    """Running sum, sum of squares and count of one quantity: its mean and the standard error of the mean."""
+
+    __slots__ = ("total", "squares", "n")
+
+    def __init__(self) -> None:
+        self.total, self.squares, self.n = 0.0, 0.0, 0
+
+    def add(self, x: float) -> None:
+        self.total, self.squares, self.n = self.total + x, self.squares + x * x, self.n + 1
+
+    def mean_and_error(self) -> tuple[float, float]:
+        mean = self.total / self.n
+        if self.n < 2:
+            return mean, 0.0
+        return mean, (max(self.squares - self.n * mean * mean, 0.0) / (self.n - 1) / self.n) ** 0.5
+
+
 class CellTally:
     """Preferences per feature cell, and the mode each cell's measurements call for.
 
-    A cell's decision value is its mean `preference_off` plus `tie_z` standard errors of that mean: think-on
-    is chosen only where thinking's edge stands out of the measurement's noise (one-sided, z = `tie_z`), and a
-    tie goes to think-off like a tie within `delta`. A cell with fewer than `min_cell` prompts takes its
-    level's value under the same rule. (Letting every cell within the noise take its level's verdict was tried:
+    A cell thinks where thinking's edge stands out of the measurement's noise: its mean `preference_off` plus
+    `tie_z` standard errors of that mean is below 0 (one-sided, z = `tie_z`). It answers directly where think-off's
+    edge does (the mean minus tie_z errors is >= 0). Between the two the values are a tie, and the tie is broken
+    by accuracy first (`accuracy_margin`, given each prompt's accuracy gap `accuracy_on - accuracy_off`): the
+    cell thinks when think-on is measurably more accurate by more than the margin (its mean accuracy edge minus
+    tie_z errors exceeds it; the criterion's `delta`, the accuracy think-off may give up), otherwise it goes to
+    the cheap mode. A cell with fewer than `min_cell` prompts takes its
+    level's values under the same rule. (Letting every cell within the noise take its level's verdict was tried:
     on pipeline seed 1 it made a level-4 cell at +0.024 +- 0.020 think with its level, where the evaluation
     split's cell oracle answered directly.)
-    Why: a cell holds a few dozen prompts, each a 0/1 outcome per mode, so near the criterion's threshold one
-    wrong direct answer in 16 prompts (-0.06) flips the sign of the mean alone. Measured on the demo student:
+    Why the band: a cell holds a few dozen prompts, each a 0/1 outcome per mode, so near the criterion's threshold
+    one wrong direct answer in 16 prompts (-0.06) flips the sign of the mean alone. Measured on the demo student:
     the sign picked think-on for a level-4 cell of a 200-item test split whose 91 fresh items preferred
     think-off by +0.047; over resampled 500-item splits the sign rule's cell oracle disagreed with the
-    population's by more than 0.03 x think-on tokens in half of them (README, benchmarks/cell_census.py)."""
+    population's by more than 0.03 x think-on tokens in half of them (README, benchmarks/cell_census.py).
+    Why accuracy breaks the tie: the product is auto "as accurate as thinking, at far fewer tokens", and a value
+    tie can hide a measurable loss: pipeline seed 1's "L4 sum, 3 steps, carries, 3-digit result" (99 labelled
+    prompts, direct answers right 0.91 of the time, mean -0.029 +- 0.029; accuracy edge 0.09 +- 0.03) went to
+    think-off and cost its RL models 0.010-0.014 of accuracy against forced thinking; one miss in 16 (0.06 +-
+    0.06) is no such loss, nor is 0.034 +- 0.019 (a level-4 cell of the same seed: within delta 0.02)."""
 
-    def __init__(self, min_cell: int = 1, tie_z: float = 0.0) -> None:
+    def __init__(self, min_cell: int = 1, tie_z: float = 0.0, accuracy_margin: float | None = None) -> None:
         self.min_cell = min_cell
         self.tie_z = tie_z
-        # [sum, sum of squares, n] per cell and per level
-        self._cell: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
-        self._level: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
+        self.accuracy_margin = accuracy_margin  # None: ties go to think-off whatever the accuracies
+        # per cell and per level: the preferences, and the accuracy gaps (on - off)
+        self._cell: dict[str, tuple[_Moments, _Moments]] = defaultdict(lambda: (_Moments(), _Moments()))
+        self._level: dict[int, tuple[_Moments, _Moments]] = defaultdict(lambda: (_Moments(), _Moments()))
         self._level_of: dict[str, int] = {}
 
-    def add(self, cell: str, level: int, pref: float) -> None:
-        for tally in (self._cell[cell], self._level[level]):
-            tally[0] += pref
-            tally[1] += pref * pref
-            tally[2] += 1
+    def add(self, cell: str, level: int, pref: float, accuracy_gap: float | None = None) -> None:
+        """One prompt: its cell, level, `preference_off`, and (for the accuracy tie-break) accuracy_on - off."""
+        for prefs, gaps in (self._cell[cell], self._level[level]):
+            prefs.add(pref)
+            if accuracy_gap is not None:
+                gaps.add(accuracy_gap)
         self._level_of[cell] = level
 
     def count(self, cell: str) -> int:
-        return int(self._cell[cell][2]) if cell in self._cell else 0
-
-    @staticmethod
-    def _stats(tally: list[float]) -> tuple[float, float]:
-        total, squares, n = tally
-        mean = total / n
-        if n < 2:
-            return mean, 0.0
-        return mean, (max(squares - n * mean * mean, 0.0) / (n - 1) / n) ** 0.5
+        return self._cell[cell][0].n if cell in self._cell else 0
 
     def _decides(self, cell: str) -> bool:
         """Whether the cell has prompts enough (min_cell) to decide alone; otherwise its level decides."""
         return self.count(cell) >= self.min_cell
 
+    def _deciding(self, cell: str) -> tuple[_Moments, _Moments]:
+        return self._cell[cell] if self._decides(cell) else self._level[self._level_of[cell]]
+
     def mean_and_error(self, cell: str) -> tuple[float, float]:
         """(mean preference_off, its standard error) of the cell, or of its level when the cell is too small."""
-        return self._stats(self._cell[cell] if self._decides(cell) else self._level[self._level_of[cell]])
+        return self._deciding(cell)[0].mean_and_error()
+
+    def _value(self, moments: tuple[_Moments, _Moments]) -> float:
+        prefs, gaps = moments
+        mean, error = prefs.mean_and_error()
+        band = self.tie_z * error
+        if mean + band < 0 or mean - band >= 0 or self.accuracy_margin is None or not gaps.n:
+            return mean + band  # thinking's edge stands out (< 0), or think-off's does, or a tie to think-off
+        gap, gap_error = gaps.mean_and_error()
+        # a value tie: thinking when it is measurably more accurate (then the value think-off can be sure of)
+        return mean - band if gap - self.tie_z * gap_error > self.accuracy_margin else mean + band
 
     def preference(self, cell: str) -> float:
-        """The cell's decision value: mean preference_off + tie_z standard errors (>= 0: think-off)."""
-        mean, error = self.mean_and_error(cell)
-        return mean + self.tie_z * error
+        """The cell's decision value (>= 0: think-off): see the class doc."""
+        return self._value(self._deciding(cell))
 
     def knows(self, cell: str, level: int) -> bool:
         """Whether this tally can decide `cell`: it measured the cell, or at least its level."""
         return cell in self._cell or level in self._level
 
     def stats_for(self, cell: str, level: int) -> dict[str, Any]:
-        """`summary()`'s entry for a cell, also for one this tally never measured (n 0: its level decides), as
-        when the evaluation's cell oracle is decided on other items than the ones it is applied to."""
+        """`summary()`'s entry for a cell, also for one this tally never measured (n 0: its level decides, which
+        it must know), as when the evaluation's cell oracle is decided on other items than those it judges."""
         if cell in self._cell:
             return self.summary_of(cell)
-        mean, error = self._stats(self._level[level])
-        pref = mean + self.tie_z * error
+        mean, error = self._level[level][0].mean_and_error()
+        pref = self._value(self._level[level])
         return {"n": 0, "mean": round(mean, 4), "error": round(error, 4), "by": "level",
                 "preference_off": round(pref, 4), "mode": decide(pref)}
 
     def summary_of(self, cell: str) -> dict[str, Any]:
-        mean, error = self._stats(self._cell[cell])
+        mean, error = self._cell[cell][0].mean_and_error()
         pref = self.preference(cell)
         return {"n": self.count(cell), "mean": round(mean, 4), "error": round(error, 4),
                 "by": "cell" if self._decides(cell) else "level", "preference_off": round(pref, 4),
@@ -134,13 +168,13 @@ class CellTally:
 
 
 def tally_for(crit: AutoThinkConfig) -> CellTally:
-    """An empty CellTally under the criterion's cell rules (min_cell, tie_z)."""
-    return CellTally(crit.min_cell, crit.tie_z)
+    """An empty CellTally under the criterion's cell rules (min_cell, tie_z, accuracy_first with delta)."""
+    return CellTally(crit.min_cell, crit.tie_z, crit.delta if crit.accuracy_first else None)
 
 
-def cell_tally(rows: Iterable[tuple[str, int, float]], crit: AutoThinkConfig) -> CellTally:
-    """The criterion's CellTally over (cell, level, preference_off) rows."""
+def cell_tally(rows: Iterable[tuple], crit: AutoThinkConfig) -> CellTally:
+    """The criterion's CellTally over (cell, level, preference_off[, accuracy_on - accuracy_off]) rows."""
     tally = tally_for(crit)
-    for cell, level, pref in rows:
-        tally.add(cell, level, pref)
+    for row in rows:
+        tally.add(*row)
     return tally

@@ -214,6 +214,9 @@ class AutoThinkConfig(_Strict):
     tie_z: float = Field(1.645, ge=0, description="a feature cell thinks only when its mean V_on - V_off edge "
                          "exceeds tie_z standard errors of that mean (one-sided 95%); an edge within the "
                          "measurement's noise is a tie, and ties go to think-off (kat_core.autothink.CellTally)")
+    accuracy_first: bool = Field(True, description="a tie within the noise thinks when think-on is measurably more "
+                                 "accurate by more than delta (its mean accuracy edge less tie_z standard errors "
+                                 "exceeds delta), and goes to think-off otherwise (kat_core.autothink.CellTally)")
 
     @field_validator("decoding")
     @classmethod

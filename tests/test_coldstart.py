@@ -100,6 +100,29 @@ def test_a_think_on_edge_within_the_noise_is_a_tie_and_goes_to_think_off():
     assert {r["label"] for r in sign_only} == {"on"}
 
 
+def test_a_tie_where_thinking_is_measurably_more_accurate_thinks():
+    """A value tie can hide a real loss: direct answers wrong 5 times in 40 where thinking costs 80 more tokens
+    (mean preference -0.005 +- 0.053, a tie) is an accuracy edge of 0.125 +- 0.053 for thinking, which stands
+    out of the noise: accuracy breaks the tie (`accuracy_first`). One miss in 16 (0.06 +- 0.06) does not."""
+    from kat_core.tasks.arith import ArithTask
+
+    task = ArithTask()
+    crit = AutoThinkConfig()  # token_cost 0.2 per 160 tokens, delta 0.02, tie_z 1.645, accuracy_first
+    cells: dict[str, list] = {}
+    for it in task.examples("pool", n=1500):
+        cells.setdefault(cell_of(task.intent_features(it)), []).append(it)
+    l4, l3 = (max((v for c, v in cells.items() if c.startswith(lv)), key=len) for lv in ("L4", "L3"))
+    assert len(l4) >= 40 and len(l3) >= 16
+    pairs = [(task, it) for it in l4[:40] + l3[:16]]
+    wrong_off, right_both = measured(0, 1, 16, 96), measured(1, 1, 16, 96)
+    sampled = [wrong_off] * 5 + [right_both] * 35 + [wrong_off] + [right_both] * 15
+    labels, _ = label_items(pairs, sampled, crit)
+    assert -0.01 < sum(r["preference_off"] for r in labels[:40]) / 40 < 0  # a value tie
+    assert {r["label"] for r in labels[:40]} == {"on"} and {r["label"] for r in labels[40:]} == {"off"}
+    cheap_first, _ = label_items(pairs, sampled, crit.model_copy(update={"accuracy_first": False}))
+    assert {r["label"] for r in cheap_first} == {"off"}
+
+
 @pytest.mark.slow
 def test_coldstart_on_a_quickly_trained_model(tmp_path):
     assert kat("data", "synth", "--out", tmp_path / "data").returncode == 0

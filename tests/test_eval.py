@@ -299,7 +299,8 @@ def test_cell_census_counts_a_split_oracle_that_leaves_the_population():
 
     def item(cell, level, right_off):  # thinking: right, 46 tokens; directly: 16 tokens
         pref = (1.0 if right_off else 0.0) - 1.0 + 0.2 * 30 / 160 + 0.02
-        return {"cell": cell, "level": level, "pref": pref, "tokens_off": 16, "tokens_on": 46}
+        return {"cell": cell, "level": level, "pref": pref, "tokens_off": 16, "tokens_on": 46, "acc_on": 1.0,
+                "acc_off": 1.0 if right_off else 0.0}
 
     population = [item("L4 sum", 4, k % 40) for k in range(400)] + [item("L5 product", 5, False)] * 400
     split = [item("L4 sum", 4, k) for k in range(16)] + [item("L5 product", 5, False)] * 16  # k 0: a miss

@@ -12,7 +12,8 @@ think-off is right when `V_off >= V_on - delta`. Two oracles are reported:
   - hindsight: the right mode per item, knowing its outcomes (no selector can beat it);
   - feature cell: the right mode per prompt-visible cell (level and judge description, `autothink.cell_of`),
     by the criterion's cell rule (`autothink.CellTally`: the mean preference plus `tie_z` standard errors,
-    a think-on edge within the noise is a tie; a cell under `min_cell` items takes its level's): the frontier
+    a think-on edge within the noise is a tie, which thinks only when thinking is measurably more accurate;
+    a cell under `min_cell` items takes its level's): the frontier
     a mode selector that sees only the request can reach. Beside it (`sign_rule`), the sign of each cell's
     mean alone, the rule before tie_z: it also knows which of the split's few items a direct answer missed.
 The auto mode's choice is the mode token of its greedy response, valued with the same forced outcomes, so
@@ -141,8 +142,10 @@ def _preferences(results: list[ItemResult], crit, need_auto: bool) -> tuple[list
     return rows, outcomes, [preference_off(o["off"], o["on"], crit) for o in outcomes]
 
 
-def _cell_rows(rows: list[ItemResult], prefs: list[float]) -> list[tuple[str, int, float]]:
-    return [(r.cell or f"L{r.level}", r.level, p) for r, p in zip(rows, prefs, strict=True)]
+def _cell_rows(rows: list[ItemResult], outcomes: list[dict], prefs: list[float]) -> list[tuple[str, int, float, float]]:
+    """(cell, level, preference_off, accuracy_on - accuracy_off) per item, as CellTally takes them."""
+    return [(r.cell or f"L{r.level}", r.level, p, o["on"][0] - o["off"][0])
+            for r, o, p in zip(rows, outcomes, prefs, strict=True)]
 
 
 def mode_selection(results: list[ItemResult], crit=None, calibration: list[ItemResult] | None = None
@@ -164,23 +167,23 @@ def mode_selection(results: list[ItemResult], crit=None, calibration: list[ItemR
     if not rows:
         return None
     hindsight = [decide(p) for p in prefs]
-    cell_rows = _cell_rows(rows, prefs)
+    cell_rows = _cell_rows(rows, outcomes, prefs)
     split_tally = cell_tally(cell_rows, crit)
     decider, source, decided_items = split_tally, "split", len(rows)
     if calibration:
-        cal_rows, _, cal_prefs = _preferences(calibration, crit, need_auto=False)
+        cal_rows, cal_outcomes, cal_prefs = _preferences(calibration, crit, need_auto=False)
         if cal_rows:
-            decider, source, decided_items = cell_tally(_cell_rows(cal_rows, cal_prefs), crit), "calibration", \
-                len(cal_rows)
+            decider, source, decided_items = cell_tally(_cell_rows(cal_rows, cal_outcomes, cal_prefs), crit), \
+                "calibration", len(cal_rows)
     cells = {cell: (decider if decider.knows(cell, level) else split_tally).stats_for(cell, level)
-             for cell, level, _ in cell_rows}
-    by_cell = [cells[cell]["mode"] for cell, _, _ in cell_rows]
+             for cell, level, *_ in cell_rows}
+    by_cell = [cells[cell]["mode"] for cell, *_ in cell_rows]
     split_modes = split_tally.modes()
-    by_split = [split_modes[cell] for cell, _, _ in cell_rows]
+    by_split = [split_modes[cell] for cell, *_ in cell_rows]
     # the in-sample sign of each cell's mean alone (no tie band, no level fallback): an upper bound that
     # knows the split's single misses, reported beside the criterion's cell oracle
     sign_modes = cell_tally(cell_rows, crit.model_copy(update={"min_cell": 1, "tie_z": 0.0})).modes()
-    by_sign = [sign_modes[cell] for cell, _, _ in cell_rows]
+    by_sign = [sign_modes[cell] for cell, *_ in cell_rows]
     choices = []
     for r, o in zip(rows, outcomes, strict=True):
         choice = r.greedy["auto"].mode
@@ -205,7 +208,7 @@ def mode_selection(results: list[ItemResult], crit=None, calibration: list[ItemR
         confusion[f"oracle_{o}"][f"chose_{c}"] += 1
     hind, cell = against(hindsight), against(by_cell)
     per_cell: dict[str, dict[str, Any]] = {}  # what auto did per cell
-    for (key, _, _), c in zip(cell_rows, choices, strict=True):
+    for (key, *_), c in zip(cell_rows, choices, strict=True):
         entry = per_cell.setdefault(key, {"on": 0, "none": 0})
         entry["on"] += c == "on"
         entry["none"] += c == "none"
@@ -220,7 +223,8 @@ def mode_selection(results: list[ItemResult], crit=None, calibration: list[ItemR
     return {
         "n": len(rows),
         "criterion": {"token_cost": crit.token_cost, "token_budget": crit.token_budget, "delta": crit.delta,
-                      "decoding": crit.decoding, "min_cell": crit.min_cell, "tie_z": crit.tie_z},
+                      "decoding": crit.decoding, "min_cell": crit.min_cell, "tie_z": crit.tie_z,
+                      "accuracy_first": crit.accuracy_first},
         "delta": crit.delta,
         "choice": {k: _r(v, 2 if k == "mean_tokens" else 4) for k, v in chosen.items()},
         # hindsight: the per-item oracle (kept under the schema's original keys)

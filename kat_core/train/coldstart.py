@@ -6,10 +6,10 @@ measured under the evaluation's decoding (`autothink.decoding`: one greedy answe
 samples at a temperature), the judge pre-filled from the prompt's intent features. Each prompt's preference
 `V_off - V_on + delta` (kat_core.autothink) is averaged over its *feature cell* (level and judge description,
 what the model can see before answering), and the cell's verdict labels every prompt of the cell: the model
-is taught the best mode a selector can reach, not the coin flips of single items. A cell thinks only where
-thinking's edge exceeds `autothink.tie_z` standard errors of the mean (within the noise it is a tie, and
-ties go to think-off); a cell with fewer than `autothink.min_cell` prompts, or a mean within that band of 0,
-takes its level's verdict.
+is taught the best mode a selector can reach, not the coin flips of single items. A cell thinks where
+thinking's edge exceeds `autothink.tie_z` standard errors of the mean; within the noise it is a tie, which
+thinks when think-on is measurably more accurate (`autothink.accuracy_first`) and goes to think-off otherwise.
+A cell with fewer than `autothink.min_cell` prompts takes its level's verdict.
 
 The SFT example for a prompt is its shortest verified response in the labelled mode, under the judge written
 from intent features for that mode, so the model learns both the choice and why. A prompt with no verified
@@ -90,7 +90,8 @@ def label_items(pairs: list[tuple[Task, Item]], sampled: list[dict[str, Any]], c
         prefs.append(preference_off((row["acc_off"], row["tokens_off"]), (row["acc_on"], row["tokens_on"]),
                                     criterion))
         cells.append(cell_of(task.intent_features(item)))
-    tally = cell_tally(zip(cells, (item.difficulty for _, item in pairs), prefs, strict=True), criterion)
+    gaps = [row["acc_on"] - row["acc_off"] for row in sampled]
+    tally = cell_tally(zip(cells, (item.difficulty for _, item in pairs), prefs, gaps, strict=True), criterion)
     cell_info = tally.summary()
     labels, sft = [], []
     for (task, item), row, pref, cell in zip(pairs, sampled, prefs, cells, strict=True):

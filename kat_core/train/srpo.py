@@ -429,7 +429,8 @@ def census(model, tokenizer, pairs: list[tuple[Task, Item]], tally: CellTally, c
         part = pairs[lo:lo + chunk]
         for (task, item), (off, on) in zip(part, measure_modes(model, tokenizer, part, cfg.max_new_tokens, seed),
                                            strict=True):
-            tally.add(cell_of(task.intent_features(item)), item.difficulty, preference_off(off, on, crit))
+            tally.add(cell_of(task.intent_features(item)), item.difficulty, preference_off(off, on, crit),
+                      on[0] - off[0])
     seconds = time.perf_counter() - t0
     log.info("census: both modes of %d RL prompts measured in %.0f s; cells: %s", len(pairs), seconds,
              ", ".join(f"{c} {v['mode']} ({v['preference_off']:+.3f}, n {v['n']})" for c, v in tally.summary().items()))
