@@ -141,7 +141,9 @@ def eval_run(
     sel = report["mode_selection"]
     if sel:
         cell = sel["feature_cell"]
-        typer.echo(f"mode selection: feature-cell oracle {cell['oracle']['accuracy']:.3f} at "
+        on = cell.get("decided_on", {})
+        where = f" (cells decided on {on['items']} other items)" if on.get("source") == "calibration" else ""
+        typer.echo(f"mode selection: feature-cell oracle{where} {cell['oracle']['accuracy']:.3f} at "
                    f"{cell['oracle']['mean_tokens']:.1f} tokens, auto's regret {cell['regret']['accuracy']:+.3f} "
                    f"accuracy, {cell['regret']['tokens']:+.1f} tokens; hindsight oracle "
                    f"{sel['oracle']['accuracy']:.3f} at {sel['oracle']['mean_tokens']:.1f} tokens")
