@@ -215,8 +215,8 @@ class AutoThinkConfig(_Strict):
                          "exceeds tie_z standard errors of that mean (one-sided 95%); an edge within the "
                          "measurement's noise is a tie, and ties go to think-off (kat_core.autothink.CellTally)")
     accuracy_first: bool = Field(True, description="a tie within the noise thinks when think-on is measurably more "
-                                 "accurate by more than delta (its mean accuracy edge less tie_z standard errors "
-                                 "exceeds delta), and goes to think-off otherwise (kat_core.autothink.CellTally)")
+                                 "accurate (its mean accuracy edge less tie_z standard errors is above 0), and goes "
+                                 "to think-off otherwise (kat_core.autothink.CellTally)")
 
     @field_validator("decoding")
     @classmethod
