@@ -43,12 +43,17 @@ def measure(model_dir: Path, n: int, seed: int, criterion) -> list[dict]:
             for it, r in zip(items, rows, strict=True)]
 
 
+def tally_rows(rows: list[dict]):
+    """The measured items as CellTally takes them: (cell, level, preference_off, accuracy_on - accuracy_off)."""
+    return ((r["cell"], r["level"], r["pref"], r["acc_on"] - r["acc_off"]) for r in rows)
+
+
 def modes_of(rows: list[dict], min_cell: int, tie_z: float, accuracy_first: bool = True) -> dict[str, str]:
     from kat_core.autothink import cell_tally
     from kat_core.config import AutoThinkConfig
 
     crit = AutoThinkConfig(min_cell=min_cell, tie_z=tie_z, accuracy_first=accuracy_first)
-    return cell_tally(((r["cell"], r["level"], r["pref"], r["acc_on"] - r["acc_off"]) for r in rows), crit).modes()
+    return cell_tally(tally_rows(rows), crit).modes()
 
 
 def token_gap(split: list[dict], oracle: dict[str, str], selector: dict[str, str]) -> float:
@@ -84,7 +89,7 @@ def main() -> None:
     except KatError as e:
         sys.exit(f"error: {e}")
     rows = measure(args.model, args.items, args.seed, crit)
-    tally = cell_tally(((r["cell"], r["level"], r["pref"], r["acc_on"] - r["acc_off"]) for r in rows), crit)
+    tally = cell_tally(tally_rows(rows), crit)
     by_cell: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_cell[r["cell"]].append(r)

@@ -118,10 +118,6 @@ class CellTally:
     def _deciding(self, cell: str) -> tuple[_Moments, _Moments]:
         return self._cell[cell] if self._decides(cell) else self._level[self._level_of[cell]]
 
-    def mean_and_error(self, cell: str) -> tuple[float, float]:
-        """(mean preference_off, its standard error) of the cell, or of its level when the cell is too small."""
-        return self._deciding(cell)[0].mean_and_error()
-
     def _value(self, moments: tuple[_Moments, _Moments]) -> float:
         prefs, gaps = moments
         mean, error = prefs.mean_and_error()
@@ -145,17 +141,18 @@ class CellTally:
         it must know), as when the evaluation's cell oracle is decided on other items than those it judges."""
         if cell in self._cell:
             return self.summary_of(cell)
-        mean, error = self._level[level][0].mean_and_error()
-        pref = self._value(self._level[level])
-        return {"n": 0, "mean": round(mean, 4), "error": round(error, 4), "by": "level",
-                "preference_off": round(pref, 4), "mode": decide(pref)}
+        return self._entry(self._level[level], 0, "level", self._value(self._level[level]))
 
     def summary_of(self, cell: str) -> dict[str, Any]:
-        mean, error = self._cell[cell][0].mean_and_error()
-        pref = self.preference(cell)
-        return {"n": self.count(cell), "mean": round(mean, 4), "error": round(error, 4),
-                "by": "cell" if self._decides(cell) else "level", "preference_off": round(pref, 4),
-                "mode": decide(pref)}
+        return self._entry(self._cell[cell], self.count(cell), "cell" if self._decides(cell) else "level",
+                           self.preference(cell))
+
+    @staticmethod
+    def _entry(own: tuple[_Moments, _Moments], n: int, by: str, pref: float) -> dict[str, Any]:
+        """One summary entry: `own` preferences' mean and error, who decided (`by`), the decision value `pref`."""
+        mean, error = own[0].mean_and_error()
+        return {"n": n, "mean": round(mean, 4), "error": round(error, 4), "by": by,
+                "preference_off": round(pref, 4), "mode": decide(pref)}
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """{cell: {n, mean and error (the cell's own mean preference_off and its standard error), by ("cell", or
