@@ -241,6 +241,11 @@ class ColdStartConfig(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(160, ge=8)
     batch_size: int = Field(64, ge=1)
+    rounds: int = Field(1, ge=1, le=5, description="labelling rounds: each later round measures the labelled "
+                        "prompts again on the previous round's model and relabels them; when a label changed, the "
+                        "student is fine-tuned again on the new labels, else that model is the cold start. Labels "
+                        "measured on the student can be wrong for the model the SFT makes of it (README, \"Labels "
+                        "for the model that decides\")")
     min_well_formed: float = Field(0.0, ge=0, le=1, description="share of the forced answers that must be well "
                                    "formed, else the stage fails (labels measured on answers the grammar cannot "
                                    "read say nothing about the model); 0 only warns when none is")

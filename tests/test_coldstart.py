@@ -161,6 +161,47 @@ def test_coldstart_on_a_quickly_trained_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "cs")
+    assert summary["rounds"] == [{"round": 1, "measured_on": "the student", "trained": True}]
+
+    # a second round relabels the same prompts on the first round's model: the one just made (deterministic),
+    # measured here by hand
+    from kat_core.config import load_config
+    from kat_core.data.dataset import read_pool
+    from kat_core.manifest import sha256_file
+    from kat_core.model.checkpoint import load_checkpoint
+    from kat_core.train.coldstart import sample_both_modes, stratified
+
+    config = load_config("smoke", SETTINGS)
+    pairs = stratified(read_pool(tmp_path / "data", "coldstart"), 60, config.seed)
+    model, tokenizer, _ = load_checkpoint(tmp_path / "cs")
+    expected, _ = label_items(pairs, sample_both_modes(model.eval(), tokenizer, pairs, config.coldstart,
+                                                       config.autothink, config.seed), config.autothink)
+    r = kat("train", "coldstart", "--model", tmp_path / "ckpt", "--data", tmp_path / "data", "--out",
+            tmp_path / "cs2", "--set", "coldstart.rounds=2")
+    assert r.returncode == 0, r.stderr
+    relabelled = [json.loads(line) for line in (tmp_path / "cs2" / "labels.jsonl").read_text().splitlines()]
+    assert [(r["acc_off"], r["acc_on"], r["label"]) for r in relabelled] == \
+        [(r["acc_off"], r["acc_on"], r["label"]) for r in expected]
+    changed = sum(a["label"] != b["label"] for a, b in zip(labels, expected, strict=True))
+    second = json.loads((tmp_path / "cs2" / "coldstart.json").read_text())["rounds"][1]
+    assert second["labels_changed"] == changed and second["trained"] == bool(changed)
+    weights = [sha256_file(tmp_path / d / "model.safetensors") for d in ("cs", "cs2")]
+    same_weights = weights[0] == weights[1]
+    assert same_weights == (not changed)  # trained on only where a label changed
+
+
+def test_a_later_round_reports_the_cells_whose_label_changed():
+    from kat_core.train.coldstart import relabelled
+
+    before = [{"cell": "L4 a", "label": "on"}, {"cell": "L4 a", "label": "on"}, {"cell": "L3 b", "label": "off"},
+              {"cell": "L5 c", "label": "on"}]
+    after = [{"cell": "L4 a", "label": "off"}, {"cell": "L4 a", "label": "off"}, {"cell": "L3 b", "label": "on"},
+             {"cell": "L5 c", "label": "on"}]
+    assert relabelled(before, after) == {"labels_changed": 3, "cells_changed": {"L3 b": "off -> on",
+                                                                                "L4 a": "on -> off"}}
+    assert relabelled(before, before) == {"labels_changed": 0, "cells_changed": {}}
+    with pytest.raises(ValueError):  # not the same prompts
+        relabelled(before, after[:2])
 
 
 def test_min_well_formed_fails_the_stage_on_a_model_without_the_grammar(tmp_path, tiny_tokenizer):

@@ -141,7 +141,9 @@ def train_coldstart(
     config = load_config(profile, overrides)
     result = coldstart(config, model, out, data_dir=data, progress=not quiet)
     levels = ", ".join(f"L{lvl} off {v['label_off']}/on {v['label_on']}" for lvl, v in result["per_level"].items())
-    _say(f"cold start labelled {result['prompts']} prompts ({levels}); {result['in_sft']} in SFT; checkpoint {out}")
+    relabels = "".join(f"; round {r['round']} relabelled {r['labels_changed']}" for r in result["rounds"][1:])
+    _say(f"cold start labelled {result['prompts']} prompts ({levels}){relabels}; {result['in_sft']} in SFT; "
+         f"checkpoint {out}")
 
 
 @train_app.command("srpo")

@@ -11,6 +11,13 @@ thinking's edge exceeds `autothink.tie_z` standard errors of the mean; within th
 thinks when think-on is measurably more accurate (`autothink.accuracy_first`) and goes to think-off otherwise.
 A cell with fewer than `autothink.min_cell` prompts takes its level's verdict.
 
+Labels measured on the student need not hold for the model the SFT makes of it: on pipeline seed 1 the SFT made
+the direct answers of a level-4 cell right 0.99 of the time where the student's were 0.966, whose accuracy gap had
+labelled the cell think. With `coldstart.rounds` > 1 each later round measures the same prompts on the previous
+round's model and relabels them; when a label changed, the student is fine-tuned again on the new labels (with the
+newer model's verified responses), else the previous round's model is the cold start (`coldstart.json`'s
+`rounds` says what each round changed). The demo labels once (README, "Labels for the model that decides").
+
 The SFT example for a prompt is its shortest verified response in the labelled mode, under the judge written
 from intent features for that mode, so the model learns both the choice and why. A prompt with no verified
 response in its labelled mode falls back to the task's reference response (counted as `from_reference`);
@@ -18,8 +25,8 @@ when no response at all was well formed (the model does not speak the grammar ye
 and records `well_formed_answers: 0` in its summary; with `coldstart.min_well_formed` set, fewer well-formed
 answers than that share fail the stage instead.
 
-Output: a checkpoint (as `pretrain` writes it) with `labels.jsonl` (per prompt: accuracy and tokens in each
-mode, preference, cell, label, reason) and `coldstart.json` (label distribution and accuracy per level).
+Output: a checkpoint (as `pretrain` writes it) with `labels.jsonl` (the last round's: per prompt, accuracy and
+tokens in each mode, preference, cell, label, reason) and `coldstart.json` (label distribution and accuracy per level).
 """
 
 from __future__ import annotations
@@ -164,25 +171,15 @@ def stratified(pairs: list[tuple[Task, Item]], n: int, seed: int) -> list[tuple[
     return out
 
 
-def coldstart(config: KatConfig, checkpoint: str | Path, out_dir: str | Path, *, data_dir: str | Path,
-              progress: bool = True) -> dict[str, Any]:
-    """Label the dataset's cold-start prompts by the decision criterion, fine-tune `checkpoint` on the labelled
-    responses into `out_dir`."""
-    from kat_core.data.dataset import read_pool, write_jsonl
-    from kat_core.model.checkpoint import check_checkpoint, load_checkpoint
-    from kat_core.train.pretrain import pretrain
-    from kat_core.util import cpu_threads
+def label_round(config: KatConfig, checkpoint: Path, pairs: list[tuple[Task, Item]], progress: bool):
+    """Measure both forced modes of `pairs` on `checkpoint` and label them -> (labels, SFT records, summary).
+    Refuses (KatError) a model whose answers are too rarely well formed (`coldstart.min_well_formed`)."""
+    from kat_core.model.checkpoint import load_checkpoint
 
-    cpu_threads()  # sampling and SFT under the one thread policy
     cfg = config.coldstart
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    check_checkpoint(checkpoint)
-    pairs = stratified(read_pool(Path(data_dir), "coldstart", config.tasks.benchmarks_dir), cfg.prompts,
-                       config.seed)
     model, tokenizer, _ = load_checkpoint(checkpoint)
     model.eval()
-    log.info("cold start: %d prompts from %s, both modes (%s) from %s", len(pairs), data_dir,
-             config.autothink.decoding, checkpoint)
+    log.info("cold start: %d prompts, both modes (%s) from %s", len(pairs), config.autothink.decoding, checkpoint)
     sampled = sample_both_modes(model, tokenizer, pairs, cfg, config.autothink, config.seed, progress=progress)
     labels, sft = label_items(pairs, sampled, config.autothink)
     summary = summarize(labels)
@@ -200,20 +197,71 @@ def coldstart(config: KatConfig, checkpoint: str | Path, out_dir: str | Path, *,
         log.warning("cold start: %d of %d SFT examples are reference traces, not the model's own answers",
                     summary["from_reference"], len(labels))
     log.info("cold start labels: %s", {lvl: (v["label_off"], v["label_on"]) for lvl, v in summary["per_level"].items()})
+    return labels, sft, summary
 
-    work = Path(tempfile.mkdtemp(prefix=".coldstart-", dir=out_dir.parent if out_dir.parent.exists() else None))
+
+def relabelled(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a later labelling round changed: prompts and cells whose label differs (same prompts, same order)."""
+    changed = [(b, a) for b, a in zip(before, after, strict=True) if b["label"] != a["label"]]
+    cells = sorted({a["cell"] for _, a in changed})
+    return {"labels_changed": len(changed),
+            "cells_changed": {c: f"{next(b for b, a in changed if a['cell'] == c)['label']} -> "
+                                 f"{next(a for _, a in changed if a['cell'] == c)['label']}" for c in cells}}
+
+
+def coldstart(config: KatConfig, checkpoint: str | Path, out_dir: str | Path, *, data_dir: str | Path,
+              progress: bool = True) -> dict[str, Any]:
+    """Label the dataset's cold-start prompts by the decision criterion, fine-tune `checkpoint` on the labelled
+    responses into `out_dir`; with `coldstart.rounds` > 1, relabel on the fine-tuned model and fine-tune the
+    student again on the new labels while labels change."""
+    from kat_core.data.dataset import read_pool, swap_into_place, write_jsonl
+    from kat_core.manifest import write_manifest
+    from kat_core.model.checkpoint import KAT_META, check_checkpoint
+    from kat_core.train.pretrain import pretrain
+    from kat_core.util import cpu_threads
+
+    cpu_threads()  # sampling and SFT under the one thread policy
+    cfg = config.coldstart
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    check_checkpoint(checkpoint)
+    pairs = stratified(read_pool(Path(data_dir), "coldstart", config.tasks.benchmarks_dir), cfg.prompts,
+                       config.seed)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".coldstart-", dir=out_dir.parent))
     try:
-        (work / "sft").mkdir()
-        write_jsonl(work / "sft" / "train-00000.jsonl", sft)
-        write_jsonl(work / LABELS, labels)
-        (work / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-        metrics = pretrain(
-            config, work / "sft", out_dir,
-            model_cfg=config.model.model_copy(update={"base": str(checkpoint)}),
-            train_cfg=cfg.train, progress=progress, stage="coldstart",
-            extra_files={LABELS: work / LABELS, SUMMARY: work / SUMMARY},
-            extra_meta={"coldstart": summary},
-        )
+        model_dir, labels, rounds, metrics = checkpoint, None, [], {}
+        for r in range(1, cfg.rounds + 1):
+            before = labels
+            labels, sft, summary = label_round(config, model_dir, pairs, progress)
+            if before is None:
+                rounds.append({"round": 1, "measured_on": "the student", "trained": True})
+            else:
+                change = relabelled(before, labels)
+                rounds.append({"round": r, "measured_on": f"round {r - 1}'s model", **change,
+                               "trained": bool(change["labels_changed"])})
+                log.info("cold start round %d: %d labels changed on the fine-tuned model%s", r,
+                         change["labels_changed"], "".join(f"; {c}: {v}" for c, v in change["cells_changed"].items()))
+                if not change["labels_changed"]:
+                    break  # the labels hold for the model they made: it is the cold start
+            (work / f"sft{r}").mkdir()
+            write_jsonl(work / f"sft{r}" / "train-00000.jsonl", sft)
+            # from the student every round: fine-tuning the previous round's model on instead overturned its
+            # confident decision on the relabelled cell and leaked into the neighbouring cell (README)
+            metrics = pretrain(config, work / f"sft{r}", work / f"round{r}",
+                               model_cfg=config.model.model_copy(update={"base": str(checkpoint)}),
+                               train_cfg=cfg.train, progress=progress, stage="coldstart")
+            model_dir = work / f"round{r}"
+        # the checkpoint carries the last labelling (measured on the model it was trained from, or on itself when
+        # no label changed) and every round's account, its manifest digesting the student it was made from
+        summary = {**summary, "rounds": rounds}
+        write_jsonl(model_dir / LABELS, labels)
+        (model_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        meta = json.loads((model_dir / KAT_META).read_text())
+        meta["extra"]["coldstart"] = summary
+        (model_dir / KAT_META).write_text(json.dumps(meta, indent=2) + "\n")
+        write_manifest(model_dir, stage="coldstart", config=config,
+                       inputs={"data": Path(data_dir), "base": checkpoint})
+        swap_into_place(model_dir, out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"metrics": metrics, **summary}
