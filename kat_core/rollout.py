@@ -55,6 +55,7 @@ from kat_core.decoding import (  # noqa: F401  (_LlamaStep, _pick, _SlabLayer: t
 )
 from kat_core.format import ANSWER_CLOSE, SEGMENTS, SPECIAL_TOKENS, THINK_OFF, THINK_ON, token_segments
 from kat_core.speculative import run_speculative
+from kat_core.verdict import VerdictGuard
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,8 @@ def _run_batch(model, rows: list[_Row], *, pad_id: int, stop: torch.Tensor, answ
                temperature: float, top_p: float, gen: torch.Generator, cache_kw: str, fast: bool, on_finish=None,
                on_token: OnToken | None = None, first: int = 0,
                admit: Callable[[int, int], list[tuple[int, _Row]]] | None = None, max_rows: int = 0,
-               on_done: Callable[[int, _Row, list[int], list[float], FinishReason], None] | None = None):
+               on_done: Callable[[int, _Row, list[int], list[float], FinishReason], None] | None = None,
+               guard: VerdictGuard | None = None):
     """Decode one batch; returns per row (generated ids, log-probs, finish reason). `on_token` hears every
     token as it is drawn, with `first` + the row's index in this batch.
 
@@ -127,7 +129,8 @@ def _run_batch(model, rows: list[_Row], *, pad_id: int, stop: torch.Tensor, answ
     the live rows (keys carry their rotary positions, so a row's columns are storage, not position), and it
     draws its first token with the others at the next step. Admitted rows are reported by `on_token` and
     `on_done` only (the return value has the first rows), and run to `max_new` tokens unless `on_token` ends
-    them. `on_done(index, row, ids, logprobs, finish)` hears every row the moment it finishes."""
+    them. `on_done(index, row, ids, logprobs, finish)` hears every row the moment it finishes. `guard` keeps an
+    open judge's verdict to the grammar's two words (`kat_core.verdict`)."""
     device = next(model.parameters()).device
     width = max(len(r.context) for r in rows)
     # span: the positions a row may reach (a joining row too: `admit` is told). With admission the window moves
@@ -155,13 +158,18 @@ def _run_batch(model, rows: list[_Row], *, pad_id: int, stop: torch.Tensor, answ
     lengths = [max_new] * b
     reasons: list[FinishReason] = ["length"] * b
     ids_of = list(range(first, first + b))  # the index each row reports to on_token by
+    if guard is not None:  # per row: the last token and whether its judge is open
+        last_tok, judge_open = guard.start([r.context for r in rows], device)
 
     active = torch.arange(b, device=device)  # row of each live row
     start = end - width  # the live column window (shared by the mask and the slab cache)
     padded = not bool(mask[:, start:end].all())
     while True:
         logits = logits.float()
-        tok = _pick(logits, temperature, top_p, gen)
+        allowed = logits if guard is None else guard.mask(logits, last_tok[active], judge_open[active])
+        tok = _pick(allowed, temperature, top_p, gen)
+        if guard is not None:
+            last_tok[active], judge_open[active] = tok, guard.advance(judge_open[active], tok)
         column = drawn[active]
         out_ids[active, column] = tok
         out_lp[active, column] = torch.log_softmax(logits, dim=-1).gather(1, tok[:, None])[:, 0]
@@ -245,6 +253,9 @@ def _run_batch(model, rows: list[_Row], *, pad_id: int, stop: torch.Tensor, answ
         drawn = torch.cat([drawn, torch.zeros(k, dtype=torch.long, device=device)])
         budget = torch.cat([budget, torch.tensor([min(max_new, span - len(r.context)) for r in new_rows],
                                                  device=device)])
+        if guard is not None:
+            new_last, new_open = guard.start([r.context for r in new_rows], device)
+            last_tok, judge_open = torch.cat([last_tok, new_last]), torch.cat([judge_open, new_open])
         active, pos = torch.cat([active, index]), torch.cat([pos, new_pos])
         logits = torch.cat([logits, new_logits]) if n else new_logits
     out_ids, out_lp = out_ids.cpu(), out_lp.cpu()
@@ -272,6 +283,7 @@ def generate(
     max_rows: int = 64,
     draft=None,
     draft_tokens: int = 1,
+    verdict_guard: bool = True,
 ) -> list[Sample]:
     """Sample `n` responses per prompt -> `len(prompts) * n` Samples, ordered by (prompt, sample).
 
@@ -291,7 +303,10 @@ def generate(
 
     `draft` (the checkpoint's MTPHeads) decodes speculatively, `draft_tokens` drafts a step
     (`kat_core.speculative`): the same outputs for greedy decoding, the same distribution for sampling, fewer
-    forwards of the model. Without admission and for Llama-architecture models only; otherwise plain."""
+    forwards of the model. Without admission and for Llama-architecture models only; otherwise plain.
+
+    `verdict_guard`: while a response's judge is open, the word after its colon is one of the grammar's two
+    verdicts (`kat_core.verdict`; a tokenizer without the grammar has no guard)."""
     if forced is not None and len(forced) != len(prompts):
         raise ValueError(f"forced has {len(forced)} entries for {len(prompts)} prompts")
     if n < 1 or max_new_tokens < 1 or batch_size < 1:
@@ -356,6 +371,7 @@ def generate(
 
     gen = torch.Generator(device=device).manual_seed(seed)
     cache_kw = _cache_kwarg(model)
+    guard = VerdictGuard.of(tokenizer) if verdict_guard else None
     speculative = draft is not None and len(draft) > 0 and admit is None and fast \
         and _LlamaStep.supports(model, _new_cache(model, 1, 1))
     if draft is not None and not speculative:
@@ -372,14 +388,14 @@ def generate(
                         model, draft, rows[lo : lo + batch_size], draft_tokens=draft_tokens, pad_id=pad_id,
                         stop=stop, answer_close=answer_close, max_new=max_new_tokens, temperature=temperature,
                         top_p=top_p, gen=gen, cache_kw=cache_kw, on_finish=bar.update if bar is not None else None,
-                        on_token=on_token, first=lo, on_done=done if on_sample is not None else None)
+                        on_token=on_token, first=lo, on_done=done if on_sample is not None else None, guard=guard)
                     continue
                 results += _run_batch(model, rows[lo : lo + batch_size], pad_id=pad_id, stop=stop,
                                       answer_close=answer_close, max_new=max_new_tokens, temperature=temperature,
                                       top_p=top_p, gen=gen, cache_kw=cache_kw, fast=fast,
                                       on_finish=bar.update if bar is not None else None, on_token=on_token,
                                       first=lo, admit=joining if admit is not None else None, max_rows=max_rows,
-                                      on_done=done if on_sample is not None else None)
+                                      on_done=done if on_sample is not None else None, guard=guard)
     finally:
         model.train(was_training)
         if bar is not None:

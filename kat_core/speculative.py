@@ -168,10 +168,11 @@ def _accept(logits: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, 
 def run_speculative(model, heads, rows: list[_Row], *, draft_tokens: int, pad_id: int, stop: torch.Tensor,
                     answer_close: int, max_new: int, temperature: float, top_p: float, gen: torch.Generator,
                     cache_kw: str, on_finish=None, on_token: OnToken | None = None, first: int = 0,
-                    on_done=None) -> list[tuple[list[int], list[float], FinishReason, DraftStats]]:
+                    on_done=None, guard=None) -> list[tuple[list[int], list[float], FinishReason, DraftStats]]:
     """Decode one batch speculatively (see the module docstring) -> per row (ids, log-probs, finish reason,
     draft stats). `on_token`, `first`, `on_done(index, row, ids, logprobs, finish)` and `on_finish(count)` as
-    in `rollout._run_batch`."""
+    in `rollout._run_batch`. `guard` (`kat_core.verdict.VerdictGuard`) constrains the main model's picks, so
+    the drafts of a verdict are verified against the guarded distribution."""
     device = next(model.parameters()).device
     D, L = draft_tokens, draft_tokens + 1
     width, b = max(len(r.context) for r in rows), len(rows)
@@ -215,7 +216,12 @@ def run_speculative(model, heads, rows: list[_Row], *, draft_tokens: int, pad_id
 
     # the first token, from the prefill; then the MTP module over the context: column i reads the main state at
     # i and token i+1 (the next context token, or the first drawn one at the last column)
-    tok, _ = pick(logits.float())
+    if guard is not None:  # per row: whether its judge is open after the tokens emitted so far
+        last_ctx, judge_open = guard.start([r.context for r in rows], device)
+        tok, _ = pick(guard.mask(logits.float(), last_ctx, judge_open))
+        judge_open = guard.advance(judge_open, tok)
+    else:
+        tok, _ = pick(logits.float())
     first_lp = torch.log_softmax(logits.float(), -1).gather(1, tok[:, None])[:, 0]
     ctx = torch.full((b, width), pad_id, dtype=torch.long, device=device)
     for i, r in enumerate(rows):
@@ -303,7 +309,15 @@ def run_speculative(model, heads, rows: list[_Row], *, draft_tokens: int, pad_id
         positions = pos[:, None] + 1 + span[None]
         seen = mask[:n, start:end]
         logits, hidden = step.run(inputs, positions, cache, _attention_mask(seen, causal.expand(n, 1, L, L)))
-        a, nxt = _accept(logits, drafts, q, temperature, top_p, gen)
+        if guard is None:
+            a, nxt = _accept(logits, drafts, q, temperature, top_p, gen)
+        else:  # the judge's state at each input: after t, then after each draft
+            opens = [judge_open[active]]
+            for j in range(D):
+                opens.append(guard.advance(opens[-1], drafts[:, j]))
+            opens = torch.stack(opens, 1)
+            a, nxt = _accept(guard.mask(logits.float(), inputs, opens), drafts, q, temperature, top_p, gen)
+            judge_open[active] = guard.advance(opens[arange[:n], a], nxt)
         for i, first_drafted, accepted in zip(active.tolist(), drawn_after.tolist(), a.tolist(), strict=True):
             steps[i].append((first_drafted, accepted))
         emitted = torch.cat([drafts, nxt[:, None]], dim=1).scatter_(1, a[:, None], nxt[:, None])
