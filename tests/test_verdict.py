@@ -103,3 +103,21 @@ def test_every_colon_of_an_open_judge_is_followed_by_a_verdict(untrained, temper
     elif drafting:  # speculative greedy output is still plain greedy output, guarded tokens included
         plain = generate(model, tok, prompts, forced=at_colon, **{**kw, "draft": None})
         assert [s.token_ids for s in guarded] == [s.token_ids for s in plain]
+
+
+def test_rows_that_join_a_running_batch_are_guarded_too(untrained):
+    """Continuous batching (a server's requests joining between decode steps): a joining row's judge state is
+    read from its own context."""
+    model, tok, _ = untrained
+    guard = VerdictGuard.of(tok)
+    prompts = [it.prompt for it in TASK.examples("test", n=12, seed=6)]
+    at_colon = f"{JUDGE_OPEN}sum, 2 steps:"
+    waiting, reported = list(range(3, 12)), {}
+
+    def admit(free, span):  # one request joins at each step while there is room
+        return [(waiting.pop(0), prompts[i], at_colon) for i in waiting[:1]] if free else []
+
+    first = generate(model, tok, prompts[:3], forced=[at_colon] * 3, temperature=0, max_new_tokens=12,
+                     admit=admit, max_rows=4, on_sample=lambda i, s: reported.setdefault(i, s))
+    samples = first + [reported[i] for i in range(3, 12)]
+    assert not waiting and all(s.token_ids[0] in guard.verdicts for s in samples)
