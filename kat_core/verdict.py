@@ -57,6 +57,15 @@ class VerdictGuard:
             opened = True if t == self.judge_open else False if t == self.judge_close else opened
         return opened
 
+    def verdict_index(self, tokens: list[int], opened: bool = False) -> int | None:
+        """Where in `tokens` (generated after a context whose judge is `opened`) the first verdict was drawn: the
+        token after a colon of an open judge; None when there is none."""
+        for k in range(1, len(tokens)):
+            opened = self.advance_one(opened, [tokens[k - 1]])
+            if opened and tokens[k - 1] == self.colon:
+                return k
+        return None
+
     def advance(self, opened: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
         """Judge open after `tok` (one token per row)."""
         return (opened | (tok == self.judge_open)) & (tok != self.judge_close)

@@ -85,6 +85,20 @@ def tiny_tokenizer():
     return train_tokenizer(corpus, vocab_size=300)
 
 
+@pytest.fixture(scope="session")
+def judge_tokenizer():
+    """A BPE trained on arithmetic and its judges, as the pipeline's is: ':' and the verdict words are tokens."""
+    from kat_core.data.judge import judge_text
+    from kat_core.tasks.arith import ArithTask
+    from kat_core.tokenizer import train_tokenizer
+
+    task = ArithTask()
+    items = task.examples("train", n=200)
+    corpus = [f"{i.prompt} {judge_text(task.intent_features(i), m)} {' '.join(i.steps)}" for i in items
+              for m in ("on", "off")]
+    return train_tokenizer(corpus, vocab_size=300)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Ops this small run fastest on one thread, and far more predictably on a busy 2-core machine.

@@ -309,3 +309,40 @@ def test_cell_census_counts_a_split_oracle_that_leaves_the_population():
     assert census.modes_of(split, 1, 0.0)["L4 sum"] == "on"
     assert census.token_gap(split, census.modes_of(split, 1, 0.0), selector) > 0.03
     assert census.token_gap(split, census.modes_of(split, 4, 1.645), selector) == 0.0
+
+
+def test_decisions_the_model_barely_made_are_counted(hand_made, judge_tokenizer):
+    """`verdict_p`: the raw probability of the verdict word auto drew, read from the sample's log-probs at the
+    token after its judge's colon; the mode selection counts those under 0.5 and the report says so."""
+    import math
+
+    from kat_core.eval.evaluate import score
+    from kat_core.eval.report import _selection_lines
+    from kat_core.rollout import Sample
+    from kat_core.tasks.arith import ArithTask, make_item
+    from kat_core.verdict import VerdictGuard
+
+    tok, guard = judge_tokenizer, VerdictGuard.of(judge_tokenizer)
+    text = "<judge>sum, 2 steps: direct</judge><think_off><answer>12</answer>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    at = ids.index(guard.colon) + 1
+    logprobs = [-0.01] * len(ids)
+    logprobs[at] = math.log(0.42)
+    sample = Sample(prompt_index=0, sample_index=0, text=text, token_ids=ids, logprobs=logprobs,
+                    finish_reason="stop", segment_counts={"total": len(ids)})
+    task = ArithTask()
+    auto = score(task, make_item("5+7", 1), sample, {}, guard=guard)
+    assert auto.correct and auto.verdict_p == 0.42
+    forced = Sample(prompt_index=0, sample_index=0, text=text, token_ids=ids[at + 1:], logprobs=logprobs[at + 1:],
+                    finish_reason="stop", forced_ids=ids[: at + 1], segment_counts={"total": len(ids)})
+    assert score(task, make_item("5+7", 1), forced, {}, guard=guard).verdict_p is None  # not the model's choice
+    assert score(task, make_item("5+7", 1), sample, {}).verdict_p is None  # no guard: nothing to read it by
+
+    hand_made[0].greedy["auto"].verdict_p = 0.42
+    hand_made[1].greedy["auto"].verdict_p = 0.97
+    sel = mode_selection(hand_made)
+    assert sel["decisions"] == {"n": 2, "weak": 1, "weak_below": 0.5, "min_p": 0.42}
+    assert "under 0.5 in 1 of 2 responses (lowest 0.420)" in "\n".join(_selection_lines(sel))
+    # reports written before the field existed still load
+    old = {k: v for k, v in hand_made[2].greedy["auto"].__dict__.items() if k != "verdict_p"}
+    assert Outcome.from_dict(old).verdict_p is None

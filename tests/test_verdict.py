@@ -16,18 +16,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def judge_tokenizer():
-    """A BPE trained on arithmetic and its judges, as the pipeline's is: ':' and the verdict words are tokens."""
-    from kat_core.data.judge import judge_text
-    from kat_core.tokenizer import train_tokenizer
-
-    items = TASK.examples("train", n=200)
-    corpus = [f"{i.prompt} {judge_text(TASK.intent_features(i), m)} {' '.join(i.steps)}" for i in items
-              for m in ("on", "off")]
-    return train_tokenizer(corpus, vocab_size=300)
-
-
-@pytest.fixture(scope="module")
 def untrained(judge_tokenizer):
     """An untrained Llama and MTP module: after a colon they put their mass anywhere, rarely on a verdict word."""
     model = build_model(TINY.model_copy(update={"mtp_depth": 1}), judge_tokenizer, seed=0).eval()
@@ -121,3 +109,14 @@ def test_rows_that_join_a_running_batch_are_guarded_too(untrained):
                      admit=admit, max_rows=4, on_sample=lambda i, s: reported.setdefault(i, s))
     samples = first + [reported[i] for i in range(3, 12)]
     assert not waiting and all(s.token_ids[0] in guard.verdicts for s in samples)
+
+
+def test_the_verdict_index_is_the_token_after_the_judges_colon(judge_tokenizer):
+    guard = VerdictGuard.of(judge_tokenizer)
+    ids = judge_tokenizer("<judge>sum, 2 steps: think</judge><think_on><think>a: b</think>",
+                          add_special_tokens=False)["input_ids"]
+    assert ids[guard.verdict_index(ids)] == guard.verdicts[0]
+    after = ids.index(guard.judge_close) + 1
+    assert guard.verdict_index(ids[after:]) is None  # a colon after the judge decides nothing
+    assert guard.verdict_index(ids[1:]) is None  # nor one before any judge opened
+    assert guard.verdict_index(ids[1:], opened=True) == guard.verdict_index(ids) - 1  # a context that opened it

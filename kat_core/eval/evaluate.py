@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kat_core.chat import request_text
 from kat_core.data.judge import judge_text
@@ -40,6 +41,9 @@ from kat_core.errors import KatError
 from kat_core.eval.metrics import MODES, ItemResult, Outcome
 from kat_core.format import forced_prefix, parse
 from kat_core.tasks.base import Item, Task
+
+if TYPE_CHECKING:
+    from kat_core.verdict import VerdictGuard
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +90,12 @@ def fitting_items(task: Task, items: list[Item], tokenizer, modes: Sequence[str]
     return kept, len(items) - len(kept)
 
 
-def score(task: Task, item: Item, sample, cache: dict[tuple[str, str], bool], plain: bool = False) -> Outcome:
+def score(task: Task, item: Item, sample, cache: dict[tuple[str, str], bool], plain: bool = False,
+          guard: VerdictGuard | None = None) -> Outcome:
     """Verify one rollout `Sample`. `cache` maps (item id, answer) to the verdict: greedy and sampled answers
     repeat a lot, and a code verdict costs a sandbox run. `plain`: the whole text is the answer the verifier
-    reads (or the grammar's answer, when the model wrote the grammar anyway)."""
+    reads (or the grammar's answer, when the model wrote the grammar anyway). `guard` finds the verdict word
+    the model drew, whose raw probability the outcome keeps (`verdict_p`)."""
     parsed = parse(sample.text)
     correct = False
     if parsed.well_formed or plain:
@@ -99,8 +105,10 @@ def score(task: Task, item: Item, sample, cache: dict[tuple[str, str], bool], pl
             cache[key] = bool(task.verify(item, answer))
         correct = cache[key]
     tokens = {k: int(v) for k, v in sample.segment_counts.items()}
+    at = guard.verdict_index(sample.token_ids) if guard is not None and not sample.forced_ids else None
     return Outcome(mode=parsed.mode, correct=correct, well_formed=parsed.well_formed, tokens=tokens,
-                   finish_reason=sample.finish_reason)
+                   finish_reason=sample.finish_reason,
+                   verdict_p=None if at is None else round(math.exp(sample.logprobs[at]), 4))
 
 
 def run_suite(model, tokenizer, task: Task, items: list[Item], modes: Sequence[str], *, n_samples: int,
@@ -130,11 +138,14 @@ def run_suite(model, tokenizer, task: Task, items: list[Item], modes: Sequence[s
     results = [ItemResult(id=it.id, suite=task.name, level=int(it.difficulty), cell=cell_of(task.intent_features(it)))
                for it in items]
     cache: dict[tuple[str, str], bool] = {}
+    from kat_core.verdict import VerdictGuard
+
+    guard = VerdictGuard.of(tokenizer)
     total = len(greedy) + len(sampled)
     with tqdm(total=total, desc=f"{task.name} verify", unit="resp", disable=not progress) as bar:
         for s in greedy:
             m, i = divmod(s.prompt_index, len(items))
-            results[i].greedy[modes[m]] = score(task, items[i], s, cache, plain=modes[m] == PLAIN)
+            results[i].greedy[modes[m]] = score(task, items[i], s, cache, plain=modes[m] == PLAIN, guard=guard)
             bar.update()
         for s in sampled:
             m, i = divmod(s.prompt_index, len(items))

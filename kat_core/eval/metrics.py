@@ -44,6 +44,9 @@ class Outcome:
     well_formed: bool
     tokens: dict[str, int]  # judge, think, answer, other and total tokens of the whole response
     finish_reason: str = "stop"
+    # the raw model probability of the verdict word the response drew (one the model wrote itself; None for a
+    # forced judge or none): below 0.5, a decision the model barely made (kat_core.verdict)
+    verdict_p: float | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Outcome:
@@ -148,6 +151,16 @@ def _cell_rows(rows: list[ItemResult], outcomes: list[dict], prefs: list[float])
             for r, o, p in zip(rows, outcomes, prefs, strict=True)]
 
 
+def decision_confidence(outcomes: list[Outcome], weak_below: float = 0.5) -> dict[str, Any]:
+    """How firmly auto's greedy verdicts were drawn: over the responses whose verdict word the model wrote
+    (`Outcome.verdict_p`), how many it drew at a raw probability under `weak_below` (a decision it barely made,
+    e.g. a verdict smeared between neighbouring cells; the verdict guard keeps such responses well formed),
+    and the lowest."""
+    ps = [o.verdict_p for o in outcomes if o.verdict_p is not None]
+    return {"n": len(ps), "weak": sum(p < weak_below for p in ps), "weak_below": weak_below,
+            "min_p": min(ps) if ps else None}
+
+
 def mode_selection(results: list[ItemResult], crit=None, calibration: list[ItemResult] | None = None
                    ) -> dict[str, Any] | None:
     """Auto's mode choices against the hindsight and the feature-cell oracles (see the module doc): each
@@ -222,6 +235,7 @@ def mode_selection(results: list[ItemResult], crit=None, calibration: list[ItemR
                       for k, e in sorted(per_cell.items())}
     return {
         "n": len(rows),
+        "decisions": decision_confidence([r.greedy["auto"] for r in rows]),
         "criterion": {"token_cost": crit.token_cost, "token_budget": crit.token_budget, "delta": crit.delta,
                       "decoding": crit.decoding, "min_cell": crit.min_cell, "tie_z": crit.tie_z,
                       "accuracy_first": crit.accuracy_first},

@@ -29,6 +29,8 @@ report.json, schema "kat-eval-report/2":
              "mean_tokens": {"total", "judge", "think", "answer"},   # greedy responses, forced prefix included
              "think_on_rate", "well_formed_rate", "truncated_rate"}  # shares of greedy responses (null when n=0)
     SELECTION = {"n", "criterion", "delta", "choice": ORACLE,
+                 # auto's verdict words the model wrote: how many it drew at raw probability < weak_below
+                 "decisions": {"n", "weak", "weak_below", "min_p"},
                  # the hindsight (per-item) oracle under the original keys
                  "oracle": ORACLE, "agreement", "regret": {"accuracy", "tokens", "value"},
                  "confusion": {"oracle_off"|"oracle_on": {"chose_off", "chose_on", "chose_none"}},
@@ -192,8 +194,17 @@ def _selection_lines(sel: dict[str, Any] | None) -> list[str]:
         "|---|---:|---:|---:|",
         *(f"| {k.removeprefix('oracle_')} | {v['chose_off']} | {v['chose_on']} | {v['chose_none']} |"
           for k, v in c.items()),
+        *_decision_lines(sel.get("decisions")),
         *_cell_lines((sel.get("feature_cell") or {}).get("by_cell")),
     ]
+
+
+def _decision_lines(dec: dict[str, Any] | None) -> list[str]:
+    if not dec or not dec["n"]:
+        return []
+    return ["", f"Auto's verdict word (` think` / ` direct`) was drawn at a raw probability under "
+                f"{dec['weak_below']} in {dec['weak']} of {dec['n']} responses (lowest {_f(dec['min_p'])}): "
+                "decisions the model barely made; the verdict guard keeps them well formed."]
 
 
 def _cell_lines(by_cell: dict[str, Any] | None) -> list[str]:
