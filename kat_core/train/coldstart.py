@@ -203,10 +203,10 @@ def label_round(config: KatConfig, checkpoint: Path, pairs: list[tuple[Task, Ite
 def relabelled(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, Any]:
     """What a later labelling round changed: prompts and cells whose label differs (same prompts, same order)."""
     changed = [(b, a) for b, a in zip(before, after, strict=True) if b["label"] != a["label"]]
-    cells = sorted({a["cell"] for _, a in changed})
-    return {"labels_changed": len(changed),
-            "cells_changed": {c: f"{next(b for b, a in changed if a['cell'] == c)['label']} -> "
-                                 f"{next(a for _, a in changed if a['cell'] == c)['label']}" for c in cells}}
+    cells: dict[str, str] = {}
+    for b, a in changed:  # a cell's prompts share its label, so its first changed prompt speaks for it
+        cells.setdefault(a["cell"], f"{b['label']} -> {a['label']}")
+    return {"labels_changed": len(changed), "cells_changed": dict(sorted(cells.items()))}
 
 
 def coldstart(config: KatConfig, checkpoint: str | Path, out_dir: str | Path, *, data_dir: str | Path,
