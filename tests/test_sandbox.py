@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from kat_core.errors import KatError
+from kat_core.tasks.confinement import SECCOMP
 from kat_core.tasks.sandbox import configure, isolation, run_python, run_tests
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -139,6 +140,25 @@ def test_a_daemonized_grandchild_dies_with_the_run():
     r = run_python(daemon, timeout_s=5)
     assert r.status == "ok" and r.duration_s < 3
     assert live_processes_of(first_line_uid(r.stdout)) == []
+
+
+@pytest.mark.skipif(SECCOMP is None, reason="seccomp filter only on x86_64 and aarch64")
+def test_no_process_of_a_run_can_leave_its_process_group():
+    # without the per-run uid (no root) the final killpg is all that ends a run's processes: one that called
+    # setsid() lived on after the run (measured: a sleeping grandchild outlived it, under our uid)
+    program = textwrap.dedent("""\
+        import os
+        for name, call in (("setsid", os.setsid), ("setpgid", lambda: os.setpgid(0, 0))):
+            if os.fork() == 0:
+                try:
+                    call()
+                    print(name, flush=True)
+                finally:
+                    os._exit(0)
+            os.wait()
+        """)
+    r = run_python(program, timeout_s=5)
+    assert r.status == "ok" and r.stdout == "", (r.stdout, r.stderr)
 
 
 @needs_mount_namespace

@@ -14,6 +14,7 @@ import platform
 # Linux constants (sched.h, mount.h, prctl.h); Python 3.11 has no os.unshare / os.mount.
 CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
+CLONE_NEWIPC = 0x08000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT = 1, 2, 4, 32
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 AT_FDCWD, AT_RECURSIVE = -100, 0x8000
@@ -97,19 +98,45 @@ class _SockFprog(ctypes.Structure):
 
 
 class Seccomp:
-    """A seccomp filter: socket() of any family but AF_UNIX, io_uring_setup, and any syscall of another
-    ABI (i386 through int 0x80, x32) fail with EACCES; everything else is allowed."""
+    """A seccomp filter: socket() of any family but AF_UNIX, io_uring_setup, any syscall of another ABI (i386
+    through int 0x80, x32), and the calls below fail with EACCES; everything else is allowed.
 
-    # (AUDIT_ARCH, __NR_socket) per machine; io_uring_setup is 425 on both
-    _ARCH = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}
+    The calls below make kernel state that outlives the run or its process group: keyrings (a uid's user
+    keyring persists after its last process exits), SysV shared memory, semaphores and message queues, and
+    POSIX message queues (all persist until removed), and setsid/setpgid (a process that leaves the run's
+    process group survives the final killpg; only the per-run uid's kill(-1) would still reach it). Such
+    state is memory that survives the verdict (a run can leave gigabytes of shared memory behind) and a
+    channel from one run to the next: the judge's calls tell a candidate which of its answers passed (the
+    next call comes only after an assert held), so a candidate that remembers them across runs learns the
+    expected values without solving the task. Benchmark code needs none of these calls."""
 
-    def __init__(self, audit_arch: int, nr_socket: int) -> None:
+    # (AUDIT_ARCH, __NR_socket, the calls above) per machine; io_uring_setup is 425 on both
+    _ARCH = {
+        "x86_64": (0xC000003E, 41, (
+            109, 112,  # setpgid, setsid
+            248, 249, 250,  # add_key, request_key, keyctl
+            29, 30, 31, 67,  # shmget, shmat, shmctl, shmdt
+            64, 65, 66, 220,  # semget, semop, semctl, semtimedop
+            68, 69, 70, 71,  # msgget, msgsnd, msgrcv, msgctl
+            240, 241, 242, 243, 244, 245,  # mq_open .. mq_getsetattr
+        )),
+        "aarch64": (0xC00000B7, 198, (
+            154, 157,  # setpgid, setsid
+            217, 218, 219,  # add_key, request_key, keyctl
+            *range(180, 198),  # mq_open .. mq_getsetattr, msgget .. msgsnd, semget .. semop, shmget .. shmdt
+        )),
+    }
+
+    def __init__(self, audit_arch: int, nr_socket: int, denied: tuple[int, ...] = ()) -> None:
         ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
         allow, deny = 0x7FFF0000, 0x00050000 | errno.EACCES  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO
         program = [
             (ld, 0, 0, 4), (jeq, 1, 0, audit_arch), (ret, 0, 0, deny),  # seccomp_data.arch
             (ld, 0, 0, 0), (jge, 0, 1, 0x40000000), (ret, 0, 0, deny),  # .nr; x32 numbers
-            (jeq, 0, 1, 425), (ret, 0, 0, deny),  # io_uring_setup
+        ]
+        for nr in (425, *denied):  # io_uring_setup, then the calls above
+            program += [(jeq, 0, 1, nr), (ret, 0, 0, deny)]
+        program += [
             (jeq, 0, 3, nr_socket), (ld, 0, 0, 16), (jeq, 1, 0, 1), (ret, 0, 0, deny),  # .args[0] == AF_UNIX?
             (ret, 0, 0, allow),
         ]

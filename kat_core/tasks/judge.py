@@ -298,11 +298,16 @@ class _Connection:
 
 def _exception(type_name, message):
     """The exception the stub raises for one the candidate's function raised: the built-in Exception type
-    of that name (a trusted class; never SystemExit or KeyboardInterrupt), else CandidateError."""
+    of that name (a trusted class; never SystemExit or KeyboardInterrupt), else CandidateError.
+
+    Never StopIteration or StopAsyncIteration either: those end an iteration rather than fail a call, so
+    raised from a call inside map(), filter() or zip() in a test they would end its loop silently, skipping
+    every assert left (PEP 479 makes them RuntimeError inside generators for the same reason)."""
     import builtins
 
     cls = getattr(builtins, type_name, None)
-    if isinstance(cls, type) and issubclass(cls, Exception) and cls.__module__ == "builtins":
+    if (isinstance(cls, type) and issubclass(cls, Exception) and cls.__module__ == "builtins"
+            and not issubclass(cls, (StopIteration, StopAsyncIteration))):
         try:
             return cls(message)
         except Exception:

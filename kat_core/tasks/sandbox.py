@@ -7,7 +7,8 @@ Layers, strongest first; `isolation()` probes once which of them this machine al
   child from signalling its parent or touching root-owned files, and lets us kill every process the
   run left behind (`kill(-1)` sent as that uid), daemonized grandchildren included.
 - **Namespaces** (root with CAP_SYS_ADMIN): a new network namespace (no interface is up, so nothing is
-  reachable, loopback included) and a new mount namespace in which the whole file system is read-only,
+  reachable, loopback included), a new IPC namespace (SysV and POSIX IPC objects die with the run) and a
+  new mount namespace in which the whole file system is read-only,
   /tmp, /var/tmp, /dev/shm and /run/lock are fresh size-capped tmpfs, and the working directory lives in
   that private /tmp, so it vanishes with the run. The interpreter is bind-mounted read-only into the
   private /tmp too, because it may sit where the unprivileged uid cannot reach (pyenv under /root).
@@ -17,7 +18,10 @@ Layers, strongest first; `isolation()` probes once which of them this machine al
   or write anywhere else; with ABI >= 4 it cannot make TCP connections, with ABI >= 6 it cannot signal
   processes outside the sandbox, and it can never ptrace one.
 - **seccomp** (x86_64, aarch64): `socket()` for any family but AF_UNIX fails (UDP and raw sockets too,
-  which Landlock does not cover), and so does io_uring, which could open sockets behind its back.
+  which Landlock does not cover), and so does io_uring, which could open sockets behind its back. So do the
+  calls that leave kernel state behind the run (keyrings, SysV and POSIX IPC) or take a process out of
+  its process group (setsid, setpgid): memory that outlives the verdict, and a memory from one run to the
+  next in which a candidate could collect which of its answers passed (confinement.Seccomp says how).
 - **Always**: own session and process group, `python -I -S -B` (isolated mode: no environment
   variables, user site or script directory on sys.path; no `site`, so only the standard library is
   importable (not our virtual environment) and startup is quicker, but site's `exit()`/`quit()` helpers
@@ -74,6 +78,7 @@ from kat_core.tasks import judge as _judge
 from kat_core.tasks.confinement import (
     AT_FDCWD,
     AT_RECURSIVE,
+    CLONE_NEWIPC,
     CLONE_NEWNET,
     CLONE_NEWNS,
     LIBC,
@@ -591,7 +596,7 @@ class _Preexec:
             resource.setrlimit(kind, (value, value + 1 if kind == resource.RLIMIT_CPU else value))
 
     def _enter_namespaces(self) -> None:
-        check(LIBC.unshare(CLONE_NEWNS | CLONE_NEWNET), "unshare")
+        check(LIBC.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC), "unshare")
         # private first: nothing we mount below may propagate back to the host
         mount(None, "/", None, MS_REC | MS_PRIVATE)
         python_fd = os.open(sys.base_prefix, os.O_PATH | os.O_DIRECTORY)
