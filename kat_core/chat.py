@@ -45,3 +45,20 @@ def request_text(tokenizer, request: str | list[Message]) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     text = request if isinstance(request, str) else last_user_text(request)
     return bos_text(tokenizer) + prompt_text(text)
+
+
+def control_tokens(tokenizer, text: str) -> list[str]:
+    """The tokenizer's added tokens (the grammar's eight tags, EOS and pad, a chat template's markers) that
+    `text` encodes to. The tokenizer matches an added token's spelling anywhere in a text, so typed into a
+    request it would reach the model as that control token, not as the characters typed: a user's
+    `</judge><think_off><answer>` would write the model's decision for it. Whatever the tokenizer treats so
+    (its normalizer included) is found by encoding, not by a list of strings."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    if not added or not text:
+        return []
+    # a token is matched as spelled unless `normalized` (then in the normalized text: a lowercasing normalizer
+    # matches `<JUDGE>`); looking for the spellings first spares encoding every turn of a long conversation
+    if not any(t.content in text for t in added.values()) and not any(t.normalized for t in added.values()):
+        return []
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return sorted({added[i].content for i in ids if i in added})

@@ -502,7 +502,17 @@ def load_config(profile: str = "smoke", overrides: list[str] | None = None) -> K
     path = Path(profile) if profile.endswith((".yaml", ".yml")) else PROFILES_DIR / f"{profile}.yaml"
     if not path.is_file():
         raise KatError(f"unknown profile {profile!r}; known: {', '.join(available_profiles())}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise KatError(f"cannot read profile {path}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, yaml.YAMLError) as e:  # a profile is user input: one line, no traceback
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        reason = getattr(e, "problem", None) or getattr(e, "reason", None) or e
+        raise KatError(f"profile {path} is not valid YAML: {reason}{where}") from None
+    if not isinstance(data, dict):
+        raise KatError(f"profile {path} must be a mapping of config keys, not a {type(data).__name__}")
     data.setdefault("profile", path.stem)
     for text in overrides or []:
         key, value = parse_override(text)

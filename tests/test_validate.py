@@ -139,6 +139,7 @@ def test_report_dir_can_be_given_and_is_replaced(tmp_path):
     dataset = write_dataset(tmp_path / "ds", make_records(10))
     out = tmp_path / "reports" / "v1"
     out.mkdir(parents=True)
+    (out / "manifest.json").write_text("{}")  # an earlier report: a folder without a manifest is not replaced
     (out / "stale.txt").write_text("from an earlier run")
     V.validate_dataset(dataset, out)
     assert (out / "validation.json").is_file() and not (out / "stale.txt").exists()

@@ -41,11 +41,38 @@ ModesOpt = Annotated[str, typer.Option(
     "--modes", help="comma-separated evaluation modes: auto, on, off, plain (own chat template, no grammar)")]
 LimitOpt = Annotated[int | None, typer.Option("--limit", "-n", help="items per suite (seeded sample); default all")]
 SamplesOpt = Annotated[int, typer.Option("--samples", help="sampled responses per item and mode for pass@1 (0: none)")]
-TemperatureOpt = Annotated[float, typer.Option(help="sampling temperature of the pass@1 samples")]
-MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="token budget per response")]
+# bounds on what a user types: a value the decoding cannot use (a negative or NaN temperature, no tokens, a seed
+# torch cannot take) is refused before a model loads, not met as a traceback from the decode loop, or not at all
+# (every comparison with NaN is false: a NaN temperature decoded garbage into a report)
+TemperatureOpt = Annotated[float, typer.Option(min=0, help="sampling temperature of the pass@1 samples")]
+MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="token budget per response")]
+SeedOpt = Annotated[int, typer.Option(min=-(2**63), max=2**64 - 1, help="random seed")]  # torch's seed range
+
+
+def _usable_device(device: str | None) -> str | None:
+    """--device: a torch device this machine has, else one line (not torch's traceback from moving the model)."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError) as e:  # a bad name; no CUDA build; no such GPU
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise KatError(f"--device {device!r} cannot be used here: {first}") from None
+    return device
+
+
+def _top_p(value: float) -> float:
+    if not 0 < value <= 1:  # NaN fails too
+        raise KatError(f"--top-p must be in (0, 1], not {value}")
+    return value
+
+
 ThreadsOpt = Annotated[int, typer.Option(
     "--threads", help="torch CPU threads (small models decode fastest on one; 0 keeps torch's default)")]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="torch device (default: cuda when present, else cpu)")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", callback=_usable_device,
+                                               help="torch device (default: cuda when present, else cpu)")]
 DraftTokensOpt = Annotated[int, typer.Option(
     "--draft-tokens", min=0, max=8, help="speculative decoding: tokens the checkpoint's MTP module drafts per step, "
     "verified by the model (same greedy output, same sampling distribution); 0: plain decoding")]
@@ -66,9 +93,16 @@ def _csv(text: str) -> list[str]:
 
 def _eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, token_cost, oracle_items,
                  benchmarks_dir, device, draft_tokens) -> dict:
+    from pydantic import ValidationError
+
     from kat_core.config import AutoThinkConfig
 
-    criterion = AutoThinkConfig(delta=oracle_delta, token_cost=token_cost, token_budget=max_new_tokens)
+    try:
+        criterion = AutoThinkConfig(delta=oracle_delta, token_cost=token_cost, token_budget=max_new_tokens)
+    except ValidationError as e:  # the criterion's own bounds, named by the option that set the value
+        first = e.errors()[0]
+        option = {"delta": "--oracle-delta", "token_cost": "--token-cost"}.get(first["loc"][0], "--max-new-tokens")
+        raise KatError(f"{option} {first['input']}: {first['msg']}") from None
     return {"limit": limit, "n_samples": samples, "temperature": temperature, "max_new_tokens": max_new_tokens,
             "seed": seed, "criterion": criterion, "oracle_items": oracle_items, "benchmarks_dir": benchmarks_dir,
             "device": device, "draft_tokens": draft_tokens}
@@ -110,7 +144,7 @@ def eval_run(
     samples: SamplesOpt = 4,
     temperature: TemperatureOpt = 0.7,
     max_new_tokens: MaxNewOpt = 160,
-    seed: int = 0,
+    seed: SeedOpt = 0,
     oracle_delta: OracleDeltaOpt = 0.02,
     token_cost: TokenCostOpt = 0.2,
     oracle_items: OracleItemsOpt = 0,
@@ -121,6 +155,7 @@ def eval_run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Evaluate MODEL on suites in auto and forced modes: writes report.json, report.md and PNG plots."""
+    from kat_core.data.dataset import check_replaceable
     from kat_core.eval.evaluate import evaluate
     from kat_core.platform import kat_home
     from kat_core.platform.served import model_path
@@ -128,7 +163,7 @@ def eval_run(
     _setup_logging()
     _torch_threads(threads)
     path, served = model_path(model, kat_home() / "models")
-    out = out or kat_home() / "eval" / _eval_name(path, served)
+    out = check_replaceable(out or kat_home() / "eval" / _eval_name(path, served))  # before evaluating
     report = evaluate(path, _csv(suites), _csv(modes), out_dir=out, progress=not quiet,
                       **_eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, token_cost,
                                     oracle_items, benchmarks_dir, device, draft_tokens))
@@ -165,7 +200,7 @@ def eval_compare(
     samples: SamplesOpt = 4,
     temperature: TemperatureOpt = 0.7,
     max_new_tokens: MaxNewOpt = 160,
-    seed: int = 0,
+    seed: SeedOpt = 0,
     oracle_delta: OracleDeltaOpt = 0.02,
     token_cost: TokenCostOpt = 0.2,
     oracle_items: OracleItemsOpt = 0,
@@ -195,7 +230,7 @@ def serve_model(
     model: Annotated[str, typer.Argument(
         metavar="MODEL", help="a registered model, NAME@ALIAS (kat@champion: follows the alias) or NAME/VERSION "
         "(kat/3); or a checkpoint (or any HF causal LM) directory")],
-    port: Annotated[int, typer.Option("--port", "-P", help="TCP port")] = 8000,
+    port: Annotated[int, typer.Option("--port", "-P", min=0, max=65535, help="TCP port")] = 8000,
     host: Annotated[str, typer.Option(help="interface to listen on (0.0.0.0 for all)")] = "127.0.0.1",
     name: Annotated[str | None, typer.Option(
         help="model id clients ask for (default: NAME@ALIAS, NAME-vN, or the directory's name)")] = None,
@@ -204,14 +239,14 @@ def serve_model(
         "rollback) the new version is served under the same id, without a restart")] = 30.0,
     tracking_uri: Annotated[str | None, typer.Option(
         help="MLflow tracking URI of the registry (default: MLFLOW_TRACKING_URI, else KAT_HOME's SQLite)")] = None,
-    max_batch: Annotated[int, typer.Option(help="most rows (requests x n) one batch runs")] = 64,
-    max_wait_ms: Annotated[float, typer.Option(help="idle gap that closes a batch once it is as big as the last")
-                           ] = 2.0,
-    max_delay_ms: Annotated[float, typer.Option(help="longest a request waits for its batch to fill")] = 200.0,
-    max_tokens: Annotated[int, typer.Option(help="completion budget when a request sets none")] = 256,
+    max_batch: Annotated[int, typer.Option(min=1, help="most rows (requests x n) one batch runs")] = 64,
+    max_wait_ms: Annotated[float, typer.Option(
+        min=0, help="idle gap that closes a batch once it is as big as the last")] = 2.0,
+    max_delay_ms: Annotated[float, typer.Option(min=0, help="longest a request waits for its batch to fill")] = 200.0,
+    max_tokens: Annotated[int, typer.Option(min=1, help="completion budget when a request sets none")] = 256,
     threads: ThreadsOpt = 1,
     device: DeviceOpt = None,
-    seed: int = 0,
+    seed: SeedOpt = 0,
     draft_tokens: DraftTokensOpt = 0,
 ) -> None:
     """Serve MODEL with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models), thinking
@@ -243,15 +278,16 @@ def generate_cmd(
     prompt: Annotated[str, typer.Argument(help='the request, e.g. "Compute 47*6+38."')],
     mode: Annotated[str, typer.Option("--mode", "-m", help="auto (the model chooses) | on | off (forced)")] = "auto",
     max_new_tokens: MaxNewOpt = 256,
-    temperature: Annotated[float, typer.Option(help="0 is greedy")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="nucleus sampling mass")] = 1.0,
-    seed: int = 0,
+    temperature: Annotated[float, typer.Option(min=0, help="0 is greedy")] = 0.0,
+    top_p: Annotated[float, typer.Option(callback=_top_p, help="nucleus sampling mass, in (0, 1]")] = 1.0,
+    seed: SeedOpt = 0,
     threads: ThreadsOpt = 1,
     device: DeviceOpt = None,
     draft_tokens: DraftTokensOpt = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print the parsed response as JSON")] = False,
 ) -> None:
     """Answer one request and print its parsed judge, mode, reasoning and answer."""
+    from kat_core.chat import control_tokens
     from kat_core.format import parse
     from kat_core.rollout import generate
     from kat_core.serve import load_for_serving
@@ -263,6 +299,10 @@ def generate_cmd(
     _setup_logging()
     _torch_threads(threads)
     lm, tokenizer = load_for_serving(model, device)
+    found = control_tokens(tokenizer, prompt)  # typed, they would reach the model as tokens: a forged judge or mode
+    if found:
+        raise KatError(f"the request contains {', '.join(map(repr, found))}, the spelling of this model's control "
+                       "tokens (response grammar tags, end of text, chat markers); they cannot be sent as text")
     draft = load_drafter(model, lm, draft_tokens)
     forced = forced_for_request(prompt, mode)
     (sample,) = generate(lm, tokenizer, [prompt], forced=[forced], max_new_tokens=max_new_tokens,

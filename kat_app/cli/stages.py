@@ -43,8 +43,10 @@ def model_import(
     dtype: Annotated[str, typer.Option(help="weights dtype: fp32 or bf16")] = "fp32",
 ) -> None:
     """Write SOURCE as an HF directory (weights, tokenizer, chat template, digested manifest) every stage loads."""
+    from kat_core.data.dataset import check_replaceable
     from kat_core.model.importer import import_model
 
+    out = check_replaceable(out)  # before the import's work, not after it
     _setup_logging()
     m = import_model(source, out, dtype)
     _say(f"imported {source} -> {out}: {m['architecture']}, {m['parameters'] / 1e6:.1f}M parameters, {m['dtype']}, "
@@ -59,8 +61,10 @@ def data_synth(
 ) -> None:
     """Synthesize a dual-regime dataset (think-off via tagging, think-on via solver/thinker/critic)."""
     from kat_core.config import load_config
+    from kat_core.data.dataset import check_replaceable
     from kat_core.data.synth import synthesize
 
+    out = check_replaceable(out)  # before synthesis (an agent backend takes long), not after it
     config = load_config(profile, overrides)
     m = synthesize(config, out, progress=not quiet)
     critic = m["critic"]
@@ -111,8 +115,10 @@ def train_pretrain(
 
     Started again with the same arguments after a crash, it resumes from its last checkpoint."""
     from kat_core.config import load_config
+    from kat_core.data.dataset import check_replaceable
     from kat_core.train.pretrain import pretrain
 
+    out = check_replaceable(out)  # before training, not after it
     _setup_logging()
     config = load_config(profile, overrides)
     metrics = pretrain(config, data, out, teacher, progress=not quiet)
@@ -135,8 +141,10 @@ def train_coldstart(
     Writes the checkpoint with labels.jsonl (accuracy and tokens per mode, cell, label, reason) and
     coldstart.json."""
     from kat_core.config import load_config
+    from kat_core.data.dataset import check_replaceable
     from kat_core.train.coldstart import coldstart
 
+    out = check_replaceable(out)  # before training, not after it
     _setup_logging()
     config = load_config(profile, overrides)
     result = coldstart(config, model, out, data_dir=data, progress=not quiet)
@@ -163,8 +171,10 @@ def train_srpo(
     a probe set, clip fraction and KL go to metrics.jsonl in the checkpoint. Started again after a crash, it
     resumes."""
     from kat_core.config import load_config
+    from kat_core.data.dataset import check_replaceable
     from kat_core.train.srpo import srpo
 
+    out = check_replaceable(out)  # before training, not after it
     _setup_logging()
     config = load_config(profile, overrides)
     summary = srpo(config, model, data, out, algo=algo, progress=not quiet)
@@ -183,8 +193,10 @@ def train_cache_teacher(
 ) -> None:
     """Cache the teacher's top-k logits over the student's packed rows (use it as --teacher)."""
     from kat_core.config import load_config
+    from kat_core.data.dataset import check_replaceable
     from kat_core.train.pretrain import cache_teacher
 
+    out = check_replaceable(out)  # before the teacher runs, not after it
     _setup_logging()
     config = load_config(profile, overrides)
     path = cache_teacher(config, teacher, data, out, progress=not quiet)

@@ -108,29 +108,74 @@ def write_shards(directory: Path, records: list[dict[str, Any]], shard_size: int
     return names
 
 
+# what marks a directory as one this platform wrote: a stage's manifest, or the object store's index
+# (kat_core.platform.storage.INDEX; not imported: platform imports this module)
+_OWN_MARKERS = ("manifest.json", ".kat-index.json")
+
+
+def _cannot_write(out: Path, e: OSError) -> KatError:
+    where = f" ({e.filename})" if e.filename and str(e.filename) != str(out) else ""  # a parent that is a file
+    return KatError(f"cannot write {out}: {e.strerror or e}{where}")
+
+
+def check_replaceable(out: str | Path) -> Path:
+    """`out` as an absolute path (so "." and "" name a directory that can be moved), once it is clear that
+    writing there replaces nothing but an earlier output: `out` is absent, an empty directory, or a directory
+    with a manifest (or the store's index). Replacing deletes what was there, so a mistyped --out (".", a home
+    folder, a file, /dev/null) is refused with a KatError instead of costing the user their files."""
+    out = Path(os.path.abspath(out))  # abspath, not resolve: a symlink is replaced, never its target
+    if not (out.is_symlink() or out.exists()):
+        return out
+    if not out.is_dir():
+        raise KatError(f"output path {out} exists and is not a directory; refusing to replace it "
+                       "(remove it or choose another path)")
+    try:
+        foreign = any(out.iterdir()) and not any((out / m).is_file() for m in _OWN_MARKERS)
+    except OSError as e:
+        raise _cannot_write(out, e) from None
+    if foreign:
+        raise KatError(f"output path {out} is a non-empty directory that no KAT stage wrote (no manifest.json); "
+                       "refusing to replace it (remove it or choose another path)")
+    return out
+
+
 @contextmanager
 def atomic_output_dir(out: Path) -> Iterator[Path]:
     """Yield a temp directory beside `out`; on success it replaces `out`, on failure it is removed,
-    so a reader never sees a half-written output."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    so a reader never sees a half-written output. `out` must be replaceable (`check_replaceable`), which is
+    checked before the work starts, not after it."""
+    out = check_replaceable(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise _cannot_write(out, e) from None
     try:
         yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; outputs are meant to be shared
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; outputs are meant to be shared
-    swap_into_place(tmp, out)
 
 
 def swap_into_place(tmp: Path, out: Path) -> None:
     """Put a finished temp dir at `out`. os.replace cannot replace a non-empty dir, so the old one moves
-    aside first and is dropped after: `out` is never missing and never half-written."""
+    aside first and is dropped after: `out` is never missing and never half-written. Only an earlier output
+    is replaced (`check_replaceable`); the caller removes `tmp` if this raises."""
+    out = check_replaceable(out)
     old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(tmp, out)
+    try:
+        if out.is_symlink() or out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except OSError as e:
+        if old is not None and not out.exists():  # put the earlier output back
+            os.replace(old, out)
+        raise _cannot_write(out, e) from None
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kat_core.chat import has_template, request_text
+from kat_core.chat import control_tokens, has_template, request_text
 from kat_core.serve.engine import BatchEngine, GenRequest
 from kat_core.serve.protocol import (
     APIError,
@@ -167,10 +167,15 @@ def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wai
     async def parse(request: Request, schema):
         try:
             body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # bad JSON or bytes; nesting deeper than Python's stack
             raise APIError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
+        try:  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer can encode
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "the request body holds text that is not valid Unicode (an unpaired surrogate)"
+                           ) from None
         try:
             req = schema.model_validate(body)
         except ValidationError as e:
@@ -185,6 +190,24 @@ def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wai
 
     def encode(text: str) -> list[int]:
         return current["tokenizer"](text, add_special_tokens=False)["input_ids"]
+
+    def check_rows(rows: int) -> None:
+        """The engine never splits a request between batches, so one asking for more rows (prompts x n) than a
+        batch holds would run them all at once, whatever max_rows says: memory grows with rows, and a client
+        could take the server down with one request."""
+        if rows > max_rows:
+            raise APIError(400, f"this request asks for {rows} completions (prompts x n); this server runs at most "
+                           f"{max_rows} at once", param="n")
+
+    def check_text(texts: list[tuple[str, str]]) -> None:
+        """What a client sends reaches the model as text, never as control tokens (`chat.control_tokens`): a
+        request that spells one is refused rather than changed."""
+        for param, text in texts:
+            found = control_tokens(current["tokenizer"], text)
+            if found:
+                raise APIError(400, f"{param} contains {', '.join(map(repr, found))}, the spelling of this model's "
+                               "control tokens (response grammar tags, end of text, chat markers); they cannot be "
+                               "sent as text", param=param, code="control_token")
 
     def plan(prompt: str, req, max_tokens: int | None, conversation: list[dict] | None = None
              ) -> tuple[GenRequest, int]:
@@ -264,8 +287,11 @@ def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wai
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = await parse(request, ChatRequest)
+        check_rows(req.n)
+        conversation = chat_messages(req.messages)
         gen, prompt_tokens = plan(chat_prompt(req.messages), req, req.max_completion_tokens or req.max_tokens,
-                                  chat_messages(req.messages))
+                                  conversation)
+        check_text([(f"messages.{i}.content", m["content"]) for i, m in enumerate(conversation)])
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if req.stream:
             return StreamingResponse(chat_events(gen, head, prompt_tokens, req.include_usage()),
@@ -327,7 +353,9 @@ def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wai
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts or any(not p.strip() for p in prompts):
             raise APIError(400, "prompt must be a non-empty string or list of non-empty strings", param="prompt")
+        check_rows(len(prompts) * req.n)
         planned = [plan(p, req, req.max_tokens) for p in prompts]
+        check_text([("prompt" if isinstance(req.prompt, str) else f"prompt.{i}", p) for i, p in enumerate(prompts)])
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if req.stream:
             return StreamingResponse(completion_events(planned, head, req.include_usage()),

@@ -16,6 +16,10 @@ honour are refused with a 400 rather than silently dropped: `stop`, `logprobs`, 
   the LAST user message. Text parts of a message are joined by newlines; the forced judge of "on"/"off" is
   written from the last user message.
 - `max_tokens` (or `max_completion_tokens`) bounds the completion as usage counts it: the generated tokens.
+- What a client sends is text. A message or prompt that spells one of the model's control tokens (the grammar's
+  tags, EOS, a chat template's markers) is refused (400, code `control_token`): the tokenizer would encode it as
+  that token, and a typed `</judge><think_off>` would make the model's decision for it. A request asks for at
+  most one batch of completions (prompts x n <= the server's max batch rows).
 
 Responses. Completion tokens are the generated tokens as the text shows them, without a final EOS token (it is
 not in the text). `reasoning_tokens` are those of the judge and think segments the model wrote, grammar tags
@@ -60,7 +64,7 @@ class _Request(BaseModel):
     n: int = Field(1, ge=1, le=64)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch's generator takes
     stop: str | list[str] | None = None
     thinking: Thinking | None = None
     chat_template_kwargs: dict[str, Any] | None = None
