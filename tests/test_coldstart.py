@@ -7,8 +7,8 @@ import statistics
 import pytest
 
 from kat_core.autothink import cell_of, preference_off
-from kat_core.config import AutoThinkConfig
-from kat_core.train.coldstart import label_items, summarize
+from kat_core.config import AutoThinkConfig, TrainConfig
+from kat_core.train.coldstart import label_items, sft_schedule, summarize
 from tests.helpers import kat_here
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -220,3 +220,49 @@ def test_min_well_formed_fails_the_stage_on_a_model_without_the_grammar(tmp_path
     with pytest.raises(KatError, match=r"only 0 of 8 forced answers .* well formed"):
         coldstart(config, tmp_path / "ckpt", tmp_path / "out", data_dir=tmp_path / "data", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_judge_noise_copies_answer_under_another_judge_of_the_level_and_mode(judge_tokenizer):
+    """With judge_noise, a share of the thinking SFT examples comes twice: the copy keeps its verified trace and
+    answer but sits under another thinking example's judge of its level, and its judge and decision weigh 0 in
+    the loss: the trace learns to follow the request, and no wrong description or verdict is taught. Direct
+    examples get no copy."""
+    from kat_core.format import parse
+    from kat_core.tasks.arith import ArithTask
+    from kat_core.train.data import encode_example
+
+    task = ArithTask()
+    crit = AutoThinkConfig(token_cost=0.2, token_budget=100, delta=0.0, min_cell=1, tie_z=0.0)
+    items = [it for it in task.examples("pool", n=400) if it.difficulty in (1, 5)][:40]
+    pairs = [(task, it) for it in items]
+    sampled = [measured(1, 1) if it.difficulty == 1 else measured(0, 1) for it in items]
+    labels, plain = label_items(pairs, sampled, crit)
+    _, noisy = label_items(pairs, sampled, crit, judge_noise=1.0, seed=3)
+    copies = noisy[len(plain):]
+    assert noisy[:len(plain)] == plain and label_items(pairs, sampled, crit, 1.0, 3)[1] == noisy  # seeded
+    thinking = [r for r in plain if r["mode"] == "on"]
+    assert 0 < len(thinking) < len(plain)
+    # share 1: every thinking example (all of level 5 here) whose level holds another thinking judge
+    assert len(copies) == len(thinking) and all(r["mode"] == "on" for r in copies)
+    by_id = {r["id"]: r for r in plain}
+    for copy in copies:
+        original = by_id[copy["id"].removesuffix(":judge-noise")]
+        got, want = parse(copy["completion"]), parse(original["completion"])
+        assert copy["judge_context"] and got.well_formed and got.mode == want.mode == original["mode"]
+        assert (got.think, got.answer) == (want.think, want.answer) and got.judge != want.judge
+        assert any(parse(r["completion"]).judge == got.judge for r in plain
+                   if (r["difficulty"], r["mode"]) == (original["difficulty"], original["mode"]))
+        # trained: exactly a tail of the example after the mode token (think, answer, EOS), as in the original
+        weighted, whole = encode_example(copy, judge_tokenizer), encode_example(original, judge_tokenizer)
+        first = next(k for k, w in enumerate(weighted.weights) if w > 0)
+        assert all(w > 0 for w in weighted.weights[first:])
+        trained = judge_tokenizer.decode(weighted.ids[first:])
+        assert "judge" not in trained and "think_o" not in trained and want.answer in trained
+        assert weighted.ids[first:] == whole.ids[len(whole.ids) - len(weighted.ids) + first:]
+    assert label_items(pairs, sampled, crit, judge_noise=0.0)[1] == plain
+    half = label_items(pairs, sampled, crit, judge_noise=0.5, seed=1)[1][len(plain):]
+    assert 0 < len(half) < len(thinking)
+    # the copies come on top: the SFT's steps grow by their share, so each labelled example is seen as often
+    train = TrainConfig(steps=180)
+    assert sft_schedule(train, plain) == train
+    assert sft_schedule(train, plain + half).steps == math.ceil(180 * (len(plain) + len(half)) / len(plain))

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import tempfile
 from collections import defaultdict
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from kat_core.autothink import cell_of, cell_tally, preference_off
-from kat_core.config import AutoThinkConfig, ColdStartConfig, KatConfig
+from kat_core.config import AutoThinkConfig, ColdStartConfig, KatConfig, TrainConfig
 from kat_core.data.judge import judge_text
 from kat_core.errors import KatError
 from kat_core.format import forced_prefix, parse, render
@@ -90,8 +91,10 @@ def sample_both_modes(model, tokenizer, pairs: list[tuple[Task, Item]], cfg: Col
     return results
 
 
-def label_items(pairs: list[tuple[Task, Item]], sampled: list[dict[str, Any]], criterion: AutoThinkConfig):
-    """-> (labels rows, SFT records in the dataset schema): every prompt labelled with its cell's mode."""
+def label_items(pairs: list[tuple[Task, Item]], sampled: list[dict[str, Any]], criterion: AutoThinkConfig,
+                judge_noise: float = 0.0, seed: int = 0):
+    """-> (labels rows, SFT records in the dataset schema): every prompt labelled with its cell's mode, plus
+    `judge_noise` copies (`judge_noise_copies`)."""
     prefs, cells = [], []
     for (task, item), row in zip(pairs, sampled, strict=True):
         prefs.append(preference_off((row["acc_off"], row["tokens_off"]), (row["acc_on"], row["tokens_on"]),
@@ -100,7 +103,7 @@ def label_items(pairs: list[tuple[Task, Item]], sampled: list[dict[str, Any]], c
     gaps = [row["acc_on"] - row["acc_off"] for row in sampled]
     tally = cell_tally(zip(cells, (item.difficulty for _, item in pairs), prefs, gaps, strict=True), criterion)
     cell_info = tally.summary()
-    labels, sft = [], []
+    labels, sft, responses = [], [], []
     for (task, item), row, pref, cell in zip(pairs, sampled, prefs, cells, strict=True):
         info = cell_info[cell]
         label = info["mode"]
@@ -126,7 +129,50 @@ def label_items(pairs: list[tuple[Task, Item]], sampled: list[dict[str, Any]], c
             "answer": item.answer, "difficulty": item.difficulty, "mode": label, "regime": "tagged",
             "complexity": 1.0 - row["acc_off"], "completion": completion,
         })
-    return labels, sft
+        responses.append((judge, best))
+    return labels, sft + judge_noise_copies(sft, responses, judge_noise, seed)
+
+
+def judge_noise_copies(sft: list[dict[str, Any]], responses: list[tuple[str, dict[str, Any]]], share: float,
+                       seed: int) -> list[dict[str, Any]]:
+    """Copies of a `share` of the thinking SFT examples, each under the judge of another thinking example of its
+    level, marked `judge_context` (the judge and decision weigh 0 in the loss, kat_core.train.data): the same
+    verified trace and answer, now to be written whatever the judge says.
+    Why: the judge describes the request before the response, and a trace trained only under correct judges
+    learns to follow the description instead of the request. Measured on pipeline seed 4's cold start (500
+    held-out items): auto's own judge misread a level-5 request's steps or carries on 3 items that forced
+    thinking answered right, and each trace obeyed it ("product plus sum, 6 steps, carries" for 70*3+60: an
+    invented carry, 970; "6 steps" without carries for 72*2+26: the last column dropped, 70), so auto lost 0.006
+    of accuracy against its own choices' forced outcomes. The masked judge teaches no description or verdict.
+    Direct answers get no copies: with no trace, the description is the only working they have ("carries",
+    "3-digit result"), and copies of them under other judges cost pipeline seed 4's direct answers at levels
+    2-4 0.05-0.06 of accuracy."""
+    if share <= 0:
+        return []
+    import random
+
+    rng = random.Random(seed)
+    judges: dict[tuple[int, str], list[str]] = defaultdict(list)
+    for record, (judge, _) in zip(sft, responses, strict=True):
+        judges[record["difficulty"], record["mode"]].append(judge)
+    copies = []
+    for record, (judge, best) in zip(sft, responses, strict=True):
+        others = [j for j in judges[record["difficulty"], record["mode"]] if j != judge]
+        if record["mode"] != "on" or not others or rng.random() >= share:
+            continue
+        completion = render(rng.choice(others), "on", best["answer"], think=best["think"])
+        copies.append({**record, "id": f"{record['id']}:judge-noise", "completion": completion, "judge_context": True})
+    return copies
+
+
+def sft_schedule(train: TrainConfig, sft: list[dict[str, Any]]) -> TrainConfig:
+    """The SFT's schedule with `judge_noise` copies on top: its steps grow by their share, so each labelled example
+    is seen as often as without them. (Measured on pipeline seed 2: the same 180 steps over 1000 examples and
+    ~270 copies left its level-4 think-off cell (76 prompts) unlearnt, level 4 thinking on all items.)"""
+    copies = sum(bool(r.get("judge_context")) for r in sft)
+    if not copies:
+        return train
+    return train.model_copy(update={"steps": math.ceil(train.steps * len(sft) / (len(sft) - copies))})
 
 
 def summarize(labels: list[dict[str, Any]]) -> dict[str, Any]:
@@ -181,8 +227,9 @@ def label_round(config: KatConfig, checkpoint: Path, pairs: list[tuple[Task, Ite
     model.eval()
     log.info("cold start: %d prompts, both modes (%s) from %s", len(pairs), config.autothink.decoding, checkpoint)
     sampled = sample_both_modes(model, tokenizer, pairs, cfg, config.autothink, config.seed, progress=progress)
-    labels, sft = label_items(pairs, sampled, config.autothink)
+    labels, sft = label_items(pairs, sampled, config.autothink, cfg.judge_noise, config.seed)
     summary = summarize(labels)
+    summary["judge_noise_copies"] = sum(bool(r.get("judge_context")) for r in sft)
     summary["well_formed_answers"] = sum(row["well_formed"] for row in sampled)
     answers = len(pairs) * 2 * (1 if config.autothink.temperature == 0 else cfg.k)
     if summary["well_formed_answers"] < cfg.min_well_formed * answers:
@@ -249,7 +296,7 @@ def coldstart(config: KatConfig, checkpoint: str | Path, out_dir: str | Path, *,
             # confident decision on the relabelled cell and leaked into the neighbouring cell (README)
             metrics = pretrain(config, work / f"sft{r}", work / f"round{r}",
                                model_cfg=config.model.model_copy(update={"base": str(checkpoint)}),
-                               train_cfg=cfg.train, progress=progress, stage="coldstart")
+                               train_cfg=sft_schedule(cfg.train, sft), progress=progress, stage="coldstart")
             model_dir = work / f"round{r}"
         # the checkpoint carries the last labelling (measured on the model it was trained from, or on itself when
         # no label changed) and every round's account, its manifest digesting the student it was made from

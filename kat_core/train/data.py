@@ -6,7 +6,9 @@ completion, `mode_token_weight` on the *decision*: the judge's verdict word (`: 
 choice is made: everything after it follows from it) and the mode token `<think_on>`/`<think_off>` (alone, in a
 record without a judge), and 0 on the closing `</answer>` and EOS of a record whose answer was `cut` short (a
 self-replay answer that ran out of its token budget: the model should keep the base's words, not learn to stop
-where the budget did). Examples are packed first-fit into rows of `seq_len` tokens without being split;
+where the budget did). A record marked `judge_context` weighs 0 from its completion's start through the mode token:
+its judge is context to answer under, not a text to learn (kat_core.train.coldstart.judge_noise_copies).
+Examples are packed first-fit into rows of `seq_len` tokens without being split;
 position ids restart at each example, which transformers turns into a block-diagonal causal mask (examples in
 one row do not see each other).
 """
@@ -45,6 +47,10 @@ def encode_example(record: dict[str, Any], tokenizer, mode_token_weight: float =
     ids = prompt_ids + completion_ids + [tokenizer.eos_token_id]
     mode_ids = {tokenizer.convert_tokens_to_ids(THINK_ON), tokenizer.convert_tokens_to_ids(THINK_OFF)}
     lo, hi = decision_span(record["completion"]) or (0, 0)
+    if record.get("judge_context"):
+        if not hi:
+            raise ValueError(f"record {record.get('id')} is marked judge_context but has no judge verdict")
+        lo, mode_token_weight = 0, 0.0  # the whole judge and the mode token: context only
     weights = [0.0] * len(prompt_ids) + [
         mode_token_weight if t in mode_ids or (start < hi and end > lo) else 1.0
         for t, (start, end) in zip(completion_ids, encoded["offset_mapping"], strict=True)
