@@ -246,10 +246,11 @@ class ColdStartConfig(_Strict):
                         "student is fine-tuned again on the new labels, else that model is the cold start. Labels "
                         "measured on the student can be wrong for the model the SFT makes of it (README, \"Labels "
                         "for the model that decides\")")
-    judge_noise: float = Field(0.0, ge=0, le=1, description="share of the thinking SFT examples that also appear "
-                               "under another thinking example's judge of their level, the judge and decision masked "
-                               "from the loss (the SFT's steps grow to match): the trace learns to follow the "
-                               "request, not a misread description (kat_core.train.coldstart.judge_noise_copies)")
+    judge_samples: int = Field(0, ge=0, le=16, description="judges the model writes itself per labelled prompt "
+                               "(auto mode, temperature 1); each that misdescribes its request adds a copy of the "
+                               "prompt's thinking SFT example under it, the judge and decision masked from the loss "
+                               "(the SFT's steps grow to match): the trace learns to follow the request, not a "
+                               "misread description (kat_core.train.coldstart.judge_noise_copies)")
     min_well_formed: float = Field(0.0, ge=0, le=1, description="share of the forced answers that must be well "
                                    "formed, else the stage fails (labels measured on answers the grammar cannot "
                                    "read say nothing about the model); 0 only warns when none is")

@@ -222,11 +222,10 @@ def test_min_well_formed_fails_the_stage_on_a_model_without_the_grammar(tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def test_judge_noise_copies_answer_under_another_judge_of_the_level_and_mode(judge_tokenizer):
-    """With judge_noise, a share of the thinking SFT examples comes twice: the copy keeps its verified trace and
-    answer but sits under another thinking example's judge of its level, and its judge and decision weigh 0 in
-    the loss: the trace learns to follow the request, and no wrong description or verdict is taught. Direct
-    examples get no copy."""
+def test_thinking_examples_are_copied_under_the_models_own_misreadings(judge_tokenizer):
+    """Each misreading of a thinking prompt the model wrote itself gives a copy of the prompt's SFT example: the
+    same verified trace and answer under that judge, whose judge and decision weigh 0 in the loss (the trace
+    learns to follow the request; no wrong description or verdict is taught). Direct examples get no copy."""
     from kat_core.format import parse
     from kat_core.tasks.arith import ArithTask
     from kat_core.train.data import encode_example
@@ -237,21 +236,19 @@ def test_judge_noise_copies_answer_under_another_judge_of_the_level_and_mode(jud
     pairs = [(task, it) for it in items]
     sampled = [measured(1, 1) if it.difficulty == 1 else measured(0, 1) for it in items]
     labels, plain = label_items(pairs, sampled, crit)
-    _, noisy = label_items(pairs, sampled, crit, judge_noise=1.0, seed=3)
+    easy, hard = (next(it for it in items if it.difficulty == d) for d in (1, 5))
+    misread = {hard.id: ["product plus sum, 9 steps", "product, 2 steps, carries"], easy.id: ["sum, 5 steps"]}
+    _, noisy = label_items(pairs, sampled, crit, misread)
+    assert noisy[:len(plain)] == plain and label_items(pairs, sampled, crit, {})[1] == plain
     copies = noisy[len(plain):]
-    assert noisy[:len(plain)] == plain and label_items(pairs, sampled, crit, 1.0, 3)[1] == noisy  # seeded
-    thinking = [r for r in plain if r["mode"] == "on"]
-    assert 0 < len(thinking) < len(plain)
-    # share 1: every thinking example (all of level 5 here) whose level holds another thinking judge
-    assert len(copies) == len(thinking) and all(r["mode"] == "on" for r in copies)
-    by_id = {r["id"]: r for r in plain}
+    original = next(r for r in plain if r["source_id"] == hard.id)
+    assert [parse(c["completion"]).judge for c in copies] == ["product plus sum, 9 steps: think",
+                                                               "product, 2 steps, carries: think"]
+    want = parse(original["completion"])
     for copy in copies:
-        original = by_id[copy["id"].removesuffix(":judge-noise")]
-        got, want = parse(copy["completion"]), parse(original["completion"])
-        assert copy["judge_context"] and got.well_formed and got.mode == want.mode == original["mode"]
-        assert (got.think, got.answer) == (want.think, want.answer) and got.judge != want.judge
-        assert any(parse(r["completion"]).judge == got.judge for r in plain
-                   if (r["difficulty"], r["mode"]) == (original["difficulty"], original["mode"]))
+        got = parse(copy["completion"])
+        assert copy["judge_context"] and got.well_formed and got.mode == "on" == original["mode"]
+        assert (got.think, got.answer) == (want.think, want.answer) and copy["source_id"] == hard.id
         # trained: exactly a tail of the example after the mode token (think, answer, EOS), as in the original
         weighted, whole = encode_example(copy, judge_tokenizer), encode_example(original, judge_tokenizer)
         first = next(k for k, w in enumerate(weighted.weights) if w > 0)
@@ -259,10 +256,41 @@ def test_judge_noise_copies_answer_under_another_judge_of_the_level_and_mode(jud
         trained = judge_tokenizer.decode(weighted.ids[first:])
         assert "judge" not in trained and "think_o" not in trained and want.answer in trained
         assert weighted.ids[first:] == whole.ids[len(whole.ids) - len(weighted.ids) + first:]
-    assert label_items(pairs, sampled, crit, judge_noise=0.0)[1] == plain
-    half = label_items(pairs, sampled, crit, judge_noise=0.5, seed=1)[1][len(plain):]
-    assert 0 < len(half) < len(thinking)
+    # a misreading that is a direct-labelled prompt's own thinking description brings that prompt's verified trace
+    # under it, masked alike: else the description would be seen in SFT only over the other cell's traces
+    from kat_core.data.judge import judge_text
+
+    easy_on = judge_text(task.intent_features(easy), "on")
+    _, balanced = label_items(pairs, sampled, crit, {hard.id: [easy_on.rpartition(":")[0]]})
+    extra = balanced[len(plain):]
+    assert len(extra) == 1 + sum(1 for _, it in pairs if it.difficulty == 1
+                                 and judge_text(task.intent_features(it), "on") == easy_on)
+    for copy in extra:
+        got = parse(copy["completion"])
+        assert copy["judge_context"] and got.judge == easy_on and got.mode == "on" and got.think == "x"
     # the copies come on top: the SFT's steps grow by their share, so each labelled example is seen as often
     train = TrainConfig(steps=180)
     assert sft_schedule(train, plain) == train
-    assert sft_schedule(train, plain + half).steps == math.ceil(180 * (len(plain) + len(half)) / len(plain))
+    assert sft_schedule(train, noisy).steps == math.ceil(180 * len(noisy) / len(plain))
+
+
+def test_own_judges_keeps_the_models_misreadings_only(tmp_path_factory, judge_tokenizer):
+    """own_judges samples the model's own judges and keeps, per prompt, each description that differs from the
+    canonical one, once (an untrained model misreads nearly everything; a description it gets right is dropped)."""
+    from kat_core.data.judge import judge_text
+    from kat_core.model.checkpoint import load_checkpoint
+    from kat_core.tasks.arith import ArithTask
+    from kat_core.train.coldstart import own_judges
+    from tests.tiny_autothink import tiny_checkpoint
+
+    model, tokenizer, _ = load_checkpoint(tiny_checkpoint(tmp_path_factory.getbasetemp(), judge_tokenizer))
+    task = ArithTask(levels=[1, 3, 4])
+    pairs = [(task, it) for it in task.examples("pool", n=12)]
+    found = own_judges(model.eval(), tokenizer, pairs, k=3, seed=0)
+    assert set(found) <= {it.id for _, it in pairs}
+    for task_, item in pairs:
+        canonical = judge_text(task_.intent_features(item), "on").rpartition(":")[0]
+        descriptions = found.get(item.id, [])
+        assert canonical not in descriptions and len(set(descriptions)) == len(descriptions) <= 3
+        assert all(d and "<" not in d for d in descriptions)
+    assert own_judges(model, tokenizer, pairs, k=3, seed=0) == found  # seeded

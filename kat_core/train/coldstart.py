@@ -19,7 +19,10 @@ newer model's verified responses), else the previous round's model is the cold s
 `rounds` says what each round changed). The demo labels once (README, "Labels for the model that decides").
 
 The SFT example for a prompt is its shortest verified response in the labelled mode, under the judge written
-from intent features for that mode, so the model learns both the choice and why. A prompt with no verified
+from intent features for that mode, so the model learns both the choice and why. With `coldstart.judge_samples`,
+the judges the model writes itself are sampled too, and each that misreads a thinking prompt adds a copy of its
+example under that judge, the judge masked from the loss (`judge_noise_copies`: its trace learns to follow the
+request, not the description). A prompt with no verified
 response in its labelled mode falls back to the task's reference response (counted as `from_reference`);
 when no response at all was well formed (the model does not speak the grammar yet) the stage says so loudly
 and records `well_formed_answers: 0` in its summary; with `coldstart.min_well_formed` set, fewer well-formed
@@ -92,9 +95,9 @@ def sample_both_modes(model, tokenizer, pairs: list[tuple[Task, Item]], cfg: Col
 
 
 def label_items(pairs: list[tuple[Task, Item]], sampled: list[dict[str, Any]], criterion: AutoThinkConfig,
-                judge_noise: float = 0.0, seed: int = 0):
+                misread: dict[str, list[str]] | None = None):
     """-> (labels rows, SFT records in the dataset schema): every prompt labelled with its cell's mode, plus
-    `judge_noise` copies (`judge_noise_copies`)."""
+    the thinking examples' copies under the model's own misreadings of them (`judge_noise_copies`)."""
     prefs, cells = [], []
     for (task, item), row in zip(pairs, sampled, strict=True):
         prefs.append(preference_off((row["acc_off"], row["tokens_off"]), (row["acc_on"], row["tokens_on"]),
@@ -103,7 +106,7 @@ def label_items(pairs: list[tuple[Task, Item]], sampled: list[dict[str, Any]], c
     gaps = [row["acc_on"] - row["acc_off"] for row in sampled]
     tally = cell_tally(zip(cells, (item.difficulty for _, item in pairs), prefs, gaps, strict=True), criterion)
     cell_info = tally.summary()
-    labels, sft, responses = [], [], []
+    labels, sft, responses, direct_traces = [], [], [], []
     for (task, item), row, pref, cell in zip(pairs, sampled, prefs, cells, strict=True):
         info = cell_info[cell]
         label = info["mode"]
@@ -130,38 +133,65 @@ def label_items(pairs: list[tuple[Task, Item]], sampled: list[dict[str, Any]], c
             "complexity": 1.0 - row["acc_off"], "completion": completion,
         })
         responses.append((judge, best))
-    return labels, sft + judge_noise_copies(sft, responses, judge_noise, seed)
+        if label == "off" and row["best_on"] is not None:
+            direct_traces.append((sft[-1], judge_text(task.intent_features(item), "on"), row["best_on"]))
+    return labels, sft + judge_noise_copies(sft, responses, misread or {}, direct_traces)
 
 
-def judge_noise_copies(sft: list[dict[str, Any]], responses: list[tuple[str, dict[str, Any]]], share: float,
-                       seed: int) -> list[dict[str, Any]]:
-    """Copies of a `share` of the thinking SFT examples, each under the judge of another thinking example of its
-    level, marked `judge_context` (the judge and decision weigh 0 in the loss, kat_core.train.data): the same
-    verified trace and answer, now to be written whatever the judge says.
+def own_judges(model, tokenizer, pairs: list[tuple[Task, Item]], k: int, seed: int) -> dict[str, list[str]]:
+    """The judges the model writes itself (auto mode, `k` per prompt at temperature 1) that misdescribe their
+    request -> per item id, those descriptions (each once): the misreadings its traces will be written under."""
+    from kat_core.rollout import generate
+
+    samples = generate(model, tokenizer, [item.prompt for _, item in pairs], n=k, max_new_tokens=32,
+                       temperature=1.0, seed=seed, batch_size=64)
+    found: dict[str, list[str]] = defaultdict(list)
+    for s in samples:
+        task, item = pairs[s.prompt_index]
+        judge = parse(s.text).judge
+        description = judge.rpartition(":")[0].strip() if judge else ""
+        canonical = judge_text(task.intent_features(item), "on").rpartition(":")[0]
+        readable = description and "<" not in description and "\n" not in description and len(description) < 120
+        if readable and description != canonical and description not in found[item.id]:
+            found[item.id].append(description)
+    return dict(found)
+
+
+def judge_noise_copies(sft: list[dict[str, Any]], responses: list[tuple[str, dict[str, Any]]],
+                       misread: dict[str, list[str]], direct_traces: list[tuple[dict, str, dict]] = ()
+                       ) -> list[dict[str, Any]]:
+    """Copies of the thinking SFT examples under each misreading of their request the model wrote itself
+    (`own_judges`), marked `judge_context` (the judge and decision weigh 0 in the loss, kat_core.train.data): the
+    same verified trace and answer, now to be written under the judge the model will actually have written.
     Why: the judge describes the request before the response, and a trace trained only under correct judges
     learns to follow the description instead of the request. Measured on pipeline seed 4's cold start (500
     held-out items): auto's own judge misread a level-5 request's steps or carries on 3 items that forced
     thinking answered right, and each trace obeyed it ("product plus sum, 6 steps, carries" for 70*3+60: an
     invented carry, 970; "6 steps" without carries for 72*2+26: the last column dropped, 70), so auto lost 0.006
     of accuracy against its own choices' forced outcomes. The masked judge teaches no description or verdict.
-    Direct answers get no copies: with no trace, the description is the only working they have ("carries",
-    "3-digit result"), and copies of them under other judges cost pipeline seed 4's direct answers at levels
-    2-4 0.05-0.06 of accuracy."""
-    if share <= 0:
-        return []
-    import random
-
-    rng = random.Random(seed)
-    judges: dict[tuple[int, str], list[str]] = defaultdict(list)
-    for record, (judge, _) in zip(sft, responses, strict=True):
-        judges[record["difficulty"], record["mode"]].append(judge)
+    Why the model's own misreadings and not other prompts' judges: copies under judges of other cells of the level
+    (tried first) also fixed the traces, but blurred the decisions between neighbouring cells (pipeline seed 2's
+    "L4 sum, 3 steps, carries" went from think-off at log-odds -2.3 to thinking, with 123 copies).
+    Direct answers get no copies: with no trace, the description is the only working they have. But a misreading
+    that is another cell's correct description (a level-4 "difference, 3 steps, carries" read as level 3's
+    "difference, 3 steps") would be seen in SFT only over traces of the other cell (borrowing ones), and the
+    other cell's own forced traces would follow (pipeline seed 2: forced thinking at level 3 fell from 1.00 to
+    0.93, inventing borrows): so the direct-labelled prompts whose thinking description was misread this way
+    bring their own verified trace under it (`direct_traces`: (SFT record, thinking judge, trace)), masked alike."""
     copies = []
-    for record, (judge, best) in zip(sft, responses, strict=True):
-        others = [j for j in judges[record["difficulty"], record["mode"]] if j != judge]
-        if record["mode"] != "on" or not others or rng.random() >= share:
+    used = {d for descriptions in misread.values() for d in descriptions}
+    for record, judge, best in direct_traces:
+        if judge.rpartition(":")[0] in used:
+            completion = render(judge, "on", best["answer"], think=best["think"])
+            copies.append({**record, "id": f"{record['source_id']}:on-trace", "mode": "on", "completion": completion,
+                           "judge_context": True})
+    for record, (_, best) in zip(sft, responses, strict=True):
+        if record["mode"] != "on":
             continue
-        completion = render(rng.choice(others), "on", best["answer"], think=best["think"])
-        copies.append({**record, "id": f"{record['id']}:judge-noise", "completion": completion, "judge_context": True})
+        for description in misread.get(record["source_id"], []):
+            completion = render(f"{description}: think", "on", best["answer"], think=best["think"])
+            copies.append({**record, "id": f"{record['id']}:misread-{len(copies)}", "completion": completion,
+                           "judge_context": True})
     return copies
 
 
@@ -227,7 +257,8 @@ def label_round(config: KatConfig, checkpoint: Path, pairs: list[tuple[Task, Ite
     model.eval()
     log.info("cold start: %d prompts, both modes (%s) from %s", len(pairs), config.autothink.decoding, checkpoint)
     sampled = sample_both_modes(model, tokenizer, pairs, cfg, config.autothink, config.seed, progress=progress)
-    labels, sft = label_items(pairs, sampled, config.autothink, cfg.judge_noise, config.seed)
+    misread = own_judges(model, tokenizer, pairs, cfg.judge_samples, config.seed) if cfg.judge_samples else None
+    labels, sft = label_items(pairs, sampled, config.autothink, misread)
     summary = summarize(labels)
     summary["judge_noise_copies"] = sum(bool(r.get("judge_context")) for r in sft)
     summary["well_formed_answers"] = sum(row["well_formed"] for row in sampled)
