@@ -248,9 +248,10 @@ class ColdStartConfig(_Strict):
                         "for the model that decides\")")
     judge_samples: int = Field(0, ge=0, le=16, description="judges the model writes itself per labelled prompt "
                                "(auto mode, temperature 1); each that misdescribes its request adds a copy of the "
-                               "prompt's thinking SFT example under it, the judge and decision masked from the loss "
-                               "(the SFT's steps grow to match): the trace learns to follow the request, not a "
-                               "misread description (kat_core.train.coldstart.judge_noise_copies)")
+                               "prompt's thinking SFT example under it (and a misreading that is another cell's "
+                               "description brings that cell's own traces under it), the judge and decision masked "
+                               "from the loss, the SFT's steps grown to match: the trace learns to follow the "
+                               "request, not a misread description (kat_core.train.coldstart.judge_noise_copies)")
     min_well_formed: float = Field(0.0, ge=0, le=1, description="share of the forced answers that must be well "
                                    "formed, else the stage fails (labels measured on answers the grammar cannot "
                                    "read say nothing about the model); 0 only warns when none is")
