@@ -251,7 +251,7 @@ class ColdStartConfig(_Strict):
                                "prompt's thinking SFT example under it (and a misreading that is another cell's "
                                "description brings that cell's own traces under it), the judge and decision masked "
                                "from the loss, the SFT's steps grown to match: the trace learns to follow the "
-                               "request, not a misread description (kat_core.train.coldstart.judge_noise_copies)")
+                               "request, not a misread description (kat_core.train.coldstart.misread_copies)")
     min_well_formed: float = Field(0.0, ge=0, le=1, description="share of the forced answers that must be well "
                                    "formed, else the stage fails (labels measured on answers the grammar cannot "
                                    "read say nothing about the model); 0 only warns when none is")

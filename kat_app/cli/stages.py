@@ -150,7 +150,7 @@ def train_coldstart(
     result = coldstart(config, model, out, data_dir=data, progress=not quiet)
     levels = ", ".join(f"L{lvl} off {v['label_off']}/on {v['label_on']}" for lvl, v in result["per_level"].items())
     relabels = "".join(f"; round {r['round']} relabelled {r['labels_changed']}" for r in result["rounds"][1:])
-    copies = result.get("judge_noise_copies")
+    copies = result.get("misread_copies")
     _say(f"cold start labelled {result['prompts']} prompts ({levels}){relabels}; {result['in_sft']} in SFT"
          f"{f' (+{copies} under other judges)' if copies else ''}; checkpoint {out}")
 

@@ -21,7 +21,7 @@ newer model's verified responses), else the previous round's model is the cold s
 The SFT example for a prompt is its shortest verified response in the labelled mode, under the judge written
 from intent features for that mode, so the model learns both the choice and why. With `coldstart.judge_samples`,
 the judges the model writes itself are sampled too, and each that misreads a thinking prompt adds a copy of its
-example under that judge, the judge masked from the loss (`judge_noise_copies`: its trace learns to follow the
+example under that judge, the judge masked from the loss (`misread_copies`: its trace learns to follow the
 request, not the description). A prompt with no verified
 response in its labelled mode falls back to the task's reference response (counted as `from_reference`);
 when no response at all was well formed (the model does not speak the grammar yet) the stage says so loudly
@@ -45,7 +45,7 @@ from typing import Any
 
 from kat_core.autothink import cell_of, cell_tally, preference_off
 from kat_core.config import AutoThinkConfig, ColdStartConfig, KatConfig, TrainConfig
-from kat_core.data.judge import judge_text
+from kat_core.data.judge import describe, judge_text
 from kat_core.errors import KatError
 from kat_core.format import forced_prefix, parse, render
 from kat_core.tasks.base import Item, Task
@@ -97,7 +97,7 @@ def sample_both_modes(model, tokenizer, pairs: list[tuple[Task, Item]], cfg: Col
 def label_items(pairs: list[tuple[Task, Item]], sampled: list[dict[str, Any]], criterion: AutoThinkConfig,
                 misread: dict[str, list[str]] | None = None):
     """-> (labels rows, SFT records in the dataset schema): every prompt labelled with its cell's mode, plus
-    the thinking examples' copies under the model's own misreadings of them (`judge_noise_copies`)."""
+    the thinking examples' copies under the model's own misreadings of them (`misread_copies`)."""
     prefs, cells = [], []
     for (task, item), row in zip(pairs, sampled, strict=True):
         prefs.append(preference_off((row["acc_off"], row["tokens_off"]), (row["acc_on"], row["tokens_on"]),
@@ -134,8 +134,8 @@ def label_items(pairs: list[tuple[Task, Item]], sampled: list[dict[str, Any]], c
         })
         responses.append((judge, best))
         if label == "off" and row["best_on"] is not None:
-            direct_traces.append((sft[-1], judge_text(task.intent_features(item), "on"), row["best_on"]))
-    return labels, sft + judge_noise_copies(sft, responses, misread or {}, direct_traces)
+            direct_traces.append((sft[-1], describe(task.intent_features(item)), row["best_on"]))
+    return labels, sft + misread_copies(sft, responses, misread or {}, direct_traces)
 
 
 def own_judges(model, tokenizer, pairs: list[tuple[Task, Item]], k: int, seed: int) -> dict[str, list[str]]:
@@ -150,14 +150,14 @@ def own_judges(model, tokenizer, pairs: list[tuple[Task, Item]], k: int, seed: i
         task, item = pairs[s.prompt_index]
         judge = parse(s.text).judge
         description = judge.rpartition(":")[0].strip() if judge else ""
-        canonical = judge_text(task.intent_features(item), "on").rpartition(":")[0]
+        canonical = describe(task.intent_features(item))
         readable = description and "<" not in description and "\n" not in description and len(description) < 120
         if readable and description != canonical and description not in found[item.id]:
             found[item.id].append(description)
     return dict(found)
 
 
-def judge_noise_copies(sft: list[dict[str, Any]], responses: list[tuple[str, dict[str, Any]]],
+def misread_copies(sft: list[dict[str, Any]], responses: list[tuple[str, dict[str, Any]]],
                        misread: dict[str, list[str]], direct_traces: list[tuple[dict, str, dict]] = ()
                        ) -> list[dict[str, Any]]:
     """Copies of the thinking SFT examples under each misreading of their request the model wrote itself
@@ -177,12 +177,12 @@ def judge_noise_copies(sft: list[dict[str, Any]], responses: list[tuple[str, dic
     "difference, 3 steps") would be seen in SFT only over traces of the other cell (borrowing ones), and the
     other cell's own forced traces would follow (pipeline seed 2: forced thinking at level 3 fell from 1.00 to
     0.93, inventing borrows): so the direct-labelled prompts whose thinking description was misread this way
-    bring their own verified trace under it (`direct_traces`: (SFT record, thinking judge, trace)), masked alike."""
+    bring their own verified trace under it (`direct_traces`: (SFT record, description, trace)), masked alike."""
     copies = []
     used = {d for descriptions in misread.values() for d in descriptions}
-    for record, judge, best in direct_traces:
-        if judge.rpartition(":")[0] in used:
-            completion = render(judge, "on", best["answer"], think=best["think"])
+    for record, description, best in direct_traces:
+        if description in used:
+            completion = render(f"{description}: think", "on", best["answer"], think=best["think"])
             copies.append({**record, "id": f"{record['source_id']}:on-trace", "mode": "on", "completion": completion,
                            "judge_context": True})
     for record, (_, best) in zip(sft, responses, strict=True):
@@ -196,7 +196,7 @@ def judge_noise_copies(sft: list[dict[str, Any]], responses: list[tuple[str, dic
 
 
 def sft_schedule(train: TrainConfig, sft: list[dict[str, Any]]) -> TrainConfig:
-    """The SFT's schedule with `judge_noise` copies on top: its steps grow by their share, so each labelled example
+    """The SFT's schedule with the misread copies on top: its steps grow by their share, so each labelled example
     is seen as often as without them. (Measured on pipeline seed 2: the same 180 steps over 1000 examples and
     ~270 copies left its level-4 think-off cell (76 prompts) unlearnt, level 4 thinking on all items.)"""
     copies = sum(bool(r.get("judge_context")) for r in sft)
@@ -260,7 +260,7 @@ def label_round(config: KatConfig, checkpoint: Path, pairs: list[tuple[Task, Ite
     misread = own_judges(model, tokenizer, pairs, cfg.judge_samples, config.seed) if cfg.judge_samples else None
     labels, sft = label_items(pairs, sampled, config.autothink, misread)
     summary = summarize(labels)
-    summary["judge_noise_copies"] = sum(bool(r.get("judge_context")) for r in sft)
+    summary["misread_copies"] = sum(bool(r.get("judge_context")) for r in sft)
     summary["well_formed_answers"] = sum(row["well_formed"] for row in sampled)
     answers = len(pairs) * 2 * (1 if config.autothink.temperature == 0 else cfg.k)
     if summary["well_formed_answers"] < cfg.min_well_formed * answers:

@@ -7,7 +7,7 @@ choice is made: everything after it follows from it) and the mode token `<think_
 record without a judge), and 0 on the closing `</answer>` and EOS of a record whose answer was `cut` short (a
 self-replay answer that ran out of its token budget: the model should keep the base's words, not learn to stop
 where the budget did). A record marked `judge_context` weighs 0 from its completion's start through the mode token:
-its judge is context to answer under, not a text to learn (kat_core.train.coldstart.judge_noise_copies).
+its judge is context to answer under, not a text to learn (kat_core.train.coldstart.misread_copies).
 Examples are packed first-fit into rows of `seq_len` tokens without being split;
 position ids restart at each example, which transformers turns into a block-diagonal causal mask (examples in
 one row do not see each other).
