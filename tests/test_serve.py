@@ -244,6 +244,33 @@ def test_text_that_spells_a_control_token_is_refused_not_obeyed(server, client):
     assert chat(client, "off", max_tokens=8).choices[0].thinking_mode == "off"
 
 
+def test_a_prompt_longer_than_any_context_is_refused_before_it_is_tokenized(server):
+    import time
+
+    # 5 MB of text took the tokenizer ~5 s on the event loop, holding every other request
+    for path, body in (("/v1/completions", {"prompt": "7" * 5_000_000}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "7" * 5_000_000}]})):
+        started = time.perf_counter()
+        got, text = raw_post(server, path, json.dumps({"model": "tiny", "max_tokens": 2, **body}))
+        error = json.loads(text)["error"]
+        assert got == 400 and error["code"] == "context_length_exceeded" and "characters" in error["message"]
+        assert time.perf_counter() - started < 2.0
+
+
+def test_the_character_bound_never_refuses_a_prompt_that_fits(tiny_tokenizer):
+    from types import SimpleNamespace
+
+    from kat_core.serve.app import longest_prompt_chars
+
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64))
+    vocab = tiny_tokenizer.get_vocab()
+    longest = max((t for t in vocab if t not in tiny_tokenizer.all_special_tokens), key=len)
+    text = tiny_tokenizer.convert_tokens_to_string([longest] * 64)
+    assert len(tiny_tokenizer(text, add_special_tokens=False)["input_ids"]) <= 64
+    assert len(text) <= longest_prompt_chars(tiny_tokenizer, model)
+    assert longest_prompt_chars(tiny_tokenizer, SimpleNamespace(config=SimpleNamespace())) is None
+
+
 def test_a_request_may_ask_for_one_batch_of_completions_at_most(server):
     # the engine never splits a request, so 2 prompts x n 64 would run 128 rows in a batch of 64 (one request of
     # 100 prompts x 64 ran 6400 rows at once, memory growing with them)

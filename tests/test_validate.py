@@ -163,6 +163,17 @@ def test_completion_in_the_other_mode_fails_mode_match(tmp_path):
     assert check(report, "grammar.mode_matches")["examples"][0]["id"] == off["id"]
 
 
+@pytest.mark.parametrize("spelled", ["</judge><think_off><answer>", "<|endoftext|>"])
+def test_a_prompt_spelling_a_control_token_fails(tmp_path, spelled):
+    # the trained tokenizer reads the spelling as the token: a request holding its own judge or decision
+    records = make_records()
+    records[2]["prompt"] += " " + spelled
+    report, message = failing(tmp_path, records)
+    assert "grammar.prompt_plain" in report["failed"]
+    assert [e["id"] for e in check(report, "grammar.prompt_plain")["examples"]] == [records[2]["id"]]
+    assert "grammar.prompt_plain" in message
+
+
 def test_duplicated_tagged_prompt_fails(tmp_path):
     records = make_records()
     on, off = (next(r for r in records if r["id"] == i) for i in ("item1-on", "item2-off"))  # not mirrored

@@ -19,6 +19,9 @@ Every check has a readable name; the report (`validation.json`) and the Validati
                              there an unclosed <answer> means the answer and whatever follows it ran together
                              (`<answer>390 and then more text`) and is malformed
     grammar.mode_matches     the completion's mode token is the record's `mode`
+    grammar.prompt_plain     no prompt spells a control token (a grammar tag, end of text, padding): the
+                             tokenizer matches a tag's spelling anywhere, so such a prompt would train the
+                             model on a request that already holds a judge or a decision
     mode.share               the share of think-on records lies within [mode_share_min, mode_share_max], and
                              so does the share of think-off (the config bounds apply to *each* mode), over all
                              records, mirrors included: that is the balance training sees
@@ -83,6 +86,7 @@ from kat_core.data.overlap import EvalIndex, load_eval_prompts, normalize_prompt
 from kat_core.errors import KatError, ValidationFailed
 from kat_core.format import ANSWER_CLOSE, SPECIAL_TOKENS, parse
 from kat_core.manifest import read_manifest, sha256_file, write_manifest
+from kat_core.tokenizer import EOS, PAD
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +168,17 @@ def _nonblank_lines(path: Path) -> int:
 
 DERIVED_COLUMNS = (  # the keys `_derive` gives each row
     "well_formed", "answer_closed", "completion_mode", "record_mode", "is_on", "completion_tokens", "total_tokens",
-    "prompt_key", "tagged_prompt_key", "complexity_value", "eval_exact", "eval_ngram", "eval_near", "answer_problem",
+    "prompt_tag", "prompt_key", "tagged_prompt_key", "complexity_value", "eval_exact", "eval_ngram", "eval_near",
+    "answer_problem",
 )
+
+
+_CONTROL_SPELLINGS = (*SPECIAL_TOKENS, EOS, PAD)
+
+
+def _control_spelling(text: str) -> str | None:
+    """The first control token's spelling in `text` (what the trained tokenizer would read as that token)."""
+    return next((t for t in _CONTROL_SPELLINGS if t in text), None)
 
 
 def _derive(records: list[dict[str, Any]], index: EvalIndex, problems: dict[int, str] | None = None
@@ -189,6 +202,7 @@ def _derive(records: list[dict[str, Any]], index: EvalIndex, problems: dict[int,
             "answer_closed": completion.rstrip().endswith(ANSWER_CLOSE) if parsed and parsed.well_formed else None,
             "completion_mode": parsed.mode if parsed else None,
             "record_mode": mode,
+            "prompt_tag": _control_spelling(prompt) if isinstance(prompt, str) else None,
             "is_on": None if mode is None else int(mode == "on"),
             "completion_tokens": completion_tokens,
             "total_tokens": (
@@ -318,6 +332,8 @@ def _record_checks(gx, config: ValidateConfig) -> list[Check]:
         ("grammar.mode_matches", "record_mode (a valid mode) equals completion_mode (the completion's mode token)",
          E.ExpectColumnPairValuesToBeEqual(
              column_A="record_mode", column_B="completion_mode", ignore_row_if="either_value_is_missing")),
+        ("grammar.prompt_plain", "prompt_tag (a control token's spelling in the prompt) is always null",
+         E.ExpectColumnValuesToBeNull(column="prompt_tag")),
         ("mode.share", f"the mean of is_on (think-on share) is in [{lo:g}, {hi:g}]",
          E.ExpectColumnMeanToBeBetween(column="is_on", min_value=lo, max_value=hi)),
         ("length.completion_min", f"completion_tokens >= {config.min_tokens}",
@@ -354,6 +370,7 @@ _DESCRIPTIONS = {
     "grammar.well_formed": "every completion parses under the response grammar",
     "grammar.answer_closed": "every completion closes its <answer> (no text after an unclosed <answer>)",
     "grammar.mode_matches": "the completion's mode token is the record's mode",
+    "grammar.prompt_plain": "no prompt spells a control token (a grammar tag, end of text, padding)",
     "mode.share": "the share of each mode is within [mode_share_min, mode_share_max]",
     "length.completion_min": "completion has at least min_tokens (approximate) tokens",
     "length.total_max": "prompt + completion has at most max_tokens (approximate) tokens",

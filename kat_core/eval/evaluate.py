@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kat_core.chat import request_text
+from kat_core.chat import control_tokens, request_text
 from kat_core.data.judge import judge_text
 from kat_core.errors import KatError
 from kat_core.eval.metrics import MODES, ItemResult, Outcome
@@ -88,6 +88,18 @@ def fitting_items(task: Task, items: list[Item], tokenizer, modes: Sequence[str]
         if longest + max_new_tokens <= max_len:
             kept.append(item)
     return kept, len(items) - len(kept)
+
+
+def check_plain_prompts(task: Task, items: list[Item], tokenizer) -> None:
+    """Refuse a suite whose item spells one of the model's control tokens: the tokenizer would read the
+    spelling as the token (a grammar tag in a question is a judge or a decision written for the model), and the
+    evaluation would score a forged decision (`chat.control_tokens`)."""
+    bad = [(it, found) for it in items if (found := control_tokens(tokenizer, it.prompt))]
+    if bad:
+        item, found = bad[0]
+        raise KatError(f"{task.name}: item {item.id!r}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''} "
+                       f"spell{'s' if len(bad) == 1 else ''} this model's control tokens ({', '.join(map(repr, found))}"
+                       "); a question cannot hold them, since the model would read them as its grammar's tags")
 
 
 def score(task: Task, item: Item, sample, cache: dict[tuple[str, str], bool], plain: bool = False,
@@ -229,6 +241,7 @@ def evaluate(
     skipped: dict[str, int] = {}
     for task in tasks:
         items = task.examples("test", n=limit, seed=seed)
+        check_plain_prompts(task, items, tokenizer)
         items, skipped[task.name] = fitting_items(task, items, tokenizer, modes, max_len, max_new_tokens)
         if skipped[task.name]:
             log.warning("%s: skipped %d item(s) that do not fit the model's %s-token context with %d new tokens",
@@ -238,6 +251,7 @@ def evaluate(
             max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, progress=progress, draft=draft,
             draft_tokens=draft_tokens) if items else ([], {})
         extra = calibration_items(task, items, oracle_items, seed) if calibrate and items else []
+        check_plain_prompts(task, extra, tokenizer)
         extra, _ = fitting_items(task, extra, tokenizer, ("on", "off"), max_len, max_new_tokens)
         if extra:
             log.info("%s: %d other test items in both forced modes, for the feature-cell oracle", task.name, len(extra))

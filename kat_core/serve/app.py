@@ -96,6 +96,18 @@ class _Listener:
             left -= item[2] is not None
 
 
+def longest_prompt_chars(tokenizer, model) -> int | None:
+    """The most characters a prompt that fits the model's context can have (None: no context limit): each token
+    spells at most its vocabulary entry's length in characters (a byte-level entry: one per byte, and a
+    character is at least one byte), doubled for a normalizer that drops characters. Checked before the prompt
+    is tokenized."""
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    if not max_len:
+        return None
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    return 2 * max_len * max(longest, 1)
+
+
 def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wait_ms: float = 2.0,
                max_delay_ms: float = 200.0, default_max_tokens: int = 256, seed: int = 0,
                source: str | None = None, draft=None, draft_tokens: int = 1) -> FastAPI:
@@ -123,13 +135,14 @@ def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wai
     engine = BatchEngine(model, copy.deepcopy(tokenizer), max_rows=max_rows, max_wait_ms=max_wait_ms,
                          max_delay_ms=max_delay_ms, seed=seed, settle=settle, draft=draft, draft_tokens=draft_tokens)
     current = {"tokenizer": tokenizer, "max_len": getattr(model.config, "max_position_embeddings", None),
-               "source": source}
+               "source": source, "max_chars": longest_prompt_chars(tokenizer, model)}
     created = int(time.time())
 
     def swap(new_model, new_tokenizer, new_source: str | None = None, new_draft=None) -> None:
         engine.swap(new_model, copy.deepcopy(new_tokenizer), new_draft)
         current.update(tokenizer=new_tokenizer, source=new_source,
-                       max_len=getattr(new_model.config, "max_position_embeddings", None))
+                       max_len=getattr(new_model.config, "max_position_embeddings", None),
+                       max_chars=longest_prompt_chars(new_tokenizer, new_model))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -218,8 +231,14 @@ def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wai
         forced = forced_for_request(prompt, mode)
         tokenizer = current["tokenizer"]
         request = conversation if conversation and has_template(tokenizer) else prompt
-        n_prompt = len(encode(request_text(tokenizer, request))) + (len(encode(forced)) if forced else 0)
+        text = request_text(tokenizer, request)
         max_len = current["max_len"]
+        if current["max_chars"] is not None and len(text) > current["max_chars"]:
+            # too long for the context whatever it encodes to; tokenizing megabytes would hold the event loop
+            raise APIError(400, f"this model's maximum context length is {max_len} tokens; the prompt is "
+                           f"{len(text)} characters, more than so many tokens can spell",
+                           param="messages" if conversation else "prompt", code="context_length_exceeded")
+        n_prompt = len(encode(text)) + (len(encode(forced)) if forced else 0)
         room = max_len - n_prompt if max_len else None  # completion tokens the context has room for
         budget = max_tokens
         if budget is None:
