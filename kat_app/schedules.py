@@ -84,7 +84,7 @@ def weekday_names(field_text: str) -> str:
             lo, hi = 0, 6
         else:
             first, _, last = base.partition("-")
-            lo = _day(first)
+            lo = _day(first, end=bool(last))  # a range from 7 is Sunday alone ("7-7"), not 0 to 7
             hi = _day(last, end=True) if last else (6 if step else lo)
         days.update(d % 7 for d in range(lo, hi + 1, stride))
     if days == set(range(7)):
@@ -108,8 +108,18 @@ def cron_trigger(cron: str, timezone: Any = None):
     if dom != "*" and dow != "*":
         raise Invalid(f"cron {cron!r} restricts both the day of the month and the day of the week; the local "
                        "scheduler cannot fire on either one (cron's rule), so restrict only one of them")
-    return CronTrigger(minute=minute, hour=hour, day=dom, month=month, day_of_week=weekday_names(dow),
-                       timezone=timezone)
+    try:
+        return CronTrigger(minute=minute, hour=hour, day=dom, month=month, day_of_week=weekday_names(dow),
+                           timezone=timezone)
+    except ValueError as e:  # what check_cron lets through and APScheduler does not: a step past the range, */61
+        raise Invalid(f"bad cron {cron!r}: {e}") from None
+
+
+def _require_a_fire_time(cron: str, trigger: Any) -> None:
+    """Refuse a cron that matches no date (`0 0 30 2 *`): APScheduler would store it with no fire time, shown as
+    paused, and on resume it deletes the job."""
+    if trigger.get_next_fire_time(None, datetime.now(trigger.timezone)) is None:
+        raise Invalid(f"cron {cron!r} never fires: no date matches it")
 
 
 def next_fire_times(cron: str, n: int = 3) -> list[str]:
@@ -256,7 +266,7 @@ def create(cron: str, profile: str, overrides: list[str] | None = None, *, name:
            only_if_data_changed: bool = False, who: str | None = None, home: str | Path | None = None) -> Schedule:
     """Add a schedule (after checking its cron and its config: a schedule that could never run is refused)."""
     cron = check_cron(cron)
-    cron_trigger(cron)
+    _require_a_fire_time(cron, cron_trigger(cron))
     load_config(profile, list(overrides or []))
     home = _home(home)
     s = Schedule(schedule_id=f"sched-{secrets.token_hex(4)}", cron=cron, profile=profile,
@@ -293,7 +303,9 @@ def pause(schedule_id: str, home: str | Path | None = None) -> Schedule:
 
 def resume(schedule_id: str, home: str | Path | None = None) -> Schedule:
     with _scheduler(_home(home)) as scheduler:
-        _job(scheduler, schedule_id).resume()
+        job = _job(scheduler, schedule_id)
+        _require_a_fire_time(job.kwargs["cron"], job.trigger)  # one stored before create checked this
+        job.resume()
         return _from_job(scheduler.get_job(schedule_id))
 
 

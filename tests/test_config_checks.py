@@ -173,3 +173,19 @@ def test_the_configure_component_returns_one_list_per_stage(tmp_path, monkeypatc
     assert get_client(resolve_tracking_uri(None)).get_run(parent).data.params["evaluate.limit"] == "7"
     with pytest.raises(SystemExit):  # a bad config ends the task with one `error:` line
         configure.python_func(profile="smoke", overrides=["train.steps=-5"])
+
+
+@pytest.mark.parametrize("raw", ["[" * 5000, "9" * 5000, "2020-13-45"])
+def test_an_override_value_yaml_cannot_build_is_one_readable_error(raw):
+    # YAML's parser recurses on nested brackets, and what it builds can fail outside YAMLError (an int past
+    # Python's digit limit, a date that does not exist): a traceback before
+    from kat_core.config import parse_override
+
+    with pytest.raises(KatError, match=r"--set train\.steps: the value (is nested too deeply|cannot be read)"):
+        parse_override(f"train.steps={raw}")
+
+
+def test_an_infinite_or_nan_setting_is_refused():
+    for value in ("1e999", ".nan", "-.inf"):
+        with pytest.raises(KatError, match="train.lr"):
+            load_config("smoke", [f"train.lr={value}"])

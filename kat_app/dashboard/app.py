@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
@@ -54,6 +54,9 @@ PAGE_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-
 # run artifacts (e.g. Great Expectations data docs) are shown in an opaque origin: their scripts cannot act
 # as the signed-in user
 ARTIFACT_CSP = "sandbox allow-scripts allow-popups; default-src 'self' 'unsafe-inline' data: https:"
+# the largest request body taken (413 above it): the forms and JSON bodies are a few KB; FastAPI reads a
+# route's body before its token check runs, so without a ceiling anyone could make the service hold any amount
+MAX_BODY = 1 << 20
 
 
 # ---- request bodies of the API ---------------------------------------------------------------------------
@@ -108,8 +111,8 @@ def create_app(home: str | Path | None = None, *, token: str | None = None, open
             if state["scheduler"]:
                 schedules.stop_live(svc.home)
 
-    app = FastAPI(title="KAT dashboard", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json",
-                  lifespan=lifespan)
+    app = FastAPI(title="KAT dashboard", docs_url=None, redoc_url=None, openapi_url=None,  # served below
+                  lifespan=lifespan, max_body_size=MAX_BODY)
     app.state.service = svc
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")
@@ -170,6 +173,12 @@ def create_app(home: str | Path | None = None, *, token: str | None = None, open
     for make in (routes_platform.router, routes_runs.router, routes_models.router, routes_schedules.router,
                  routes_data.router, routes_auth.router):
         app.include_router(make(web))
+
+    # FastAPI's own openapi_url answers anyone; the schema is read like the rest of the API
+    @app.get("/api/openapi.json", include_in_schema=False, dependencies=[Depends(web.api_read)])
+    def openapi_schema() -> dict[str, Any]:
+        return app.openapi()
+
     return app
 
 

@@ -10,6 +10,7 @@ from fastapi.responses import FileResponse
 
 from kat_app.dashboard.bodies import PromoteRequest, RollbackRequest
 from kat_app.dashboard.web import Web
+from kat_app.service import MODEL_NAME
 from kat_core.errors import Conflict, Invalid
 
 
@@ -61,7 +62,8 @@ def router(web: Web) -> APIRouter:
 
     @r.get("/models", include_in_schema=False, dependencies=[Depends(page_read)])
     def models_page(request: Request, name: str | None = None):
-        names = svc.model_names()
+        # only names the model routes take: one registered elsewhere as "KAT v2" would make this page a 422
+        names = [n for n in svc.model_names() if MODEL_NAME.match(n)]
         current = name or (names[0] if names else None)
         if not current:
             return render(request, "models.html", names=[], name=None, versions=[], aliases={}, history=[])

@@ -113,7 +113,8 @@ class Web:
     @staticmethod
     def file_response(path: Path) -> FileResponse:
         response = FileResponse(path)
-        if path.suffix.lower() in (".html", ".htm", ".svg", ".xml"):
-            response.headers["Content-Security-Policy"] = ARTIFACT_CSP
+        # every file, not only *.html: browsers run .shtml, .xhtml, .svgz, ... as documents too, and under the
+        # pages' policy (script-src 'self') such a file could load a script from the run's files
+        response.headers["Content-Security-Policy"] = ARTIFACT_CSP
         return response
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from kat_app import schedules
 from kat_app.jobs import JobQueue
+from kat_app.security import redact_text
 from kat_core.errors import Invalid, NotFound
 from kat_core.platform import kat_home
 from pipelines.backends import BACKENDS
@@ -104,10 +106,14 @@ class ServiceBase:
         if self._mlflow_ui:
             return self._mlflow_ui.rstrip("/")
         uri = self.tracking_uri
-        return uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
+        if not uri.startswith(("http://", "https://")):
+            return None
+        # without the URI's user:password@: links are shown to every reader; the browser asks for a login
+        parts = urllib.parse.urlsplit(uri)
+        return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().rstrip("/")
 
     def mlflow_hint(self) -> str:
-        return f"mlflow ui --backend-store-uri {self.tracking_uri}"
+        return redact_text(f"mlflow ui --backend-store-uri {self.tracking_uri}")  # postgresql://u:***@db
 
 
     def _backend_of(self, run_id: str, backend: str | None = None) -> str:

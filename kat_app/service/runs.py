@@ -33,6 +33,9 @@ class RunsService(ServiceBase):
         data["overrides"] = redact_overrides(data["overrides"])
         if data.get("error"):
             data["error"] = redact_text(data["error"])
+        for stage in data["stages"]:  # the run's error repeats its failed stage's: the same secrets in it
+            if stage.get("error"):
+                stage["error"] = redact_text(stage["error"])
         start = _iso_to_epoch(info.started_at or info.created_at)
         end = _iso_to_epoch(info.finished_at) or (time.time() if info.status == "running" else None)
         data["duration_s"] = round(end - start, 1) if start and end and info.status != "pending" else None
@@ -225,8 +228,12 @@ class RunsService(ServiceBase):
         base = Path(step.outputs[output]).resolve()
         if not relpath or "\x00" in relpath or Path(relpath).is_absolute():
             raise NotFound(f"no file {relpath!r} in {stage}/{output} of run {run_id}")
-        target = (base / relpath).resolve()
-        if not target.is_relative_to(base) or not target.is_file():
+        try:
+            target = (base / relpath).resolve()
+            found = target.is_relative_to(base) and target.is_file()
+        except (OSError, RuntimeError):  # a name too long for the file system (is_file lets that through), a link loop
+            found = False
+        if not found:
             raise NotFound(f"no file {relpath!r} in {stage}/{output} of run {run_id}")
         return target
 
@@ -299,7 +306,7 @@ class RunsService(ServiceBase):
                     self._lineage_cache[run_id] = cached
             out.update(cached)
         except KatError as e:
-            out["mlflow_error"] = str(e)
+            out["mlflow_error"] = redact_text(str(e))  # it names the tracking URI, with any password in it
         out["mlflow_hint"] = None if ui else self.mlflow_hint()
         if registered:
             registered = {k: v for k, v in registered.items() if k != "parent_run"}

@@ -68,8 +68,8 @@ class SchedulesService(ServiceBase):
         if backend not in BACKENDS:
             raise Invalid(f"unknown back end {backend!r}; choose local or kubeflow")
         name = (name or "").strip() or None
-        if name and len(name) > 100:
-            raise Invalid("the schedule name must be at most 100 characters")
+        if name and (len(name) > 100 or any(ord(c) < 32 for c in name)):  # its runs take its name: submit_run's rule
+            raise Invalid("the schedule name must be at most 100 printable characters")
         overrides = self.check_config(profile, overrides)["overrides"]
         if backend == "kubeflow" and only_if_data_changed:  # before reaching for KFP: a request it cannot take
             raise Invalid("'only if the training data changed' needs the local scheduler; "
