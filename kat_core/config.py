@@ -37,7 +37,8 @@ def _known_families(names: list[str], *, split: str | None = None) -> list[str]:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # no setting is infinite or NaN: `train.lr=1e999` passed `gt=0` and queued a run that could only diverge
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TasksConfig(_Strict):
@@ -252,6 +253,12 @@ class ColdStartConfig(_Strict):
                                "description brings that cell's own traces under it), the judge and decision masked "
                                "from the loss, the SFT's steps grown to match: the trace learns to follow the "
                                "request, not a misread description (kat_core.train.coldstart.misread_copies)")
+    align_steps: int = Field(0, ge=0, description="after the SFT, check each feature cell's decision against the "
+                             "verdict measured on the fine-tuned model (both modes, greedy, on the RL prompts it never "
+                             "trained on); where most of a cell's prompts are decided against it, fine-tune the "
+                             "decision tokens alone for this many steps (0: no check). Labels measured on the student "
+                             "can be wrong for the model the SFT makes of it (kat_core.train.decisions)")
+    align_lr: float = Field(5e-5, gt=0, description="learning rate of the decision alignment (align_steps)")
     min_well_formed: float = Field(0.0, ge=0, le=1, description="share of the forced answers that must be well "
                                    "formed, else the stage fails (labels measured on answers the grammar cannot "
                                    "read say nothing about the model); 0 only warns when none is")
@@ -460,6 +467,10 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    except RecursionError:  # thousands of nested brackets: YAML's parser recurses
+        raise KatError(f"--set {key.strip()}: the value is nested too deeply") from None
+    except ValueError as e:  # what YAML builds can fail outside YAMLError: a 5000-digit int, the date 2020-13-45
+        raise KatError(f"--set {key.strip()}: the value cannot be read ({e})") from None
     return key.strip(), value
 
 

@@ -189,6 +189,16 @@ def test_coldstart_on_a_quickly_trained_model(tmp_path):
     same_weights = weights[0] == weights[1]
     assert same_weights == (not changed)  # trained on only where a label changed
 
+    # the decision check measures the fine-tuned model on the RL prompts; it trains only where a cell disagrees
+    r = kat("train", "coldstart", "--model", tmp_path / "ckpt", "--data", tmp_path / "data", "--out",
+            tmp_path / "cs3", "--set", "coldstart.align_steps=20")
+    assert r.returncode == 0, r.stderr
+    decisions = json.loads((tmp_path / "cs3" / "coldstart.json").read_text())["decisions"]
+    assert decisions["checked_on"] == len(read_pool(tmp_path / "data", "rl"))
+    assert "decisions checked on" in r.stderr
+    aligned = sha256_file(tmp_path / "cs3" / "model.safetensors") != weights[0]
+    assert aligned == bool(decisions["disagreed"]) == (decisions["trained_steps"] > 0), decisions
+
 
 def test_a_later_round_reports_the_cells_whose_label_changed():
     from kat_core.train.coldstart import relabelled

@@ -151,8 +151,15 @@ def train_coldstart(
     levels = ", ".join(f"L{lvl} off {v['label_off']}/on {v['label_on']}" for lvl, v in result["per_level"].items())
     relabels = "".join(f"; round {r['round']} relabelled {r['labels_changed']}" for r in result["rounds"][1:])
     copies = result.get("misread_copies")
+    decisions = result.get("decisions")
+    aligned = ""
+    if decisions:
+        moved = ", ".join(f"{c}: {v}" for c, v in decisions["disagreed"].items())
+        steps = decisions["trained_steps"]
+        aligned = f"; decisions checked on {decisions['checked_on']} RL prompts, " + (
+            f"aligned in {steps} steps ({moved})" if moved else "all agree")
     _say(f"cold start labelled {result['prompts']} prompts ({levels}){relabels}; {result['in_sft']} in SFT"
-         f"{f' (+{copies} under other judges)' if copies else ''}; checkpoint {out}")
+         f"{f' (+{copies} under other judges)' if copies else ''}{aligned}; checkpoint {out}")
 
 
 @train_app.command("srpo")

@@ -329,6 +329,10 @@ def coldstart(config: KatConfig, checkpoint: str | Path, out_dir: str | Path, *,
                                model_cfg=config.model.model_copy(update={"base": str(checkpoint)}),
                                train_cfg=sft_schedule(cfg.train, sft), progress=progress, stage="coldstart")
             model_dir = work / f"round{r}"
+        if cfg.align_steps:  # the decisions of the model the SFT made, checked on prompts it never trained on
+            from kat_core.train.decisions import align_decisions
+
+            model_dir, summary["decisions"] = align_decisions(config, model_dir, Path(data_dir), work / "aligned")
         # the checkpoint carries the last labelling (measured on the model it was trained from, or on itself when
         # no label changed) and every round's account, its manifest digesting the student it was made from
         summary = {**summary, "rounds": rounds}

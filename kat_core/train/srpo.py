@@ -605,13 +605,14 @@ def _rollout_batches(samples, advantages: list[Advantages], stats: dict[str, flo
 # ------------------------------------------------------------------------------------------- the probe
 
 
-def probe_decisions(model, tokenizer, probe: list[tuple[Task, Item]], autocast: Callable) -> list[float]:
-    """The greedy decision's log-odds `l_on - l_off` per probe prompt (one forward pass, no generation)."""
+def decision_rows(tokenizer, pairs: list[tuple[Task, Item]]) -> dict[str, Any]:
+    """Both arms of every prompt's decision as rows (on, off, on, off, ...): the prompt and the forced judge
+    of each mode, `decision_mask` over the tokens where the two differ (the verdict word and the mode token)."""
     import torch
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows, spans = [], []
-    for task, item in probe:
+    for task, item in pairs:
         ctx, arms, common = _decision_tail(tokenizer, task, item)
         for m in ("on", "off"):
             rows.append(ctx + arms[m])
@@ -620,16 +621,28 @@ def probe_decisions(model, tokenizer, probe: list[tuple[Task, Item]], autocast: 
     mask = torch.zeros((len(rows), input_ids.shape[1] - 1))
     for r, (lo, n) in enumerate(spans):
         mask[r, lo:lo + n] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention, "targets": input_ids[:, 1:]}
+    return {"input_ids": input_ids, "attention_mask": attention, "targets": input_ids[:, 1:], "decision_mask": mask}
+
+
+def decision_log_odds(model, batch: dict[str, Any]):
+    """`l_on - l_off` per prompt of a `decision_rows` batch (a tensor, with the graph when gradients are on)."""
+    logp = _forward_logp(model, batch).gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
+    per_row = (logp * batch["decision_mask"]).sum(-1)
+    return per_row[0::2] - per_row[1::2]
+
+
+def probe_decisions(model, tokenizer, probe: list[tuple[Task, Item]], autocast: Callable) -> list[float]:
+    """The greedy decision's log-odds `l_on - l_off` per probe prompt (one forward pass, no generation)."""
+    import torch
+
+    batch = decision_rows(tokenizer, probe)
     was = model.training
     model.eval()
     try:
         with torch.no_grad(), autocast():
-            logp = _forward_logp(model, batch).gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
+            return decision_log_odds(model, batch).tolist()
     finally:
         model.train(was)
-    per_row = (logp * mask).sum(-1)
-    return (per_row[0::2] - per_row[1::2]).tolist()
 
 
 def probe_stats(log_odds: list[float], probe: list[tuple[Task, Item]], values, crit: AutoThinkConfig
