@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+STORE_INDEX = ".kat-index.json"  # what the object store adds to a directory it stores or fetches (storage.INDEX)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -96,16 +97,25 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         return None
 
 
-def verify_manifest(directory: Path) -> list[str]:
-    """Problems with a directory against its manifest (missing or changed files); empty when intact."""
+def verify_manifest(directory: Path, *, exact: bool = False) -> list[str]:
+    """Problems with a directory against its manifest (missing or changed files); empty when intact. With
+    `exact`, a file the manifest does not list is a problem too: for a directory that is loaded as a whole
+    (a registered checkpoint), where an added file (a chat template, tokenizer extras) changes what loads."""
     manifest = read_manifest(directory)
     if manifest is None:
         return [f"{directory}: no readable {MANIFEST}"]
     problems = []
-    for name, digest in manifest.get("files", {}).items():
+    files = manifest.get("files", {})
+    for name, digest in files.items():
         path = Path(directory) / name
         if not path.is_file():
             problems.append(f"missing file {name}")
         elif sha256_file(path) != digest:
             problems.append(f"digest mismatch for {name}")
+    if exact:
+        # a link counts as a file, to a directory too: the loader would follow it
+        on_disk = (str(p.relative_to(directory)) for p in sorted(Path(directory).rglob("*"))
+                   if p.is_symlink() or not p.is_dir())
+        problems += [f"file {name} is not in the manifest" for name in on_disk
+                     if name not in (MANIFEST, STORE_INDEX) and name not in files]
     return problems

@@ -4,6 +4,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from kat_core.errors import KatError
 from pipelines.autothink import ClusterOptions, build_pipeline
 
 
@@ -28,13 +29,16 @@ def compile_pipeline(
         options = cluster or None
     pipeline = build_pipeline(profile, overrides, cluster=options, retries=retries)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".yaml", dir=out.parent)
-    os.close(fd)
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".yaml", dir=out.parent)
+        os.close(fd)
         compiler.Compiler().compile(pipeline_func=pipeline, package_path=tmp)
         os.replace(tmp, out)
+    except OSError as e:  # `--out` is a directory, under a file, not writable: the user's to fix, in one line
+        raise KatError(f"cannot write the pipeline to {out}: {e.strerror or e}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
     return out

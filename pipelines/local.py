@@ -18,6 +18,7 @@ import signal
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -223,7 +224,7 @@ class LocalBackend(RunBackend):
         if not re.fullmatch(r"[\w.-]+", run_id) or not path.is_file():
             raise NotFound(f"unknown run id {run_id!r} on the local back end ({self.home / 'runs'})")
         info = RunInfo.from_dict(json.loads(path.read_text()))
-        if info.status == "running" and not pid_alive(info.pid):
+        if info.status == "running" and not (pid_alive(info.pid) and _began_by(info.pid, info.started_at)):
             info.status, info.error = "failed", "its process ended without recording a result (killed?)"
         return info
 
@@ -268,6 +269,21 @@ class LocalBackend(RunBackend):
 
     def delete_schedule(self, schedule_id: str) -> None:
         self._store().delete(schedule_id)
+
+
+def _began_by(pid: int, started_at: str | None) -> bool:
+    """Whether process `pid` had started by `started_at` (the run's start, which its own process records).
+    A later one holds a pid the kernel reused after the run's process died unrecorded (SIGKILL, OOM): it is
+    not the run, and cancel must not signal it. Linux's /proc tells; elsewhere, or without a start time, True."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        began = boot + ticks / os.sysconf("SC_CLK_TCK")
+        run_began = datetime.strptime(started_at or "", "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+    except (OSError, ValueError, IndexError, StopIteration):
+        return True
+    return began <= run_began + 2  # both clocks have whole seconds here
 
 
 @contextlib.contextmanager

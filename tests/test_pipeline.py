@@ -114,6 +114,18 @@ def test_cluster_yaml_carries_the_kubernetes_settings(tmp_path):
         assert "pvcMount" not in platform[name] and "nodeSelector" not in platform[name]
 
 
+def test_compile_to_a_path_it_cannot_write_is_one_line(tmp_path):
+    """`--out` naming a directory, or a path under a file: one `error:` line and exit code 1, nothing left beside
+    it. Before: an IsADirectoryError / FileExistsError traceback."""
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("")
+    for out in (tmp_path / "adir", tmp_path / "afile" / "x.yaml"):
+        r = kat_here("pipeline", "compile", "--out", out, "--profile", "smoke")
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and str(out) in r.stderr, r.stderr
+        assert r.stderr.startswith("error: cannot write the pipeline to")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]  # no temp file left
+
+
 def test_bad_profile_fails_compile_in_one_line(tmp_path):
     r = kat_here("pipeline", "compile", "--out", tmp_path / "x.yaml", "--profile", "smoke", "--set", "trian.steps=3")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
@@ -273,6 +285,34 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
     assert resumed and int(resumed.group(1)) >= 10
     curve = [json.loads(line)["step"] for line in (tmp_path / "out" / "pretrain" / "metrics.jsonl").open()]
     assert curve == list(range(1, 31))  # one continuous curve across the kill
+
+
+def test_cancel_never_signals_a_process_that_took_a_dead_runs_pid(tmp_path):
+    """A run killed without recording its end (SIGKILL, OOM) stays `running` with its pid in run.json; later the
+    pid belongs to some other process. `kat runs cancel` must not SIGTERM that process (its process group, even).
+    Before: it did; now the run reads as failed and cancel refuses."""
+    from datetime import UTC, datetime, timedelta
+
+    from pipelines.local import LocalBackend
+
+    backend = LocalBackend(home=tmp_path)
+    run_id = backend.prepare("smoke")
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)  # the process that has the pid now
+    try:
+        info = backend.status(run_id)
+        info.status, info.pid = "running", other.pid
+        info.started_at = (datetime.now(UTC) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        backend._save(info)
+        assert backend.status(run_id).status == "failed"
+        r = kat_here("runs", "cancel", run_id, env={"KAT_HOME": str(tmp_path)})
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and "is failed" in r.stderr, r.stderr
+        with pytest.raises(KatError, match="is not running"):
+            backend.cancel(run_id)
+        time.sleep(0.3)
+        assert other.poll() is None  # not signalled
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_local_schedules_are_recorded(tmp_path):

@@ -63,6 +63,17 @@ def test_the_floor_keeps_a_malformed_or_useless_model_out_even_as_the_first():
     assert (margins.min_well_formed, margins.min_accuracy) == (0.2, 0.05) and gate(report, None, margins)[0]
 
 
+def test_a_report_with_nan_is_refused_not_crowned():
+    """NaN compares false with everything, so an accuracy (or well-formed rate) of NaN passed the floors and
+    became the first champion, and a NaN champion then kept every later candidate out ("lower accuracy nan").
+    Now a non-finite number in a report is one KatError, as any other non-number is."""
+    for report in ({"accuracy": float("nan"), "mean_tokens": 10.0}, {"accuracy": "nan", "mean_tokens": 10.0},
+                   {"accuracy": 0.5, "mean_tokens": float("inf")},
+                   {"accuracy": 0.5, "mean_tokens": 10.0, "well_formed_rate": float("nan")}):
+        with pytest.raises(KatError, match="expected a finite number"):
+            gate(report, None)
+
+
 def test_gate_reads_report_dicts_and_margins():
     cand = {"accuracy": 0.62, "mean_tokens": 50, "items": [{"id": "b"}, {"id": "a"}]}
     champ = {"accuracy": 0.60, "mean_tokens": 50, "items": [{"id": "a"}, {"id": "b"}]}  # same items, any order
@@ -383,3 +394,65 @@ def test_concurrent_promotions_processes(registered, home):
     assert _chain_is_consistent(events)
     assert events[-1].alias == "champion" and events[-1].version == aliases(name)["champion"]
     assert json.loads(events[-1].to_json())["reason"] == "proc"
+
+
+def test_a_model_name_with_a_quote_does_not_break_the_listing(registered, checkpoints):
+    """MLflow accepts a registered model named `o'brien` (e.g. `registry.model_name` of a user's profile); it
+    must not break `kat models list` for every model in the registry. Before: the listing put the name into a
+    search filter and failed with "Invalid clause(s) in filter string"."""
+    from typer.testing import CliRunner
+
+    from kat_app.cli import app
+    from kat_core.platform import registry
+
+    _, (c0, _, _) = checkpoints
+    odd = ["o'brien", 'say "hi"', "both'\""]
+    for name in odd:
+        registry.register_model(c0, REPORT_A, name=name)
+    listed = {m["name"]: m for m in registry.list_models()}
+    assert {"kat", *odd} <= set(listed)
+    assert all(listed[n]["versions"] == 1 and listed[n]["aliases"] == {"candidate": 1} for n in odd)
+    assert listed["kat"]["versions"] == 3
+    result = CliRunner().invoke(app, ["models", "list"])
+    assert result.exit_code == 0 and "o'brien" in result.output, (result.output, result.exception)
+
+
+def test_a_refused_history_event_leaves_the_alias_where_it_was(registered, checkpoints):
+    """An alias move is two registry writes: the alias, then its history event. When the event is refused (a
+    reason longer than the registry takes: 100,000 characters here, 5,000 in a SQL server's column) the alias
+    must not stay moved. Before: champion moved with no event, and `rollback` then refused to work ("moved
+    outside kat?")."""
+    from kat_core.platform import registry
+
+    _, (c0, c1, _) = checkpoints
+    first = registry.register_model(c0, REPORT_A, name="long-reason")
+    second = registry.register_model(c1, REPORT_A, name="long-reason")
+    registry.promote("long-reason", first, "first", who="t")
+    before = registry.history("long-reason")
+    with pytest.raises(KatError, match="MLflow at"):
+        registry.promote("long-reason", second, "x" * 100_001, who="t")
+    assert aliases("long-reason")["champion"] == first
+    assert registry.history("long-reason") == before
+    registry.promote("long-reason", second, "short", who="t")
+    assert registry.rollback("long-reason", "back", who="t").version == first
+
+
+def test_an_unreadable_evaluation_summary_tag_is_one_line(registered, checkpoints):
+    """Version tags can be edited by hand (the MLflow UI); a `kat.eval.summary` that is no longer JSON must make
+    `kat models show` and `kat models promote` fail in one line; `registry.promote(force=True)` still promotes
+    (the gate "not judged"). Before: a JSONDecodeError traceback from all three."""
+    from kat_core.platform import registry
+    from kat_core.platform.tracking import get_client
+    from tests.helpers import kat_here
+
+    _, (c0, _, _) = checkpoints
+    first = registry.register_model(c0, REPORT_A, name="hand-edited")
+    second = registry.register_model(c0, REPORT_A, name="hand-edited")
+    registry.promote("hand-edited", first, "first", who="t")
+    get_client().set_model_version_tag("hand-edited", str(second), registry.TAG_SUMMARY, "{accuracy: 0.9")
+    for args in (["show", "hand-edited", str(second)], ["promote", "hand-edited", str(second), "-r", "try"]):
+        r = kat_here("models", *args)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert "unreadable evaluation summary" in r.stderr and registry.TAG_SUMMARY in r.stderr, r.stderr
+    event = registry.promote("hand-edited", second, "anyway", who="t", gate_margins=registry.Margins(), force=True)
+    assert "not judged" in event.reason and aliases("hand-edited")["champion"] == second

@@ -194,3 +194,37 @@ def test_bad_uris(tmp_path):
     make_tree(tmp_path / "src")
     with pytest.raises(KatError, match="not its root"):  # would delete the rest of the bucket as stale
         st.upload_dir(tmp_path / "src", "s3://kat-test")
+
+
+def test_tampered_index_cannot_write_outside_the_destination(s3, tmp_path):
+    """An index is data from the bucket: one naming an absolute path (or `..`) must not make a download write
+    (or a local copy read) outside the directory it fills. Before: the absolute path was written verbatim,
+    then a FileNotFoundError traceback."""
+    import hashlib
+
+    import boto3
+
+    payload = b"written by whoever could edit the bucket\n"
+    digest = hashlib.sha256(payload).hexdigest()
+    victim = tmp_path / "victim.txt"
+    st = store(s3)
+    # boto3 stores any key, as other S3 clients do (minio's client refuses `..` segments itself)
+    b3 = boto3.client("s3", endpoint_url=s3["endpoint"], region_name="us-east-1",
+                      aws_access_key_id=s3["access_key"], aws_secret_access_key=s3["secret_key"])
+    make_tree(tmp_path / "src")
+    st.upload_dir(tmp_path / "src", "s3://kat-test/runs/evil")
+    for rel in (str(victim), "../victim.txt", "sub/../../victim.txt"):
+        b3.put_object(Bucket="kat-test", Key=f"runs/evil/{rel}", Body=payload)
+        b3.put_object(Bucket="kat-test", Key=f"runs/evil/{INDEX}", Body=json.dumps({"files": {rel: digest}}))
+        with pytest.raises(KatError, match="unsafe path"):
+            st.download_dir("s3://kat-test/runs/evil", tmp_path / "dl" / "x")
+        assert not victim.exists() and not (tmp_path / "dl" / "victim.txt").exists()
+
+    # the same index in a local store: it would copy a file from outside the stored directory
+    local = tmp_path / "store" / "ckpt"
+    st.upload_dir(tmp_path / "src", local)
+    (tmp_path / "store" / "secret.txt").write_bytes(payload)
+    (local / INDEX).write_text(json.dumps({"files": {"../secret.txt": digest}}))
+    with pytest.raises(KatError, match="unsafe path"):
+        st.download_dir(local, tmp_path / "dl2" / "x")
+    assert not (tmp_path / "dl2" / "secret.txt").exists()

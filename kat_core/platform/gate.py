@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -113,9 +114,12 @@ def _metric(value: Any, prefer: str) -> float:
     if isinstance(value, dict):
         value = value.get(prefer, value.get("mean"))
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
-        raise KatError(f"evaluation report: expected a number, got {value!r}") from None
+        number = math.nan
+    if not math.isfinite(number):  # NaN passes every `<` floor and fails every comparison with a champion
+        raise KatError(f"evaluation report: expected a finite number, got {value!r}")
+    return number
 
 
 def items_digest(items: list[Any]) -> str:

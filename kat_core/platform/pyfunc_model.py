@@ -30,7 +30,8 @@ class KatCheckpointModel(PythonModel):
         from kat_core.model.checkpoint import load_checkpoint
 
         path = context.artifacts[CHECKPOINT_ARTIFACT]
-        problems = verify_manifest(path)
+        # exact: a file added beside the listed ones (a chat template) would change what loads just as well
+        problems = verify_manifest(path, exact=True)
         if problems:  # a registry artifact that changed after registration must not be served
             raise KatError(f"registered checkpoint {path} does not match its manifest: {problems[0]}")
         self.model, self.tokenizer, _ = load_checkpoint(path)

@@ -92,7 +92,7 @@ def register_model(
 
     ckpt = Path(checkpoint_dir)
     check_checkpoint(ckpt)
-    problems = verify_manifest(ckpt)
+    problems = verify_manifest(ckpt, exact=True)  # exact, as serving checks it: else registered, never servable
     if problems:
         raise KatError(f"refusing to register {ckpt}: {problems[0]}")
     summary = summary_from_report(report)
@@ -284,8 +284,17 @@ def _move_alias(client, name: str, alias: str, version: int, action: str, reason
     client.set_registered_model_alias(name, alias, str(version))
     event = AliasEvent(alias, version, previous, action, reason, who or default_who(),
                        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    client.set_registered_model_tag(name, f"{EVENT_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:6]}",
-                                    event.to_json())
+    try:
+        client.set_registered_model_tag(name, f"{EVENT_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:6]}",
+                                        event.to_json())
+    except BaseException:
+        # a move without its event (e.g. a reason longer than the registry takes) would leave a history that
+        # no longer ends at the alias, and rollback refuses that: put the alias back, then report
+        if previous is None:
+            client.delete_registered_model_alias(name, alias)
+        else:
+            client.set_registered_model_alias(name, alias, str(previous))
+        raise
     return event
 
 
@@ -303,7 +312,14 @@ def _summary_of(client, name: str, version: int) -> EvalSummary:
     text = client.get_model_version(name, str(version)).tags.get(TAG_SUMMARY)
     if not text:
         raise KatError(f"{name} v{version} has no evaluation summary ({TAG_SUMMARY}); it was not registered by kat")
-    return EvalSummary.from_json(text)
+    try:
+        return EvalSummary.from_json(text)
+    except (ValueError, TypeError) as e:  # a version tag edited by hand (the MLflow UI): one line, not a traceback
+        raise KatError(_unreadable_summary(name, version, e)) from None
+
+
+def _unreadable_summary(name: str, version: int | str, error: Exception) -> str:
+    return f"{name} v{version} has an unreadable evaluation summary (version tag {TAG_SUMMARY}: {error})"
 
 
 def _alias_lock(name: str):
@@ -334,9 +350,20 @@ def list_models(*, tracking_uri: str | None = None) -> list[dict[str, Any]]:
     uri = resolve_tracking_uri(tracking_uri)
     with mlflow_errors(uri):
         client = get_client(uri)
+        # every version in one paged search, grouped here: a filter `name = '...'` cannot spell a name holding
+        # both quote characters (MLflow accepts such names), and one such model would fail the whole listing
+        by_name: dict[str, list[Any]] = {}
+        token = None
+        while True:
+            page = client.search_model_versions(max_results=10000, page_token=token)
+            for mv in page:
+                by_name.setdefault(mv.name, []).append(mv)
+            token = page.token
+            if not token:
+                break
         out = []
         for rm in client.search_registered_models(max_results=1000):
-            versions = client.search_model_versions(f"name = '{rm.name}'", max_results=10000)
+            versions = by_name.get(rm.name, [])
             out.append({
                 "name": rm.name,
                 "versions": len(versions),
@@ -355,6 +382,10 @@ def show_version(name: str, version: int | str, *, tracking_uri: str | None = No
         mv = (client.get_model_version(name, str(version)) if str(version).isdigit()
               else client.get_model_version_by_alias(name, str(version)))
     tags = dict(mv.tags)
+    try:
+        evaluation = json.loads(tags[TAG_SUMMARY]) if TAG_SUMMARY in tags else None
+    except ValueError as e:  # edited by hand: one line, not a traceback
+        raise KatError(_unreadable_summary(name, mv.version, e)) from None
     return {
         "name": name,
         "version": int(mv.version),
@@ -370,7 +401,7 @@ def show_version(name: str, version: int | str, *, tracking_uri: str | None = No
         "checkpoint_digest": tags.get("kat.checkpoint_digest"),
         "data": {k.removeprefix("kat.data."): v for k, v in sorted(tags.items()) if k.startswith("kat.data.")},
         "inputs": {k.removeprefix("kat.input."): v for k, v in sorted(tags.items()) if k.startswith("kat.input.")},
-        "evaluation": json.loads(tags[TAG_SUMMARY]) if TAG_SUMMARY in tags else None,
+        "evaluation": evaluation,
         "gate": {"acc_margin": float(tags[TAG_GATE_ACC]), "tok_margin": float(tags[TAG_GATE_TOK]),
                  **{key: float(tags[tag]) for key, tag in (("min_accuracy", TAG_GATE_MIN_ACC),
                                                             ("min_well_formed", TAG_GATE_MIN_WF)) if tag in tags}}
@@ -389,14 +420,32 @@ def download_checkpoint(name: str = NAME, ref: str | int = CHAMPION, dst: str | 
 
     uri = resolve_tracking_uri(tracking_uri)
     with mlflow_errors(uri):
-        get_client(uri)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri(name, ref),
+        client = get_client(uri)
+        # the version first, then its files: an alias that moves in between cannot pair one's files with
+        # the other's registered digest
+        mv = (client.get_model_version(name, str(ref)) if str(ref).isdigit()
+              else client.get_model_version_by_alias(name, str(ref)))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri(name, mv.version),
                                                          dst_path=str(dst or tempfile.mkdtemp(prefix="kat-model-"))))
     # pyfunc artifacts keep the source directory's own name: the MLmodel file says where it went
     artifacts = Model.load(str(local / "MLmodel")).flavors["python_function"]["artifacts"]
     path = local / artifacts["checkpoint"]["path"]
-    problems = verify_manifest(path)
-    if problems:
-        raise KatError(f"downloaded checkpoint {model_uri(name, ref)} does not match its manifest: {problems[0]}")
+    check_registered(mv, path)
     return path
+
+
+def check_registered(mv, path: str | Path) -> None:
+    """Raise a KatError unless the checkpoint at `path` is the one registered as model version `mv`: its files
+    match its manifest, no file was added, and the manifest is the one registered. The artifact store holds
+    manifest.json beside the weights, so whoever can change one can change both; the digest of the manifest's
+    file list (`kat.checkpoint_digest`, a version tag) lives in the registry. A version registered without it
+    (not by kat) is checked against its manifest alone."""
+    where = f"{mv.name} v{mv.version}"
+    problems = verify_manifest(Path(path), exact=True)
+    if problems:
+        raise KatError(f"the checkpoint of {where} at {path} does not match its manifest: {problems[0]}")
+    registered = (mv.tags or {}).get("kat.checkpoint_digest")
+    if registered and dir_digest(Path(path)) != registered:
+        raise KatError(f"the checkpoint of {where} at {path} is not the one registered: its manifest changed "
+                       f"(digest {dir_digest(Path(path))[:12]}…, registered {registered[:12]}…)")
 

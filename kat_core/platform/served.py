@@ -15,7 +15,6 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from kat_core.errors import KatError, NotFound
-from kat_core.manifest import verify_manifest
 from kat_core.platform.tracking import get_client, mlflow_errors, resolve_tracking_uri
 
 _REF = re.compile(r"^(?P<name>[A-Za-z0-9][\w.-]*)(?:@(?P<alias>[A-Za-z][\w-]*)|/(?P<version>\d+))$")
@@ -78,16 +77,26 @@ def local_checkpoint(name: str, version: int, *, tracking_uri: str | None = None
 
 def checkpoint_of(name: str, version: int, cache: Path, *, tracking_uri: str | None = None) -> Path:
     """`name` v`version`'s checkpoint dir on this machine: in place when local, else downloaded into
-    `cache/<name>-v<version>` (once; a copy that no longer matches its manifest is fetched again)."""
-    from kat_core.platform.registry import download_checkpoint
+    `cache/<name>-v<version>` (once; a copy that no longer is the registered one is fetched again). Either way
+    checked against the version's manifest and registered digest (`registry.check_registered`): a KatError
+    for a registry copy changed after registration."""
+    from kat_core.platform.registry import check_registered, download_checkpoint
 
+    uri = resolve_tracking_uri(tracking_uri)
+    with mlflow_errors(uri):
+        mv = get_client(uri).get_model_version(name, str(version))
     here = local_checkpoint(name, version, tracking_uri=tracking_uri)
     if here is not None:
+        check_registered(mv, here)  # loaded in place: without this, edited weights would be served as registered
         return here
     dst = cache / f"{name}-v{version}"
     found = [p for p in dst.glob("artifacts/*") if p.is_dir()] if dst.is_dir() else []
-    if len(found) == 1 and not verify_manifest(found[0]):
-        return found[0]
+    if len(found) == 1:
+        try:
+            check_registered(mv, found[0])
+            return found[0]
+        except KatError:
+            pass  # a stale or changed copy: fetch it again
     dst.mkdir(parents=True, exist_ok=True)
     return download_checkpoint(name, version, dst, tracking_uri=tracking_uri)
 

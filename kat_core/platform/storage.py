@@ -27,11 +27,11 @@ from urllib.parse import urlparse
 
 from kat_core.data.dataset import swap_into_place
 from kat_core.errors import KatError, NotFound
-from kat_core.manifest import sha256_file
+from kat_core.manifest import STORE_INDEX, sha256_file
 
 log = logging.getLogger(__name__)
 
-INDEX = ".kat-index.json"
+INDEX = STORE_INDEX
 T = TypeVar("T")
 
 # S3 error codes: the ones a retry can fix, and the ones that mean "your credentials are wrong"
@@ -149,9 +149,15 @@ class ObjectStore:
                 raise NotFound(f"no complete directory at {uri} (no {INDEX})")
             text = path.read_text()
         try:
-            return dict(json.loads(text)["files"])
+            index = dict(json.loads(text)["files"])
         except (ValueError, KeyError, TypeError) as e:
             raise KatError(f"unreadable {INDEX} at {uri}: {e}") from None
+        # the index comes from the store, and whoever can write there chooses its names: each one becomes a path
+        # under the destination (and, locally, under the source), so an absolute one or `..` must not pass
+        for rel in index:
+            if not _safe_rel(rel):
+                raise KatError(f"{INDEX} at {uri} names an unsafe path {rel!r} (absolute or leaving the directory)")
+        return index
 
     def exists(self, uri: str | Path) -> bool:
         """Whether a complete directory (one with an index) is stored at `uri`."""
@@ -291,6 +297,14 @@ class ObjectStore:
 
 class _NotFound(Exception):
     """An object that does not exist: not a failure to retry or report, the caller decides."""
+
+
+def _safe_rel(rel: object) -> bool:
+    """Whether an index entry is a plain relative path (what `upload_dir` writes): not absolute, no empty, `.`
+    or `..` segment."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/"):
+        return False
+    return all(part not in ("", ".", "..") for part in rel.split("/"))
 
 
 def _key(prefix: str, rel: str) -> str:
