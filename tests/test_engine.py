@@ -276,3 +276,34 @@ def test_bf16_auto_follows_the_hardware():
     assert not _use_bf16("auto", "cpu", "deepspeed")  # DeepSpeed's CPU path stays fp32
     assert _use_bf16(True, "cpu", "deepspeed") and not _use_bf16(False, "cuda", "torch")
 
+
+
+class _Payload:
+    """A pickle that, when unpickled, writes a marker file: what a tampered checkpoint could run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def test_resume_never_unpickles_code_from_a_checkpoint(tmp_path, caplog):
+    import torch
+
+    from kat_core.manifest import read_manifest, write_manifest
+
+    c = cfg(steps=20, checkpoint_every=10, keep_checkpoints=3)
+    first = run(c, tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000020"
+    marker = tmp_path / "marker"
+    torch.save({"python": _Payload(marker)}, ckpt / "rng-rank00.pt")
+    # whoever can write the checkpoint volume can rewrite its manifest too
+    m = read_manifest(ckpt)
+    write_manifest(ckpt, stage=m["stage"], config=c, extra={k: m[k] for k in ("kind", "backend", "step", "world_size",
+                                                                     "zero_stage")})
+    with caplog.at_level(logging.WARNING, logger="kat_core.train.engine"):
+        result = run(c.model_copy(update={"steps": 25}), tmp_path / "run")
+    assert not marker.exists()
+    assert result.resumed_from == 20 and "keeping the seeded RNG state" in caplog.text
+    assert first.step == 20

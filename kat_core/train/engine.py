@@ -178,9 +178,12 @@ def deepspeed_config(cfg: TrainConfig, *, bf16: bool, cpu: bool) -> dict[str, An
 
 
 def _rng_state() -> dict[str, Any]:
+    """Every RNG's state as tensors, tuples and numbers only, so resuming can read it with `weights_only=True`
+    (numpy's key array as a tensor): unpickling a file from a shared checkpoint volume would run any code in it."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -188,7 +191,8 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -442,8 +446,11 @@ def _load_checkpoint(path: Path, be: _Backend, proc: _Proc, cfg: TrainConfig) ->
         be.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = path / f"rng-rank{proc.rank:02d}.pt"
     if rng.is_file():
-        # our own file, digest-checked; python and numpy RNG states are not plain tensors
-        _set_rng_state(torch.load(rng, weights_only=False))
+        try:
+            _set_rng_state(torch.load(rng, weights_only=True))
+        except Exception as e:  # e.g. an older checkpoint's numpy array, which only full unpickling reads
+            log.warning("%s cannot be read as plain tensors (%s); keeping the seeded RNG state", rng,
+                        str(e).splitlines()[0])
     else:
         log.warning("%s has no RNG state for rank %d (world size changed?); keeping the seeded one", path,
                     proc.rank)
