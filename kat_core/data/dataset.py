@@ -90,6 +90,25 @@ def read_pool(dataset_dir: Path, use: str, benchmarks_dir: str | None = None) ->
     return pairs
 
 
+def stratified(pairs: list[tuple[Any, Any]], n: int, seed: int) -> list[tuple[Any, Any]]:
+    """n items taken round-robin over difficulty levels (seeded), so rare easy levels are labelled too."""
+    import random
+    from collections import defaultdict
+
+    by_level: dict[int, list[tuple[Any, Any]]] = defaultdict(list)
+    for pair in pairs:
+        by_level[pair[1].difficulty].append(pair)
+    rng = random.Random(seed)
+    for group in by_level.values():
+        rng.shuffle(group)
+    out: list[tuple[Any, Any]] = []
+    while len(out) < n and any(by_level.values()):
+        for level in sorted(by_level):
+            if by_level[level] and len(out) < n:
+                out.append(by_level[level].pop())
+    return out
+
+
 def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> int:
     n = 0
     with open(path, "w", encoding="utf-8") as f:

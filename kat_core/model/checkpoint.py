@@ -25,6 +25,7 @@ from kat_core.manifest import write_manifest
 
 MTP_WEIGHTS, MTP_CONFIG, KAT_META = "mtp.safetensors", "mtp_config.json", "kat_checkpoint.json"
 FORMAT = "kat-checkpoint/1"
+LABELS = "labels.jsonl"  # the cold start's mode labels, which travel with the checkpoints made from it (lineage)
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 

@@ -45,14 +45,16 @@ from typing import Any
 
 from kat_core.autothink import cell_of, cell_tally, preference_off
 from kat_core.config import AutoThinkConfig, ColdStartConfig, KatConfig, TrainConfig
+from kat_core.data.dataset import stratified  # noqa: F401  (also this module's: tests and benchmarks use it)
 from kat_core.data.judge import describe, judge_text
 from kat_core.errors import KatError
 from kat_core.format import forced_prefix, parse, render
+from kat_core.model.checkpoint import LABELS  # noqa: F401  (the labels file travels with checkpoints)
 from kat_core.tasks.base import Item, Task
 
 log = logging.getLogger(__name__)
 
-LABELS, SUMMARY = "labels.jsonl", "coldstart.json"
+SUMMARY = "coldstart.json"
 
 
 def sample_both_modes(model, tokenizer, pairs: list[tuple[Task, Item]], cfg: ColdStartConfig,
@@ -227,24 +229,6 @@ def summarize(labels: list[dict[str, Any]]) -> dict[str, Any]:
         "from_reference": sum(r.get("sft_source") == "reference" for r in labels),
         "per_level": per_level,
     }
-
-
-def stratified(pairs: list[tuple[Task, Item]], n: int, seed: int) -> list[tuple[Task, Item]]:
-    """n items taken round-robin over difficulty levels (seeded), so rare easy levels are labelled too."""
-    import random
-
-    by_level: dict[int, list[tuple[Task, Item]]] = defaultdict(list)
-    for pair in pairs:
-        by_level[pair[1].difficulty].append(pair)
-    rng = random.Random(seed)
-    for group in by_level.values():
-        rng.shuffle(group)
-    out: list[tuple[Task, Item]] = []
-    while len(out) < n and any(by_level.values()):
-        for level in sorted(by_level):
-            if by_level[level] and len(out) < n:
-                out.append(by_level[level].pop())
-    return out
 
 
 def label_round(config: KatConfig, checkpoint: Path, pairs: list[tuple[Task, Item]], progress: bool):

@@ -291,8 +291,7 @@ def make_loss_fn(cfg: SrpoConfig) -> Callable:
 
 def load_prompts(config: KatConfig, data_dir: Path, validation: Path | None = None) -> list[tuple[Task, Item]]:
     """The dataset's held-out RL prompts (pool.jsonl, use "rl"), `srpo.prompts` of them at most, stratified."""
-    from kat_core.data.dataset import read_pool
-    from kat_core.train.coldstart import stratified
+    from kat_core.data.dataset import read_pool, stratified
     from kat_core.train.pretrain import check_dataset
 
     check_dataset(data_dir, require_report=False, report_dir=validation)  # refuses a dataset that failed validation
@@ -672,9 +671,8 @@ def srpo(config: KatConfig, checkpoint: str | Path, data_dir: str | Path, out_di
     import torch
 
     from kat_core.format import THINK_OFF, THINK_ON
-    from kat_core.model.checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
+    from kat_core.model.checkpoint import LABELS, check_checkpoint, load_checkpoint, save_checkpoint
     from kat_core.speculative import drafter
-    from kat_core.train.coldstart import LABELS
     from kat_core.train.engine import _use_bf16, train
 
     cfg = config.srpo.model_copy(update={"algo": algo}) if algo else config.srpo
