@@ -352,7 +352,9 @@ class SpeculativeConfig(_Strict):
 class RegistryConfig(_Strict):
     """The `register` stage: the registered model's name and the promotion gate's margins."""
 
-    model_name: str = "kat"
+    model_name: str = Field("kat", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$", description="letters, digits, "
+                            "'.', '_' and '-' (at most 128): the name the CLI, the dashboard and serve-model refer "
+                            "to; MLflow takes any name, but a run that registered another could not be promoted")
     acc_margin: float = Field(0.01, ge=0, description="accuracy differences within this count as equal")
     tok_margin: float = Field(0.05, ge=0, description="relative token saving needed at equal accuracy")
     min_accuracy: float = Field(0.05, ge=0, le=1, description="no model becomes champion below this accuracy, "

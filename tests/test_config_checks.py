@@ -189,3 +189,10 @@ def test_an_infinite_or_nan_setting_is_refused():
     for value in ("1e999", ".nan", "-.inf"):
         with pytest.raises(KatError, match="train.lr"):
             load_config("smoke", [f"train.lr={value}"])
+
+
+def test_a_registered_model_name_the_cli_and_dashboard_cannot_name_is_refused_at_the_start():
+    for name in ("my model", "o'brien", "-kat", "k" * 129):
+        with pytest.raises(KatError, match="registry.model_name"):
+            load_config("smoke", [f"registry.model_name={name}"])
+    assert load_config("smoke", ["registry.model_name=kat-v2.1_x"]).registry.model_name == "kat-v2.1_x"

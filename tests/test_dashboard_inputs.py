@@ -243,3 +243,29 @@ def test_a_model_name_the_routes_refuse_neither_breaks_the_models_page_nor_is_ta
     client.cookies.set(SESSION_COOKIE, session_value(TOKEN))
     page = client.get("/models")
     assert page.status_code == 200 and "<b>kat</b>" in page.text, (page.status_code, page.text[-800:])
+
+
+def test_a_hand_edited_registry_tag_does_not_break_the_model_pages(client, tmp_path):
+    """A version's evaluation summary or an alias event edited into something that is not JSON (the MLflow UI
+    allows it) made the model's versions and history a 500, and the Models page with them."""
+    from kat_app.security import SESSION_COOKIE, session_value
+    from kat_core.platform.registry import EVENT_PREFIX, TAG_SUMMARY
+    from kat_core.platform.tracking import get_client
+
+    mlflow = get_client(client.app.state.service.tracking_uri)
+    mlflow.create_registered_model("kat")
+    source = tmp_path / "weights"
+    source.mkdir()
+    mv = mlflow.create_model_version("kat", source=str(source))
+    mlflow.set_model_version_tag("kat", mv.version, TAG_SUMMARY, "{edited by hand")
+    mlflow.set_registered_model_tag("kat", f"{EVENT_PREFIX}000001", "not an event")
+    versions = client.get("/api/models/kat/versions", headers=AUTH)
+    assert versions.status_code == 200, versions.text[:300]
+    [v] = versions.json()["versions"]
+    assert v["evaluation"] == {"unreadable": "{edited by hand"}
+    history = client.get("/api/models/kat/history", headers=AUTH)
+    assert history.status_code == 200 and history.json()["events"] == [{"unreadable": "not an event"}], history.text
+    client.cookies.set(SESSION_COOKIE, session_value(TOKEN))
+    assert client.get("/models").status_code == 200
+    compare = client.get("/models/kat/compare?a=1&b=1")  # reads the version itself: one line, not a 500
+    assert compare.status_code < 500 and "unreadable evaluation summary" in compare.text, compare.status_code

@@ -24,6 +24,14 @@ from kat_core.platform.tracking import get_client, mlflow_errors
 from kat_core.util import atomic_write_json
 
 
+def _tag_json(text: str) -> Any:
+    """A kat tag's JSON, or {"unreadable": text} for one edited by hand (the MLflow UI allows it): one such
+    version or event must not make the model's pages a 500."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return {"unreadable": text[:500]}
+
 class ModelsService(ServiceBase):
     def models(self) -> list[dict[str, Any]]:
         return registry.list_models(tracking_uri=self.tracking_uri)
@@ -65,7 +73,7 @@ class ModelsService(ServiceBase):
         out = []
         for mv in found:
             tags = dict(mv.tags)
-            summary = json.loads(tags[TAG_SUMMARY]) if TAG_SUMMARY in tags else None
+            summary = _tag_json(tags[TAG_SUMMARY]) if TAG_SUMMARY in tags else None
             out.append({
                 "name": name, "version": int(mv.version), "aliases": sorted(aliases.get(int(mv.version), [])),
                 "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ"),
@@ -98,7 +106,7 @@ class ModelsService(ServiceBase):
     def _history(registered: Any) -> list[dict[str, Any]]:
 
         tags = registered.tags
-        return [json.loads(tags[k]) for k in sorted(tags) if k.startswith(EVENT_PREFIX)]
+        return [_tag_json(tags[k]) for k in sorted(tags) if k.startswith(EVENT_PREFIX)]
 
     def history(self, name: str) -> list[dict[str, Any]]:
         """Every alias move of `name`, oldest first (registry.history's events, as dicts)."""
