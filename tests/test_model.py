@@ -1,6 +1,7 @@
 """Models, MTP modules and checkpoints, on a tiny Llama (hidden 32, 2 layers) and a tiny BPE."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -303,3 +304,25 @@ def test_tags_on_a_padded_vocabulary_start_from_their_spelling():
     cosine = normed @ normed.T
     assert (cosine - torch.eye(len(rows))).max() < 0.999  # eight distinct rows
     assert torch.equal(table[:before], padded[:before])  # the old tokens' rows untouched
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def test_pickled_weights_that_would_run_code_are_one_readable_error(tiny_tokenizer, tiny, tmp_path):
+    from kat_core.errors import KatError
+    from kat_core.model.lm import load_model
+
+    model, heads = tiny
+    out = save_checkpoint(tmp_path / "ckpt", model, tiny_tokenizer, heads)
+    (out / "model.safetensors").unlink()
+    marker = tmp_path / "marker"
+    torch.save({"weights": _Payload(marker)}, out / "pytorch_model.bin")  # what a tampered checkpoint could hold
+    with pytest.raises(KatError, match="cannot load model from"):
+        load_model(out)
+    assert not marker.exists()

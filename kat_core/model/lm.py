@@ -55,6 +55,8 @@ def load_model(path_or_id: str | Path, tokenizer=None, dtype=None):
     Training takes bf16 only through autocast over these fp32 weights; pass `dtype` to choose otherwise.
     The tokenizer comes from the same place unless given. When it lacks the grammar tags they are added
     and the embeddings grown to fit (never shrunk: many models pad their vocab past the tokenizer)."""
+    import pickle
+
     import torch
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -64,7 +66,8 @@ def load_model(path_or_id: str | Path, tokenizer=None, dtype=None):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:  # foreign dir, bad weights
+    # a foreign dir, bad weights, or pickled weights that torch.load refuses to run (weights_only)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not Path(source).is_dir():
             raise KatError(f"model not found: {path_or_id} (no such local dir; hub: {first})") from e
