@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel
 
 from kat_app.security import secret_name
-from kat_app.service.base import MODEL_NAME, ServiceBase, clean_overrides
+from kat_app.service.base import ServiceBase, clean_overrides
 from kat_core.config import KatConfig, available_profiles, load_config
 from kat_core.errors import Invalid, KatError, NotFound
 from kat_core.manifest import config_hash
@@ -43,15 +43,10 @@ class FormsService(ServiceBase):
         try:
             config = load_config(profile, overrides)
             digest = config_hash(config)  # as JSON: an int of over 4300 digits cannot be written there
-        except KatError as e:
-            raise Invalid(str(e)) from None
-        except RecursionError:  # an override value of thousands of nested brackets: YAML's parser recurses
-            raise Invalid("an override's value is nested too deeply") from None
-        except ValueError as e:  # what YAML builds can fail outside YAMLError: a 5000-digit int, 2020-13-45
+        except KatError as e:  # config.parse_override reads the values (nesting, dates, digits), the schema
+            raise Invalid(str(e)) from None  # checks them (registry.model_name included)
+        except ValueError as e:  # a YAML 1.1 base-60 int builds without a string, then JSON cannot write it
             raise Invalid(f"an override's value cannot be read: {e}") from None
-        if not MODEL_NAME.match(config.registry.model_name):  # its versions could not be shown or promoted here
-            raise Invalid(f"registry.model_name {config.registry.model_name!r}: letters, digits, '.', '_' and '-' "
-                          "only (at most 128)")
         return {"profile": profile, "overrides": overrides, "config_hash": digest, "purpose": config.purpose}
 
     def config_fields(self, profile: str) -> list[dict[str, Any]]:

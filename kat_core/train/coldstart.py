@@ -45,11 +45,11 @@ from typing import Any
 
 from kat_core.autothink import cell_of, cell_tally, preference_off
 from kat_core.config import AutoThinkConfig, ColdStartConfig, KatConfig, TrainConfig
-from kat_core.data.dataset import stratified  # noqa: F401  (also this module's: tests and benchmarks use it)
+from kat_core.data.dataset import stratified
 from kat_core.data.judge import describe, judge_text
 from kat_core.errors import KatError
 from kat_core.format import forced_prefix, parse, render
-from kat_core.model.checkpoint import LABELS  # noqa: F401  (the labels file travels with checkpoints)
+from kat_core.model.checkpoint import LABELS
 from kat_core.tasks.base import Item, Task
 
 log = logging.getLogger(__name__)

@@ -73,33 +73,20 @@ def disagreements(tally: CellTally, thinks: dict[str, float]) -> dict[str, str]:
 
 
 def anchored_rows(tokenizer, pairs: list[tuple[Task, Item]]) -> dict[str, Any]:
-    """Both arms of every prompt's decision (on, off, on, off, ...), each continued with the task's reference
-    response in that mode: `decision_mask` over the tokens where the two forced judges differ, `kept_mask` over
-    every other position that predicts a real token (the prompt, the description, the response)."""
-    import torch
-
+    """`srpo.decision_rows`, each arm continued with the task's reference response in that mode, and `kept_mask`
+    over every position but the decision's that predicts a real token (the prompt, the description, the
+    response)."""
     from kat_core.format import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
-    from kat_core.train.srpo import _decision_tail, _pad_rows
+    from kat_core.train.srpo import decision_rows
 
-    def encode(text: str) -> list[int]:
+    def reference(task: Task, item: Item, mode: str) -> list[int]:
+        think = f"{THINK_OPEN}{chr(10).join(item.steps)}{THINK_CLOSE}" if mode == "on" else ""
+        text = f"{think}{ANSWER_OPEN}{task.answer_text(item)}{ANSWER_CLOSE}"
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows, spans = [], []
-    for task, item in pairs:
-        ctx, arms, common = _decision_tail(tokenizer, task, item)
-        answer = f"{ANSWER_OPEN}{task.answer_text(item)}{ANSWER_CLOSE}"
-        think = f"{THINK_OPEN}{chr(10).join(item.steps)}{THINK_CLOSE}"
-        for m in ("on", "off"):
-            rows.append(ctx + arms[m] + encode((think if m == "on" else "") + answer))
-            spans.append((len(ctx) + common - 1, len(arms[m]) - common))
-    input_ids, attention = _pad_rows(rows, pad)
-    decision = torch.zeros((len(rows), input_ids.shape[1] - 1))
-    for r, (lo, n) in enumerate(spans):
-        decision[r, lo:lo + n] = 1
-    kept = attention[:, 1:].float() * (1 - decision)
-    return {"input_ids": input_ids, "attention_mask": attention, "targets": input_ids[:, 1:],
-            "decision_mask": decision, "kept_mask": kept}
+    rows = decision_rows(tokenizer, pairs, reference)
+    rows["kept_mask"] = rows["attention_mask"][:, 1:].float() * (1 - rows["decision_mask"])
+    return rows
 
 
 def align_loss(model, reference, batch):
@@ -110,14 +97,12 @@ def align_loss(model, reference, batch):
     import torch
     import torch.nn.functional as F
 
-    from kat_core.train.srpo import _forward_logp, exact_kl
+    from kat_core.train.srpo import _forward_logp, arm_log_odds, exact_kl
 
     logp_all = _forward_logp(model, batch)
     with torch.no_grad():
         ref_all = _forward_logp(reference, batch)
-    tok = logp_all.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
-    per_row = (tok * batch["decision_mask"]).sum(-1)
-    odds = per_row[0::2] - per_row[1::2]
+    odds = arm_log_odds(logp_all, batch)
     moving = batch["moving"]
     move = -F.logsigmoid(odds[moving] * batch["sign_on"][moving]).mean()
     # a holding prompt's decision tokens are kept too, and harder than the rest (HOLD_WEIGHT); a moving

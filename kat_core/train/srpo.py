@@ -604,9 +604,11 @@ def _rollout_batches(samples, advantages: list[Advantages], stats: dict[str, flo
 # ------------------------------------------------------------------------------------------- the probe
 
 
-def decision_rows(tokenizer, pairs: list[tuple[Task, Item]]) -> dict[str, Any]:
+def decision_rows(tokenizer, pairs: list[tuple[Task, Item]],
+                  continuation: Callable[[Task, Item, str], list[int]] | None = None) -> dict[str, Any]:
     """Both arms of every prompt's decision as rows (on, off, on, off, ...): the prompt and the forced judge
-    of each mode, `decision_mask` over the tokens where the two differ (the verdict word and the mode token)."""
+    of each mode, `decision_mask` over the tokens where the two differ (the verdict word and the mode token).
+    `continuation(task, item, mode)`: the token ids each arm goes on with (a response), none by default."""
     import torch
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -614,7 +616,7 @@ def decision_rows(tokenizer, pairs: list[tuple[Task, Item]]) -> dict[str, Any]:
     for task, item in pairs:
         ctx, arms, common = _decision_tail(tokenizer, task, item)
         for m in ("on", "off"):
-            rows.append(ctx + arms[m])
+            rows.append(ctx + arms[m] + (continuation(task, item, m) if continuation else []))
             spans.append((len(ctx) + common - 1, len(arms[m]) - common))
     input_ids, attention = _pad_rows(rows, pad)
     mask = torch.zeros((len(rows), input_ids.shape[1] - 1))
@@ -623,11 +625,16 @@ def decision_rows(tokenizer, pairs: list[tuple[Task, Item]]) -> dict[str, Any]:
     return {"input_ids": input_ids, "attention_mask": attention, "targets": input_ids[:, 1:], "decision_mask": mask}
 
 
-def decision_log_odds(model, batch: dict[str, Any]):
-    """`l_on - l_off` per prompt of a `decision_rows` batch (a tensor, with the graph when gradients are on)."""
-    logp = _forward_logp(model, batch).gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
+def arm_log_odds(logp_all, batch: dict[str, Any]):
+    """`l_on - l_off` per prompt of a `decision_rows` batch, from its rows' full log-distributions."""
+    logp = logp_all.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
     per_row = (logp * batch["decision_mask"]).sum(-1)
     return per_row[0::2] - per_row[1::2]
+
+
+def decision_log_odds(model, batch: dict[str, Any]):
+    """`l_on - l_off` per prompt of a `decision_rows` batch (a tensor, with the graph when gradients are on)."""
+    return arm_log_odds(_forward_logp(model, batch), batch)
 
 
 def probe_decisions(model, tokenizer, probe: list[tuple[Task, Item]], autocast: Callable) -> list[float]:
