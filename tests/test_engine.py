@@ -307,3 +307,24 @@ def test_resume_never_unpickles_code_from_a_checkpoint(tmp_path, caplog):
     assert not marker.exists()
     assert result.resumed_from == 20 and "keeping the seeded RNG state" in caplog.text
     assert first.step == 20
+
+
+@pytest.mark.parametrize("backend", ["torch", "deepspeed"])
+def test_a_checkpoint_whose_state_files_hold_code_is_refused_not_run(tmp_path, ds_env, backend):
+    from kat_core.manifest import read_manifest, write_manifest
+
+    stage = 1 if backend == "deepspeed" else 0  # ZeRO 1: DeepSpeed's optimizer file holds its own classes
+    c = cfg(steps=10, checkpoint_every=10, backend=backend, zero_stage=stage)
+    run(c, tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000010"
+    state_file = next(p for p in ckpt.rglob("*.pt") if "model" in p.name)
+    state = torch.load(state_file, weights_only=False)  # our own file, as it was written
+    marker = tmp_path / "marker"
+    state["extra"] = _Payload(marker)
+    torch.save(state, state_file)
+    m = read_manifest(ckpt)
+    write_manifest(ckpt, stage=m["stage"], config=c, extra={k: m[k] for k in ("kind", "backend", "step", "world_size",
+                                                                     "zero_stage")})
+    with pytest.raises(KatError, match="pickled objects other than tensors"):
+        run(c.model_copy(update={"steps": 15}), tmp_path / "run")
+    assert not marker.exists()

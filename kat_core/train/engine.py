@@ -44,6 +44,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -426,6 +427,39 @@ def _save_checkpoint(root: Path, step: int, be: _Backend, proc: _Proc, cfg: Trai
     return final
 
 
+@contextlib.contextmanager
+def _deepspeed_reads_plain_data(engine: Any):
+    """DeepSpeed's checkpoint engine reads its files with `torch.load(weights_only=False)`: whoever can write
+    the checkpoint volume (and so the manifest beside it) could run code in every training pod on resume.
+    Its files hold tensors, numbers and three plain-data classes of DeepSpeed's own, so read them with
+    `weights_only=True` and allow just those."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    reader = engine.checkpoint_engine
+    if not isinstance(reader, TorchCheckpointEngine):  # another format (e.g. Nebula): not ours to reread
+        yield
+        return
+
+    def load(path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    reader.load = load
+    try:
+        yield
+    finally:
+        del reader.load  # the class's own method again
+
+
+def _refuse_pickle(path: Path, e: Exception) -> KatError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return KatError(f"checkpoint {path} holds pickled objects other than tensors ({first}); refusing to run "
+                    "them: delete the checkpoint or resume into a fresh output directory")
+
+
 def _load_checkpoint(path: Path, be: _Backend, proc: _Proc, cfg: TrainConfig) -> dict[str, Any]:
     state = json.loads((path / "trainer_state.json").read_text())
     if be.kind == "deepspeed":
@@ -437,13 +471,20 @@ def _load_checkpoint(path: Path, be: _Backend, proc: _Proc, cfg: TrainConfig) ->
                 f"{stage}; this run has {proc.world_size}, stage "
                 f"{cfg.zero_stage}: use the same layout or a fresh output directory"
             )
-        loaded, _ = be.model.load_checkpoint(str(path), tag=DS_TAG)
+        try:
+            with _deepspeed_reads_plain_data(be.model):
+                loaded, _ = be.model.load_checkpoint(str(path), tag=DS_TAG)
+        except pickle.UnpicklingError as e:
+            raise _refuse_pickle(path, e) from None
         if loaded is None:
             raise KatError(f"DeepSpeed could not load checkpoint {path}")
     else:
-        unwrap(be.model).load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
-        be.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-        be.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        try:
+            unwrap(be.model).load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+            be.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+            be.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        except pickle.UnpicklingError as e:
+            raise _refuse_pickle(path, e) from None
     rng = path / f"rng-rank{proc.rank:02d}.pt"
     if rng.is_file():
         try:
