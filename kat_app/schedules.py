@@ -240,6 +240,32 @@ def _migrate(scheduler: Any, home: Path) -> None:
     log.info("moved %d schedule(s) from %s into %s", len(entries), legacy, home / STORE_FILE)
 
 
+def _retrigger(scheduler: Any) -> None:
+    """Give each stored schedule the trigger its cron means today. A stored job keeps the trigger it was made
+    with, so one made before a translation was fixed (e.g. weekday "7-7", read as every day) would go on
+    firing on the wrong days; a cron now refused (it never fires, or restricts both day fields) is paused."""
+    for job in scheduler.get_jobs(jobstore="default"):
+        cron = (job.kwargs or {}).get("cron")
+        if MANUAL_MARK in job.id or not cron:
+            continue
+        try:
+            trigger = cron_trigger(cron, job.trigger.timezone)
+            _require_a_fire_time(cron, trigger)
+        except Invalid as e:
+            if job.next_run_time is not None:
+                job.pause()
+                log.warning("schedule %s paused: %s", job.id, e)
+            continue
+        before = str(job.trigger)
+        if str(trigger) == before:
+            continue
+        if job.next_run_time is None:  # paused: stays paused, with the right days for when it resumes
+            job.modify(trigger=trigger)
+        else:
+            job.reschedule(trigger)
+        log.info("schedule %s: trigger %s -> %s (cron %r)", job.id, before, trigger, cron)
+
+
 def _kwargs(s: Schedule, home: Path) -> dict[str, Any]:
     return {"schedule_id": s.schedule_id, "home": str(home), "cron": s.cron, "profile": s.profile,
             "overrides": list(s.overrides), "name": s.name, "only_if_data_changed": s.only_if_data_changed,
@@ -354,6 +380,7 @@ def start_live(home: str | Path | None = None) -> Any:
         handle.flush()
         scheduler = _start(home, live=True)
         _migrate(scheduler, home)
+        _retrigger(scheduler)
         scheduler.add_job(_heartbeat, "interval", seconds=HEARTBEAT_S, id="kat-heartbeat", jobstore="memory")
         scheduler.resume()
         _live[str(home)] = {"scheduler": scheduler, "lock": handle}

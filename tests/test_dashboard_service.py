@@ -360,3 +360,41 @@ def test_a_store_whose_jobs_name_the_old_fire_function_keeps_its_schedules(tmp_p
         (blob,) = db.execute("SELECT job_state FROM apscheduler_jobs WHERE id = ?", (schedule_id,)).fetchone()
     db.close()
     assert pickle.loads(blob)["func"] == FIRE
+
+
+def test_a_schedule_stored_with_an_old_translation_fires_on_its_crons_days(tmp_path):
+    """A stored job keeps the trigger it was made with: a version that read weekday "7-7" as every day left a
+    daily trigger behind. The live scheduler rebuilds each trigger from the stored cron (a paused one stays
+    paused)."""
+    import pickle
+    import sqlite3
+    from datetime import datetime
+
+    from apscheduler.triggers.cron import CronTrigger
+
+    from kat_app import schedules
+    from kat_app.schedules import STORE_FILE, LocalSchedules
+
+    store = LocalSchedules(tmp_path)
+    sundays = store.create("0 0 * * 7-7", "smoke", [], name="sundays")
+    paused = store.create("0 0 * * 7-7", "smoke", [], name="paused")
+    schedules.pause(paused, tmp_path)
+    with sqlite3.connect(tmp_path / STORE_FILE) as db:  # as the older version stored them: every day
+        for sid in (sundays, paused):
+            (blob,) = db.execute("SELECT job_state FROM apscheduler_jobs WHERE id = ?", (sid,)).fetchone()
+            state = pickle.loads(blob)
+            state["trigger"] = CronTrigger(minute="0", hour="0", timezone=state["trigger"].timezone)
+            db.execute("UPDATE apscheduler_jobs SET job_state = ? WHERE id = ?", (pickle.dumps(state), sid))
+    db.close()
+    with schedules._scheduler(tmp_path.resolve()) as editor:
+        assert "day_of_week" not in str(schedules._job(editor, sundays).trigger)
+
+    schedules.start_live(tmp_path)
+    try:
+        got = {s.schedule_id: s for s in schedules.list_all(tmp_path)}
+        assert datetime.fromisoformat(got[sundays].next_fire).isoweekday() == 7
+        assert got[paused].paused and got[paused].next_fire is None
+        assert "day_of_week='sun'" in str(schedules._job(schedules._live[str(tmp_path.resolve())]["scheduler"],
+                                                          paused).trigger)
+    finally:
+        schedules.stop_live(tmp_path)
