@@ -11,8 +11,9 @@ from contextlib import nullcontext
 
 import pytest
 
-from kat_core.errors import KatError
+from kat_core.errors import Invalid, KatError
 from kat_core.platform.registry import EvalSummary, Margins, gate, items_digest, summary_from_report
+from kat_core.platform.tracking import get_client
 
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_seq_len": 96}
 
@@ -415,6 +416,13 @@ def test_a_model_name_with_a_quote_does_not_break_the_listing(registered, checkp
     assert listed["kat"]["versions"] == 3
     result = CliRunner().invoke(app, ["models", "list"])
     assert result.exit_code == 0 and "o'brien" in result.output, (result.output, result.exception)
+    # one model's versions (the dashboard's model page): quoted with the quote the name does not hold
+    client = get_client(registry.resolve_tracking_uri(None))
+    for name in odd[:2]:
+        (mv,) = client.search_model_versions(registry.versions_filter(name))
+        assert mv.name == name
+    with pytest.raises(Invalid, match="both quote characters"):
+        registry.versions_filter(odd[2])
 
 
 def test_a_refused_history_event_leaves_the_alias_where_it_was(registered, checkpoints):

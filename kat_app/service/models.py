@@ -65,7 +65,8 @@ class ModelsService(ServiceBase):
         registered = registered or self._registered(name)
         ui = self.mlflow_ui()
         with mlflow_errors(self.tracking_uri):
-            found = get_client(self.tracking_uri).search_model_versions(f"name = '{name}'", max_results=10_000)
+            found = get_client(self.tracking_uri).search_model_versions(registry.versions_filter(name),
+                                                                 max_results=10_000)
         # a search does not fill in the versions' aliases (MLflow 3.17): the registered model has them
         aliases: dict[int, list[str]] = {}
         for alias, v in registered.aliases.items():

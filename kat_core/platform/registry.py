@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kat_core.errors import Conflict, GateRefused, KatError
+from kat_core.errors import Conflict, GateRefused, Invalid, KatError
 from kat_core.manifest import dir_digest, read_manifest, verify_manifest
 from kat_core.platform import file_lock
 from kat_core.platform.gate import (  # noqa: F401  (gate and items_digest: re-exported)
@@ -344,6 +344,15 @@ def default_who() -> str:
 def model_uri(name: str = NAME, ref: str | int = CHAMPION) -> str:
     """`models:/kat@champion` for an alias, `models:/kat/3` for a version."""
     return f"models:/{name}/{ref}" if str(ref).isdigit() else f"models:/{name}@{ref}"
+
+
+def versions_filter(name: str) -> str:
+    """MLflow's filter for the versions of `name`. Its filter strings have no escape character: a name is
+    quoted with whichever quote it does not hold (MLflow accepts names holding either)."""
+    for quote in ("'", '"'):
+        if quote not in name:
+            return f"name = {quote}{name}{quote}"
+    raise Invalid(f"model name {name!r} holds both quote characters; a registry search cannot spell it")
 
 
 def list_models(*, tracking_uri: str | None = None) -> list[dict[str, Any]]:
