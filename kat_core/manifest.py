@@ -50,12 +50,9 @@ def code_version() -> str:
 def dir_digest(directory: Path) -> str:
     """One digest for a directory: its manifest's file digests if it has one, else its files hashed."""
     directory = Path(directory)
-    mpath = directory / MANIFEST
-    files = (
-        json.loads(mpath.read_text())["files"]
-        if mpath.is_file()
-        else {str(p.relative_to(directory)): sha256_file(p) for p in sorted(directory.rglob("*")) if p.is_file()}
-    )
+    files = (read_manifest(directory) or {}).get("files")
+    if not isinstance(files, dict):  # no manifest, or a broken one (a traceback after a whole stage's work)
+        files = {str(p.relative_to(directory)): sha256_file(p) for p in sorted(directory.rglob("*")) if p.is_file()}
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
@@ -88,13 +85,16 @@ def write_manifest(
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:
+    """The directory's manifest, or None when it has none that can be read: missing, unreadable, not UTF-8, not
+    JSON, or JSON that is not an object (every reader calls .get on it; a `[1, 2]` manifest was a traceback)."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def verify_manifest(directory: Path, *, exact: bool = False) -> list[str]:
@@ -106,6 +106,8 @@ def verify_manifest(directory: Path, *, exact: bool = False) -> list[str]:
         return [f"{directory}: no readable {MANIFEST}"]
     problems = []
     files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        return [f"{directory}: {MANIFEST} lists no files (its `files` is not a mapping)"]
     for name, digest in files.items():
         path = Path(directory) / name
         if not path.is_file():

@@ -68,13 +68,24 @@ def save_tokenizer(tokenizer, out_dir: str | Path) -> Path:
     return out
 
 
-def load_tokenizer(path: str | Path):
-    """Load a tokenizer directory (ours or any HF one) and check it carries the grammar tags."""
+def read_tokenizer(source: str | Path, named: str | Path | None = None):
+    """AutoTokenizer for `source`; a malformed tokenizer.json is one KatError. transformers and the Rust
+    `tokenizers` raise what the file's shape leads them to (TypeError for `[1]`, KeyError for `{}`, a bare
+    Exception for a wrong model section), so every failure of this parse is the file's."""
     from transformers import AutoTokenizer
 
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except Exception as e:  # noqa: BLE001
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KatError(f"cannot load the tokenizer of {named or source}: {first}") from e
+
+
+def load_tokenizer(path: str | Path):
+    """Load a tokenizer directory (ours or any HF one) and check it carries the grammar tags."""
     path = Path(path)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise KatError(f"no tokenizer in {path} (expected tokenizer.json)")
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = read_tokenizer(path)
     check_grammar_tokens(tokenizer)
     return tokenizer

@@ -81,7 +81,13 @@ def cpu_threads(threads: int | None = None) -> int:
     import sys
 
     if threads is None:
-        threads = int(os.environ.get("KAT_TORCH_THREADS") or os.environ.get("OMP_NUM_THREADS") or 1)
+        name = "KAT_TORCH_THREADS" if os.environ.get("KAT_TORCH_THREADS") else "OMP_NUM_THREADS"
+        try:
+            threads = int(os.environ.get(name) or 1)
+        except ValueError:  # a typo in the environment: one line, not a traceback from every stage
+            from kat_core.errors import KatError
+
+            raise KatError(f"{name}={os.environ[name]!r} is not a whole number of threads") from None
     threads = max(1, threads)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)

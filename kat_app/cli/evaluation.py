@@ -122,13 +122,17 @@ def _eval_name(path: Path, served) -> str:
     checkpoint, its stage and a digest of its manifest (every stage's folder is called `model`); else the
     directory's name."""
     import hashlib
+    import re
+
+    from kat_core.manifest import read_manifest
 
     if served is not None:
         return f"{served.name}-v{served.version}"
-    manifest = path / "manifest.json"
-    if manifest.is_file():
-        stage = json.loads(manifest.read_text()).get("stage") or path.resolve().name
-        return f"{stage}-{hashlib.sha256(manifest.read_bytes()).hexdigest()[:10]}"
+    manifest = read_manifest(path)  # None for a broken one too (`[1]` was a traceback): named after the dir
+    if manifest is not None:
+        stage = manifest.get("stage")  # a folder name under $KAT_HOME/eval: a plain word, never a path
+        stage = stage if isinstance(stage, str) and re.fullmatch(r"\w[\w.-]*", stage) else path.resolve().name
+        return f"{stage}-{hashlib.sha256((path / 'manifest.json').read_bytes()).hexdigest()[:10]}"
     return path.resolve().name
 
 
@@ -163,7 +167,8 @@ def eval_run(
     _setup_logging()
     _torch_threads(threads)
     path, served = model_path(model, kat_home() / "models")
-    out = check_replaceable(out or kat_home() / "eval" / _eval_name(path, served))  # before evaluating
+    # before evaluating; a model dir as --out would be replaced by its own report
+    out = check_replaceable(out or kat_home() / "eval" / _eval_name(path, served), inputs=[path])
     report = evaluate(path, _csv(suites), _csv(modes), out_dir=out, progress=not quiet,
                       **_eval_kwargs(limit, samples, temperature, max_new_tokens, seed, oracle_delta, token_cost,
                                     oracle_items, benchmarks_dir, device, draft_tokens))
@@ -272,12 +277,33 @@ def serve_model(
           draft_tokens=draft_tokens)
 
 
+def _generation_budget(lm, tokenizer, prompt: str, forced: str | None, asked: int | None) -> int:
+    """--max-new-tokens as the model's context allows (as the server's `max_tokens`): the default shrinks to the
+    room left after the request; a budget asked for past it is one line. Unchecked, decoding ran past the
+    context (garbage after position max_position_embeddings) or tried to allocate a terabyte for 10**12."""
+    from kat_core.chat import request_text
+
+    max_len = getattr(lm.config, "max_position_embeddings", None)
+    if not max_len:
+        return asked or 256
+    used = sum(len(tokenizer(text, add_special_tokens=False)["input_ids"])
+               for text in (request_text(tokenizer, prompt), forced or ""))
+    room = max_len - used
+    if room < 1 or (asked is not None and asked > room):
+        raise KatError(f"this model's context is {max_len} tokens and the request takes {used}"
+                       + (f"; --max-new-tokens {asked} does not fit, at most {room} does" if room >= 1
+                          else ", leaving no room for a response"))
+    return min(asked or 256, room)
+
+
 @app.command("generate")
 def generate_cmd(
     model: Annotated[Path, typer.Argument(help="checkpoint (or any HF causal LM) directory")],
     prompt: Annotated[str, typer.Argument(help='the request, e.g. "Compute 47*6+38."')],
     mode: Annotated[str, typer.Option("--mode", "-m", help="auto (the model chooses) | on | off (forced)")] = "auto",
-    max_new_tokens: MaxNewOpt = 256,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        "--max-new-tokens", min=1, help="token budget of the response (default: 256, or what the model's context "
+        "has room for after the request)")] = None,
     temperature: Annotated[float, typer.Option(min=0, help="0 is greedy")] = 0.0,
     top_p: Annotated[float, typer.Option(callback=_top_p, help="nucleus sampling mass, in (0, 1]")] = 1.0,
     seed: SeedOpt = 0,
@@ -305,6 +331,7 @@ def generate_cmd(
                        "tokens (response grammar tags, end of text, chat markers); they cannot be sent as text")
     draft = load_drafter(model, lm, draft_tokens)
     forced = forced_for_request(prompt, mode)
+    max_new_tokens = _generation_budget(lm, tokenizer, prompt, forced, max_new_tokens)
     (sample,) = generate(lm, tokenizer, [prompt], forced=[forced], max_new_tokens=max_new_tokens,
                          temperature=temperature, top_p=top_p, seed=seed, draft=draft, draft_tokens=draft_tokens)
     parsed = parse(sample.text)

@@ -46,7 +46,7 @@ def model_import(
     from kat_core.data.dataset import check_replaceable
     from kat_core.model.importer import import_model
 
-    out = check_replaceable(out)  # before the import's work, not after it
+    out = check_replaceable(out, inputs=[source])  # before the import's work, not after it
     _setup_logging()
     m = import_model(source, out, dtype)
     _say(f"imported {source} -> {out}: {m['architecture']}, {m['parameters'] / 1e6:.1f}M parameters, {m['dtype']}, "
@@ -118,7 +118,7 @@ def train_pretrain(
     from kat_core.data.dataset import check_replaceable
     from kat_core.train.pretrain import pretrain
 
-    out = check_replaceable(out)  # before training, not after it
+    out = check_replaceable(out, inputs=[data, teacher])  # before training, not after it
     _setup_logging()
     config = load_config(profile, overrides)
     metrics = pretrain(config, data, out, teacher, progress=not quiet)
@@ -144,7 +144,7 @@ def train_coldstart(
     from kat_core.data.dataset import check_replaceable
     from kat_core.train.coldstart import coldstart
 
-    out = check_replaceable(out)  # before training, not after it
+    out = check_replaceable(out, inputs=[model, data])  # before training, not after it
     _setup_logging()
     config = load_config(profile, overrides)
     result = coldstart(config, model, out, data_dir=data, progress=not quiet)
@@ -182,7 +182,7 @@ def train_srpo(
     from kat_core.data.dataset import check_replaceable
     from kat_core.train.srpo import srpo
 
-    out = check_replaceable(out)  # before training, not after it
+    out = check_replaceable(out, inputs=[model, data])  # before training, not after it
     _setup_logging()
     config = load_config(profile, overrides)
     summary = srpo(config, model, data, out, algo=algo, progress=not quiet)
@@ -204,7 +204,7 @@ def train_cache_teacher(
     from kat_core.data.dataset import check_replaceable
     from kat_core.train.pretrain import cache_teacher
 
-    out = check_replaceable(out)  # before the teacher runs, not after it
+    out = check_replaceable(out, inputs=[teacher, data])  # before the teacher runs, not after it
     _setup_logging()
     config = load_config(profile, overrides)
     path = cache_teacher(config, teacher, data, out, progress=not quiet)
@@ -224,7 +224,7 @@ def tasks_list() -> None:
 def tasks_show(
     name: str,
     split: str = "test",
-    n: Annotated[int, typer.Option("-n", help="how many items")] = 3,
+    n: Annotated[int, typer.Option("-n", min=1, help="how many items")] = 3,
     seed: int = 0,
 ) -> None:
     """Print a few items of a task family as JSON lines."""

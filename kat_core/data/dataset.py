@@ -40,12 +40,19 @@ RECORD_FIELDS = {
 def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     """Records of a JSONL file; a malformed line raises a KatError naming file and line."""
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    try:
+        f = open(path, "rb")  # bytes: a line that is not UTF-8 is named by its line, not a UnicodeDecodeError
+    except OSError as e:  # a directory where the file should be, a file we may not read
+        raise KatError(f"cannot read {path}: {e.strerror or e}") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise KatError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                               ) from None
             except json.JSONDecodeError as e:
                 raise KatError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
             if not isinstance(record, dict):
@@ -60,6 +67,9 @@ def shard_paths(dataset_dir: Path) -> list[Path]:
     shards = sorted(dataset_dir.glob(SHARD_GLOB))
     if not shards:
         raise KatError(f"{dataset_dir}: no {SHARD_GLOB} shards (is this a dataset made by `kat data synth`?)")
+    odd = next((s for s in shards if not s.is_file()), None)  # a directory or a FIFO: open() fails or blocks
+    if odd is not None:
+        raise KatError(f"{odd}: a shard must be a regular file")
     return shards
 
 
@@ -137,12 +147,31 @@ def _cannot_write(out: Path, e: OSError) -> KatError:
     return KatError(f"cannot write {out}: {e.strerror or e}{where}")
 
 
-def check_replaceable(out: str | Path) -> Path:
+def check_apart(out: str | Path, inputs: Iterable[str | Path | None]) -> None:
+    """A KatError when output path `out` is one of `inputs`, holds one or lies inside one (None: no input)."""
+    out = Path(os.path.abspath(out))
+    real_out = Path(os.path.realpath(out.parent)) / out.name  # its folder's links followed, not its own
+    for given in inputs:
+        if given is None:
+            continue
+        real_in = Path(os.path.realpath(given))
+        if real_out == real_in or real_out in real_in.parents or real_in in real_out.parents:
+            raise KatError(f"output path {out} is, holds or lies inside the input {given}; refusing to write "
+                           "there (choose another path)")
+
+
+def check_replaceable(out: str | Path, inputs: Iterable[str | Path | None] = ()) -> Path:
     """`out` as an absolute path (so "." and "" name a directory that can be moved), once it is clear that
     writing there replaces nothing but an earlier output: `out` is absent, an empty directory, or a directory
     with a manifest (or the store's index). Replacing deletes what was there, so a mistyped --out (".", a home
-    folder, a file, /dev/null) is refused with a KatError instead of costing the user their files."""
+    folder, a file, /dev/null) is refused with a KatError instead of costing the user their files.
+
+    `inputs` are what the command reads: an `out` that is one of them, holds one or lies inside one is refused
+    too. An input is a stage's output, so it has a manifest and would pass the check above: `kat train pretrain
+    --data d --out d` replaced the dataset with the checkpoint, and an output inside a checkpoint adds files
+    its manifest does not list."""
     out = Path(os.path.abspath(out))  # abspath, not resolve: a symlink is replaced, never its target
+    check_apart(out, inputs)
     if not (out.is_symlink() or out.exists()):
         return out
     if not out.is_dir():

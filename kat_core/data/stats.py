@@ -11,14 +11,23 @@ from kat_core.data.dataset import REJECTS, iter_jsonl, read_records
 from kat_core.manifest import read_manifest
 
 
+def _countable(value: Any) -> Any:
+    """A field's value as a counter key: a list or object (a malformed record; `kat data validate` names it) as
+    its JSON text, which a Counter can hold, rather than a TypeError."""
+    import json
+
+    return json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
+
+
 def dataset_stats(dataset_dir: str | Path) -> dict[str, Any]:
     dataset_dir = Path(dataset_dir)
     records = read_records(dataset_dir)
     level_mode: dict[int, Counter] = defaultdict(Counter)
     lengths: dict[str, list[int]] = defaultdict(list)
+    records = [{k: _countable(v) for k, v in r.items()} for r in records]
     for r in records:
         level_mode[r.get("difficulty")][r.get("mode")] += 1
-        lengths[r.get("mode")].append(len(r.get("completion", "")))
+        lengths[r.get("mode")].append(len(str(r.get("completion") or "")))
     rejects_path = dataset_dir / REJECTS
     rejects = Counter(r.get("reason") for r in iter_jsonl(rejects_path)) if rejects_path.is_file() else Counter()
     manifest = read_manifest(dataset_dir) or {}

@@ -80,7 +80,7 @@ from pathlib import Path
 from typing import Any
 
 from kat_core.config import TasksConfig, ValidateConfig
-from kat_core.data.dataset import RECORD_FIELDS, atomic_output_dir, shard_paths
+from kat_core.data.dataset import RECORD_FIELDS, atomic_output_dir, check_replaceable, shard_paths
 from kat_core.data.docs_assets import localize
 from kat_core.data.overlap import EvalIndex, load_eval_prompts, normalize_prompt
 from kat_core.errors import KatError, ValidationFailed
@@ -550,6 +550,7 @@ def validate_dataset(
     dataset_dir = Path(dataset_dir)
     report_dir = Path(report_dir) if report_dir is not None else default_report_dir(dataset_dir)
     _mode_bounds(config)  # a contradictory config is the user's error, before any work
+    check_replaceable(report_dir, inputs=[dataset_dir])  # --report DATASET would replace the dataset
     timings: dict[str, float] = {}
 
     def lap(name: str, since: float) -> float:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kat_core.chat import control_tokens, request_text
+from kat_core.data.dataset import check_apart, iter_jsonl
 from kat_core.data.judge import judge_text
 from kat_core.errors import KatError
 from kat_core.eval.metrics import MODES, ItemResult, Outcome
@@ -288,9 +289,13 @@ def load_report(source: str | Path) -> tuple[dict[str, Any], Path | None]:
     if not file.is_file():
         raise KatError(f"no evaluation report at {source} (expected {REPORT_JSON} or an evaluation dir)")
     try:
-        return json.loads(file.read_text()), file.parent
-    except json.JSONDecodeError as e:
+        report = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise KatError(f"{file} is not valid JSON: {e}") from None
+    # the parts a comparison reads: any other JSON file (a validation.json, `[1]`) was a KeyError deep in it
+    if not (isinstance(report, dict) and all(isinstance(report.get(k), dict) for k in ("overall", "suites"))):
+        raise KatError(f"{file} is not an evaluation report (`kat eval` writes one with `overall` and `suites`)")
+    return report, file.parent
 
 
 def is_report(source: str | Path) -> bool:
@@ -301,8 +306,13 @@ def is_report(source: str | Path) -> bool:
 def read_items(eval_dir: Path | None) -> dict[str, ItemResult]:
     if eval_dir is None or not (eval_dir / ITEMS_JSONL).is_file():
         return {}
-    with open(eval_dir / ITEMS_JSONL) as f:
-        rows = [ItemResult.from_dict(json.loads(line)) for line in f if line.strip()]
+    path = eval_dir / ITEMS_JSONL
+    rows = []
+    for record in iter_jsonl(path):  # a line that is not a JSON object: one line naming it
+        try:
+            rows.append(ItemResult.from_dict(record))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # an object of another shape
+            raise KatError(f"{path}: not an evaluation's item record ({type(e).__name__}: {e})") from None
     return {r.id: r for r in rows}
 
 
@@ -323,6 +333,8 @@ def compare(
     from kat_core.eval.report import comparison, write_comparison
 
     out = Path(out_dir)
+    # a model dir is evaluated into out/a or out/b: never inside the model, nor over it
+    check_apart(out, [s for s in (a, b) if not is_report(s)])
     loaded = []
     for label, source in (("a", a), ("b", b)):
         if not is_report(source):

@@ -59,19 +59,21 @@ def load_model(path_or_id: str | Path, tokenizer=None, dtype=None):
 
     import torch
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source = _resolve(path_or_id)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(source)
     # a foreign dir, bad weights, or pickled weights that torch.load refuses to run (weights_only)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not Path(source).is_dir():
             raise KatError(f"model not found: {path_or_id} (no such local dir; hub: {first})") from e
         raise KatError(f"cannot load model from {path_or_id}: {first}") from e
+    if tokenizer is None:
+        from kat_core.tokenizer import read_tokenizer
+
+        tokenizer = read_tokenizer(source, path_or_id)
     prepare_tokenizer(model, tokenizer)
     return model, tokenizer
 
