@@ -183,3 +183,14 @@ def test_a_thread_count_in_the_environment_that_is_no_number_is_one_line(tmp_pat
 def test_tasks_show_refuses_a_negative_count():
     r = kat_here("tasks", "show", "arith", "-n", "-1")
     assert r.returncode == 2 and "Invalid value" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_tasks_show_refuses_a_count_it_would_spend_forever_on():
+    r = kat_here("tasks", "show", "arith", "-n", "99999999999")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_an_unknown_schedule_id_is_named_as_unknown(tmp_path, monkeypatch):
+    monkeypatch.setenv("KAT_HOME", str(tmp_path))
+    r = kat_here("schedule", "pause", "nope")
+    _one_line_error(r, "no local schedule 'nope'")

@@ -224,7 +224,8 @@ def tasks_list() -> None:
 def tasks_show(
     name: str,
     split: str = "test",
-    n: Annotated[int, typer.Option("-n", min=1, help="how many items")] = 3,
+    n: Annotated[int, typer.Option("-n", min=1, max=10_000,
+                                   help="how many items (a few to look at; `kat data synth` makes datasets)")] = 3,
     seed: int = 0,
 ) -> None:
     """Print a few items of a task family as JSON lines."""

@@ -115,7 +115,9 @@ class SchedulesService(ServiceBase):
     @staticmethod
     def _require_local_schedule(schedule_id: str) -> None:
         if not schedule_id.startswith("sched-"):
-            raise Invalid("pause, resume and trigger KFP recurring runs in the Kubeflow Pipelines UI")
+            # local ids are `sched-...`; anything else is a KFP recurring run's id, or no schedule at all
+            raise Invalid(f"no local schedule {schedule_id!r} (local ids start with 'sched-'; `kat schedule list` "
+                          "shows them); pause, resume and trigger KFP recurring runs in the Kubeflow Pipelines UI")
 
     def data_changed_since_champion(self, profile: str, overrides: list[str]) -> tuple[bool, str]:
         """Whether the training data a run of this config would train on differs from the champion's: the digest
