@@ -347,6 +347,11 @@ def _without_pool(data: Path, to: Path) -> Path:
     return to
 
 
+def _empty_dir(path):
+    path.mkdir()
+    return path
+
+
 def test_cli_runs_each_algorithm_and_rejects_bad_input(smoke_setup, tmp_path):
     config, overrides, data, ckpt = smoke_setup
     base = ["train", "srpo", "--model", ckpt, "--data", data, "--profile", "smoke", "-q"]
@@ -363,7 +368,7 @@ def test_cli_runs_each_algorithm_and_rejects_bad_input(smoke_setup, tmp_path):
     cases = [
         (["--algo", "ppo"], "ppo"),
         (["--model", tmp_path / "missing"], "not a KAT checkpoint"),
-        (["--data", tmp_path], "no train-"),
+        (["--data", _empty_dir(tmp_path / "empty")], "no train-"),
         (["--data", _without_pool(data, tmp_path / "old-data")], "no pool.jsonl"),
     ]
     for extra, needle in cases:
