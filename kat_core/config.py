@@ -315,10 +315,10 @@ class EvalConfig(_Strict):
     modes: list[Literal["auto", "on", "off", "plain"]] = Field(
         default_factory=lambda: ["auto", "on", "off"],
         description="auto, on, off, and plain (the model's own chat template, no grammar)")
-    limit: int | None = Field(200, ge=1, description="items per suite (None: the whole test split)")
+    limit: int | None = Field(200, ge=1, le=100_000, description="items per suite (None: the whole test split)")
     n_samples: int = Field(2, ge=0, description="sampled responses per item and mode for pass@1 and the oracle")
-    oracle_items: int = Field(0, ge=0, description="other test items per suite answered in both forced modes, on "
-                              "which the feature-cell oracle decides its cells (0: on the evaluated items "
+    oracle_items: int = Field(0, ge=0, le=100_000, description="other test items per suite answered in both forced "
+                              "modes, on which the feature-cell oracle decides its cells (0: on the evaluated items "
                               "themselves, whose cells hold a few dozen items each)")
     temperature: float = Field(0.7, ge=0)
     max_new_tokens: int = Field(160, ge=1)

@@ -194,3 +194,9 @@ def test_an_unknown_schedule_id_is_named_as_unknown(tmp_path, monkeypatch):
     monkeypatch.setenv("KAT_HOME", str(tmp_path))
     r = kat_here("schedule", "pause", "nope")
     _one_line_error(r, "no local schedule 'nope'")
+
+
+@pytest.mark.parametrize("option", ["--limit", "--oracle-items"])
+def test_eval_refuses_a_count_it_would_spend_forever_on(checkpoint, option):
+    r = kat_here("eval", "run", checkpoint, option, "99999999999")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and option in r.stderr

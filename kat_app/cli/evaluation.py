@@ -39,7 +39,9 @@ SuitesOpt = Annotated[str, typer.Option(
     "--suites", help="comma-separated: arith, gsm8k, math500, aime24, humaneval, mbpp")]
 ModesOpt = Annotated[str, typer.Option(
     "--modes", help="comma-separated evaluation modes: auto, on, off, plain (own chat template, no grammar)")]
-LimitOpt = Annotated[int | None, typer.Option("--limit", "-n", help="items per suite (seeded sample); default all")]
+# at most 100000: a count a generated suite (arith) cannot reach kept it generating for hours
+LimitOpt = Annotated[int | None, typer.Option("--limit", "-n", min=1, max=100_000,
+                                              help="items per suite (seeded sample); default all")]
 SamplesOpt = Annotated[int, typer.Option("--samples", help="sampled responses per item and mode for pass@1 (0: none)")]
 # bounds on what a user types: a value the decoding cannot use (a negative or NaN temperature, no tokens, a seed
 # torch cannot take) is refused before a model loads, not met as a traceback from the decode loop, or not at all
@@ -113,7 +115,7 @@ OracleDeltaOpt = Annotated[float, typer.Option(
 TokenCostOpt = Annotated[float, typer.Option(
     help="the decision criterion's token cost: V = accuracy - token_cost * tokens / max_new_tokens")]
 OracleItemsOpt = Annotated[int, typer.Option(
-    "--oracle-items", min=0, help="other test items per suite answered in both forced modes, on which the "
+    "--oracle-items", min=0, max=100_000, help="other test items per suite answered in both forced modes, on which the "
     "feature-cell oracle decides its cells (0: on the evaluated items themselves)")]
 
 
