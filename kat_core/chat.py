@@ -47,6 +47,15 @@ def request_text(tokenizer, request: str | list[Message]) -> str:
     return bos_text(tokenizer) + prompt_text(text)
 
 
+def completion_budget(asked: int | None, default: int, room: int | None) -> int:
+    """The completion tokens a request gets: what it `asked` for, else `default` shrunk to the `room` its context
+    leaves after the prompt (None: no context limit). The caller refuses a budget outside 1..room: decoding past
+    the context reads positions the model never learned."""
+    if asked is not None or room is None:
+        return asked if asked is not None else default
+    return max(min(default, room), 0)
+
+
 def control_tokens(tokenizer, text: str) -> list[str]:
     """The tokenizer's added tokens (the grammar's eight tags, EOS and pad, a chat template's markers) that
     `text` encodes to. The tokenizer matches an added token's spelling anywhere in a text, so typed into a

@@ -9,6 +9,13 @@ class KatError(Exception):
     """An error the user caused and can fix; its message is the one line they will read."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of a library's exception message (its type's name when it has none), to quote in a
+    KatError's one line."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class ValidationFailed(KatError):
     """Data did not pass validation; carries the path of the report that explains why."""
 

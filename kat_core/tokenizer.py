@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from kat_core.errors import KatError
+from kat_core.errors import KatError, first_line
 from kat_core.format import SPECIAL_TOKENS
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -77,8 +77,7 @@ def read_tokenizer(source: str | Path, named: str | Path | None = None):
     try:
         return AutoTokenizer.from_pretrained(str(source))
     except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KatError(f"cannot load the tokenizer of {named or source}: {first}") from e
+        raise KatError(f"cannot load the tokenizer of {named or source}: {first_line(e)}") from e
 
 
 def load_tokenizer(path: str | Path):

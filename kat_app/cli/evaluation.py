@@ -283,19 +283,20 @@ def _generation_budget(lm, tokenizer, prompt: str, forced: str | None, asked: in
     """--max-new-tokens as the model's context allows (as the server's `max_tokens`): the default shrinks to the
     room left after the request; a budget asked for past it is one line. Unchecked, decoding ran past the
     context (garbage after position max_position_embeddings) or tried to allocate a terabyte for 10**12."""
-    from kat_core.chat import request_text
+    from kat_core.chat import completion_budget, request_text
 
     max_len = getattr(lm.config, "max_position_embeddings", None)
     if not max_len:
-        return asked or 256
+        return completion_budget(asked, 256, None)
     used = sum(len(tokenizer(text, add_special_tokens=False)["input_ids"])
                for text in (request_text(tokenizer, prompt), forced or ""))
     room = max_len - used
-    if room < 1 or (asked is not None and asked > room):
+    budget = completion_budget(asked, 256, room)
+    if not 1 <= budget <= room:
         raise KatError(f"this model's context is {max_len} tokens and the request takes {used}"
                        + (f"; --max-new-tokens {asked} does not fit, at most {room} does" if room >= 1
                           else ", leaving no room for a response"))
-    return min(asked or 256, room)
+    return budget
 
 
 @app.command("generate")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kat_core.data.dataset import swap_into_place
-from kat_core.errors import KatError
+from kat_core.errors import KatError, first_line
 from kat_core.manifest import write_manifest
 
 MTP_WEIGHTS, MTP_CONFIG, KAT_META = "mtp.safetensors", "mtp_config.json", "kat_checkpoint.json"
@@ -95,8 +95,7 @@ def load_mtp_heads(ckpt_dir: str | Path, model):
         heads = MTPHeads(model.config, depth)
         heads.load_state_dict(load_file(str(path / MTP_WEIGHTS)), strict=True)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KatError(f"bad MTP weights in checkpoint {path}: {first}") from e
+        raise KatError(f"bad MTP weights in checkpoint {path}: {first_line(e)}") from e
     param = next(model.parameters())
     return heads.to(device=param.device, dtype=param.dtype)
 

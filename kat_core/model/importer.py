@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kat_core.data.dataset import swap_into_place
-from kat_core.errors import KatError
+from kat_core.errors import KatError, first_line
 from kat_core.manifest import MANIFEST, dir_digest, sha256_file, write_manifest
 
 DTYPES = ("fp32", "bf16")
@@ -65,8 +65,7 @@ def load_source(source: str | Path, dtype: str = "fp32"):
             model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **extra)
             tokenizer = AutoTokenizer.from_pretrained(where, **extra)
     except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KatError(f"cannot import {path}: {first}") from e
+        raise KatError(f"cannot import {path}: {first_line(e)}") from e
     _drop_gguf_quantizer(model, path)
     if dtype == "bf16":
         model = model.to(torch.bfloat16)

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from kat_core.config import ModelConfig
-from kat_core.errors import KatError
+from kat_core.errors import KatError, first_line
 from kat_core.tokenizer import check_grammar_tokens, extend_tokenizer
 
 # "org/name" or "name": what a hub id looks like (a cluster option; the embedded default is offline).
@@ -66,7 +66,7 @@ def load_model(path_or_id: str | Path, tokenizer=None, dtype=None):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
     # a foreign dir, bad weights, or pickled weights that torch.load refuses to run (weights_only)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         if not Path(source).is_dir():
             raise KatError(f"model not found: {path_or_id} (no such local dir; hub: {first})") from e
         raise KatError(f"cannot load model from {path_or_id}: {first}") from e

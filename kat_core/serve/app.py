@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kat_core.chat import control_tokens, has_template, request_text
+from kat_core.chat import completion_budget, control_tokens, has_template, request_text
 from kat_core.serve.engine import BatchEngine, GenRequest
 from kat_core.serve.protocol import (
     APIError,
@@ -240,9 +240,7 @@ def create_app(model, tokenizer, *, model_name: str, max_rows: int = 64, max_wai
                            param="messages" if conversation else "prompt", code="context_length_exceeded")
         n_prompt = len(encode(text)) + (len(encode(forced)) if forced else 0)
         room = max_len - n_prompt if max_len else None  # completion tokens the context has room for
-        budget = max_tokens
-        if budget is None:
-            budget = default_max_tokens if room is None else max(min(default_max_tokens, room), 0)
+        budget = completion_budget(max_tokens, default_max_tokens, room)
         if room is not None and (budget > room or budget < 1):
             raise APIError(400, f"this model's maximum context length is {max_len} tokens; the request needs "
                            f"{n_prompt + max(budget, 1)} ({n_prompt} in the prompt"

@@ -60,7 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from kat_core.config import TrainConfig
-from kat_core.errors import KatError
+from kat_core.errors import KatError, first_line
 from kat_core.manifest import read_manifest, verify_manifest, write_manifest
 from kat_core.util import atomic_write, patched_env
 
@@ -455,8 +455,7 @@ def _deepspeed_reads_plain_data(engine: Any):
 
 
 def _refuse_pickle(path: Path, e: Exception) -> KatError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return KatError(f"checkpoint {path} holds pickled objects other than tensors ({first}); refusing to run "
+    return KatError(f"checkpoint {path} holds pickled objects other than tensors ({first_line(e)}); refusing to run "
                     "them: delete the checkpoint or resume into a fresh output directory")
 
 
